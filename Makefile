@@ -1,0 +1,39 @@
+# One command each: install, run, test, check, bench. Every target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := tests/js/node_modules/.installed
+
+.PHONY: install run test check bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev,redis]'
+	touch $(STAMP)
+
+# The guide's JavaScript client runs under Node with the `ws` package; without npm that test skips.
+$(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/js --no-audit --no-fund --silent && touch $(NODE_STAMP); \
+	else echo "npm not found: the Node client test will skip"; fi
+
+run: install
+	$(BIN)/diary-ws serve
+
+test: install $(NODE_STAMP)
+	$(BIN)/python -m pytest
+
+check: install
+	$(BIN)/ruff check diary_ws tests bench
+	$(BIN)/ruff format --check diary_ws tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.fanout
+
+clean:
+	rm -rf $(VENV) tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,12 @@
+"""diary-ws: push real-time notifications to receive-only WebSocket clients."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from diary_ws.app import create_app, lifespan
+from diary_ws.broadcaster import Hub, PublishResult
+from diary_ws.settings import Settings
+from diary_ws.validation import Notification
+
+__all__ = ["Hub", "Notification", "PublishResult", "Settings", "__version__", "create_app", "lifespan"]

@@ -1,0 +1,94 @@
+"""`create_app(settings)`: the Starlette app, its lifespan, its state and its error mapping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from diary_ws.backends import backend_for
+from diary_ws.broadcaster import Hub, Limits
+from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
+from diary_ws.routes import API, error_response, json_response, routes
+from diary_ws.settings import Settings
+
+log = logging.getLogger("diary_ws.app")
+
+# Descriptors kept back from MAX_CONNECTIONS for the listener, logs, the broker and HTTP senders.
+FD_MARGIN = 128
+
+
+def default_max_connections() -> int:
+    """The open-file limit minus a margin: past it, accept() would fail in worse ways than a 503."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, soft - FD_MARGIN)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """A whole diary-ws app; every piece of state lives on `app.state`, so two apps can share a process."""
+    settings = settings or Settings()
+    limits = Limits(
+        max_connections=settings.max_connections or default_max_connections(),
+        max_connections_per_user=settings.max_connections_per_user,
+        send_queue_size=settings.send_queue_size,
+        send_queue_bytes=settings.send_queue_bytes,
+    )
+    app = Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            DiaryWSError: _diary_error,
+            HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
+        },
+    )
+    app.state.settings = settings
+    app.state.hub = Hub(backend_for(settings), limits)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Start the hub, and stop it at shutdown.
+
+    A host app that mounts diary-ws must call this from its own lifespan, because Starlette does not run
+    a mounted app's lifespan: `async with diary_ws.lifespan(diary_app): yield`.
+    """
+    hub: Hub = app.state.hub
+    await hub.start()
+    try:
+        yield
+    finally:
+        await hub.stop()
+
+
+async def _diary_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DiaryWSError)  # Starlette picks handlers by class; this narrows the type
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        hint = ": WebSocket endpoints need a WebSocket client" if request.url.path.startswith(API + "/") else ""
+        return error_response(NotFound(f"no route for {where}{hint}"))
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return error_response(
+            MethodNotAllowed(f"{where} is not allowed; use {allowed}", headers=dict(exc.headers or {}))
+        )
+    return json_response({"status": "error", "message": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The sender hung up mid-body: nobody reads this answer, and it is no server error worth a traceback.
+    return Response(status_code=400)

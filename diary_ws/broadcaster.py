@@ -1,0 +1,303 @@
+"""The Hub: this process's sockets, one bounded backlog each, fan-out, counts and clean-up.
+
+A publish never waits on a socket. It renders the frame once and hands the same string to every
+targeted socket's backlog; each socket's own writer task drains its backlog in order. A backlog that
+overflows (SEND_QUEUE_SIZE messages or SEND_QUEUE_BYTES bytes) marks a slow consumer: it leaves the
+registry at once and is closed with 4008, or aborted when it reads nothing (see `Sink.abort`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from diary_ws.backends import Backend
+from diary_ws.errors import BrokerUnavailable, NobodyListening, ServerFull, TooManyConnections
+from diary_ws.messages import Message, MessageId, control_frame, render
+from diary_ws.validation import Notification
+
+log = logging.getLogger("diary_ws.hub")
+
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_GOING_AWAY = 1012
+
+
+class Sink(Protocol):
+    """What the Hub needs of one socket; `routes` adapts an ASGI WebSocket to it."""
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame; raises once the peer is gone."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame."""
+
+    def stalled(self) -> bool:
+        """The peer is not reading: the transport has stopped taking bytes."""
+
+    def closing(self) -> bool:
+        """The connection is already closing or lost."""
+
+    def abort(self) -> bool:
+        """Drop the connection at once, buffers and all; False if the server offers no way to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The Hub's share of Settings."""
+
+    max_connections: int
+    max_connections_per_user: int
+    send_queue_size: int
+    send_queue_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """The counts of DESIGN §1, all in sockets, plus the distinct users reached."""
+
+    id: MessageId
+    sent_count: int
+    total_connections: int
+    disconnected_users: int
+    users_reached: int
+
+
+class Connection:
+    """One socket of one user: its backlog and the writer task that drains it in order."""
+
+    __slots__ = (
+        "_backlog",
+        "_bytes",
+        "_close",
+        "_floor",
+        "_hub",
+        "_replay",
+        "_task",
+        "_wake",
+        "active",
+        "sink",
+        "user_id",
+    )  # fmt: skip
+
+    def __init__(self, hub: Hub, user_id: str, sink: Sink) -> None:
+        self.user_id = user_id
+        self.sink = sink
+        self._hub = hub
+        self._backlog: deque[Message] = deque()
+        self._bytes = 0
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._close: tuple[int, str] | None = None
+        self._replay: list[str] = []
+        self._floor: MessageId | None = None  # live messages at or below it were replayed already
+        self.active = True  # in the registry and taking messages
+
+    def offer(self, message: Message) -> bool:
+        """Queue one message without waiting; False when the socket is dead or just overflowed."""
+        if self.sink.closing():
+            self._hub.drop(self)
+            return False
+        limits = self._hub.limits
+        if len(self._backlog) >= limits.send_queue_size or self._bytes + message.size > limits.send_queue_bytes:
+            self._overflow()
+            return False
+        self._backlog.append(message)
+        self._bytes += message.size
+        self._wakeup()
+        return True
+
+    def start(self, replay: list[Message], resume: dict[str, Any] | None) -> None:
+        """Start the writer; a resume sends `replay` and then its control frame before anything live."""
+        if resume is not None:
+            self._replay = [m.text for m in replay] + [control_frame(**resume)]
+            if replay:
+                self._floor = replay[-1].id
+        self._task = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def close(self, code: int, reason: str) -> None:
+        """Leave the registry and close with `code` once what is already being written is out."""
+        self._hub.drop(self)
+        self._backlog.clear()
+        self._bytes = 0
+        if self._close is None:
+            self._close = (code, reason)
+        self._wakeup()
+
+    async def stop(self) -> None:
+        """Called when the handler ends: leave the registry and stop the writer."""
+        self._hub.drop(self)
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _overflow(self) -> None:
+        log.warning(
+            "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
+            self.user_id, len(self._backlog), self._bytes,
+        )  # fmt: skip
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
+        # for it forever (PITFALLS 1): free the connection, buffers and file descriptor, now.
+        if self.sink.stalled():
+            self._free()
+
+    def _free(self) -> None:
+        if not self.sink.abort() and self._task is not None:
+            self._task.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
+
+    def _wakeup(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)
+
+    async def _write_loop(self) -> None:
+        send = self.sink.send_text
+        backlog = self._backlog
+        try:
+            for text in self._replay:
+                await send(text)
+            self._replay = []
+            while True:
+                while backlog:
+                    message = backlog.popleft()
+                    self._bytes -= message.size
+                    if self._floor is not None and message.id <= self._floor:
+                        continue  # came live while we were replaying it
+                    await send(message.text)
+                if self._close is not None:
+                    await self.sink.close(*self._close)
+                    return
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer is gone: any error from the server's send means that
+            log.debug("socket of user %s failed while sending: %r", self.user_id, exc)
+            self._hub.drop(self)
+
+
+class Hub:
+    """This process's listeners and the publish path; one per app, kept on `app.state.hub`."""
+
+    def __init__(self, backend: Backend, limits: Limits) -> None:
+        self.backend = backend
+        self.limits = limits
+        self._users: dict[str, set[Connection]] = {}
+        self._count = 0
+        self.draining = False  # SIGTERM seen: /readyz says 503 so the balancer sends nobody new
+        self.started = False
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the backend; the app's lifespan calls this."""
+        await self.backend.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Close every socket that is still here (1012) and stop the backend."""
+        self.draining = True
+        for conn in list(self.connections()):
+            conn.close(CLOSE_GOING_AWAY, "server shutting down: reconnect with since")
+        self.started = False
+        await self.backend.stop()
+
+    def ready(self) -> bool:
+        """What /readyz reports."""
+        return self.started and not self.draining and self.backend.ready()
+
+    # --- listeners -------------------------------------------------------------------------------------
+
+    def attach(self, user_id: str, sink: Sink) -> Connection:
+        """Take a slot for a new socket, or raise 429/503; messages queue for it from now on."""
+        conns = self._users.get(user_id)
+        if conns is not None and len(conns) >= self.limits.max_connections_per_user:
+            raise TooManyConnections(
+                f"user {user_id} already has {len(conns)} open connections, the most allowed "
+                f"(MAX_CONNECTIONS_PER_USER); close one first"
+            )
+        if self._count >= self.limits.max_connections:
+            raise ServerFull("server is full: too many open connections (MAX_CONNECTIONS); retry later")
+        conn = Connection(self, user_id, sink)
+        self._users.setdefault(user_id, set()).add(conn)
+        self._count += 1
+        return conn
+
+    async def listen(self, conn: Connection, since: MessageId | None) -> None:
+        """Start delivering to an attached socket; with `since`, replay what it missed first."""
+        if since is None:
+            conn.start([], None)
+            return
+        # The socket is attached before the history is read, so nothing published meanwhile is lost;
+        # what both paths deliver is sent once (the writer skips live ids it has replayed).
+        replay = await self.backend.replay(conn.user_id, since)
+        conn.start(replay.messages, {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)})
+
+    def drop(self, conn: Connection) -> None:
+        """Forget a socket; safe to call more than once."""
+        if not conn.active:
+            return
+        conn.active = False
+        conns = self._users.get(conn.user_id)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self._users[conn.user_id]
+        self._count -= 1
+
+    def connections(self) -> Iterable[Connection]:
+        """Every registered socket."""
+        for conns in self._users.values():
+            yield from conns
+
+    # --- publishing -------------------------------------------------------------------------------------
+
+    async def publish(self, note: Notification) -> PublishResult:
+        """Store and deliver one notification; NobodyListening (404) when no targeted user is here."""
+        targets = frozenset(note.user_ids) if note.user_ids is not None else None
+        if not self._any_listening(targets):
+            raise NobodyListening(targeted=targets is not None)
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
+        message = await self.backend.append(targets, lambda msg_id: render(note.type, note.message, note.data, msg_id))
+        return self._fan_out(message)
+
+    def _any_listening(self, targets: frozenset[str] | None) -> bool:
+        if targets is None:
+            return self._count > 0
+        return any(user_id in self._users for user_id in targets)
+
+    def _fan_out(self, message: Message) -> PublishResult:
+        users = self._users
+        groups = users.items() if message.targets is None else ((u, users[u]) for u in message.targets if u in users)
+        sent = total = lost = reached = 0
+        for _user_id, conns in list(groups):
+            handed = 0
+            for conn in list(conns):  # offer() may drop the socket from this set
+                total += 1
+                if conn.offer(message):
+                    handed += 1
+                else:
+                    lost += 1
+            sent += handed
+            reached += handed > 0
+        return PublishResult(message.id, sent, total, lost, reached)
+
+    # --- status -------------------------------------------------------------------------------------------
+
+    def status(self, limit: int | None = None) -> dict[str, Any]:
+        """The guide's status fields plus `total_connections`."""
+        ids = sorted(self._users)
+        return {
+            "connected_users": len(ids),
+            "status": "active",
+            "active_user_ids": ids if limit is None else ids[:limit],
+            "total_connections": self._count,
+        }

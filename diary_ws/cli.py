@@ -1,0 +1,89 @@
+"""`diary-ws serve`: flags and DIARY_WS_* variables -> Settings -> uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import sys
+from collections.abc import Sequence
+
+from diary_ws import __version__
+from diary_ws.settings import SECRETS, SPECS, SettingError, Settings, env_name, flag_name, from_env
+
+EXIT_BAD_SETTING = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one flag per setting, named after it."""
+    parser = argparse.ArgumentParser(prog="diary-ws", description="Real-time notifications over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"diary-ws {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the server", description="Run the server. Every flag is also "
+                                "a DIARY_WS_* variable; a flag wins over its variable.")  # fmt: skip
+    for name, (_parser, help_text) in SPECS.items():
+        if name in SECRETS:
+            continue  # secrets come from the environment or a *_FILE, never from a flag `ps` would show
+        serve.add_argument(flag_name(name), dest=name, metavar="VALUE", default=None,
+                           help=f"{help_text} [{env_name(name)}]")  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script."""
+    args = build_parser().parse_args(argv)
+    overrides = {name: value for name, value in vars(args).items() if name in SPECS and value is not None}
+    try:
+        settings = from_env(os.environ, overrides)
+    except SettingError as exc:
+        print(f"diary-ws: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETTING
+    return serve(settings)
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every socket is a file descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        # Some containers refuse; the default MAX_CONNECTIONS then follows the soft limit.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def serve(settings: Settings) -> int:
+    """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT."""
+    import uvicorn
+
+    from diary_ws import logs
+    from diary_ws.app import create_app
+    from diary_ws.server import DiaryServer, DiaryWebSocketProtocol
+
+    raise_open_file_limit()
+    logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        root_path=settings.root_path,
+        ws=DiaryWebSocketProtocol,
+        ws_max_size=settings.max_incoming_bytes,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
+        ws_per_message_deflate=settings.per_message_deflate,
+        # uvicorn trusts 127.0.0.1 by default; DESIGN: nobody may set X-Forwarded-For unless listed.
+        forwarded_allow_ips=list(settings.trusted_proxies),
+        proxy_headers=bool(settings.trusted_proxies),
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        lifespan="on",
+        log_config=None,
+        log_level=settings.log_level,
+    )
+
+    def begin_drain() -> None:
+        app.state.hub.draining = True
+
+    server = DiaryServer(config, on_signal=begin_drain, drain_seconds=settings.drain_seconds)
+    server.run()
+    return 0 if server.started else 1

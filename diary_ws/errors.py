@@ -1,0 +1,84 @@
+"""The one family of errors the service answers with; `app` turns each into the JSON error body.
+
+No Starlette here: the broadcaster and the validation helper raise these too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DiaryWSError(Exception):
+    """An error a client should see: `message` says what is wrong and how to fix it."""
+
+    status_code = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra or {}  # more keys for the JSON body, such as the zero counters of a 404
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body of DESIGN §1."""
+        return {"status": "error", "message": self.message, **self.extra}
+
+
+class BadRequest(DiaryWSError):
+    """Unparsable JSON, bad UTF-8, a bad user id or a bad query."""
+
+    status_code = 400
+
+
+class ValidationError(DiaryWSError):
+    """Well-formed but invalid: names the field and the rule it breaks."""
+
+    status_code = 422
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+class NotFound(DiaryWSError):
+    status_code = 404
+
+
+class MethodNotAllowed(DiaryWSError):
+    status_code = 405
+
+
+class PayloadTooLarge(DiaryWSError):
+    status_code = 413
+
+
+class UnsupportedMediaType(DiaryWSError):
+    status_code = 415
+
+
+class TooManyConnections(DiaryWSError):
+    """The user already holds MAX_CONNECTIONS_PER_USER sockets."""
+
+    status_code = 429
+
+
+class ServerFull(DiaryWSError):
+    """MAX_CONNECTIONS sockets are open, or the server is shutting down."""
+
+    status_code = 503
+
+
+class BrokerUnavailable(DiaryWSError):
+    status_code = 503
+
+
+class NobodyListening(NotFound):
+    """None of the targeted users is connected: the message was not stored."""
+
+    def __init__(self, targeted: bool) -> None:
+        who = "none of the given user_ids is" if targeted else "no user is"
+        super().__init__(
+            f"No active connections: {who} connected, so the notification was not sent or stored; retry later",
+            extra={"sent_count": 0, "total_connections": 0, "disconnected_users": 0},
+        )

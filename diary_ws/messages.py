@@ -1,0 +1,90 @@
+"""Message ids and the one frame every listener gets.
+
+Ids are `"<ms>-<seq>"` like Redis stream ids: compared as a pair of integers, never as strings, and always
+increasing, across restarts too (the wall clock moves on), so a `since` from an old run is simply old.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import orjson
+
+_ID = re.compile(r"(\d{1,19})-(\d{1,19})")
+_MAX_PART = 2**64 - 1  # what a Redis stream id allows for each half
+
+
+class MessageId(NamedTuple):
+    """`<ms>-<seq>`; a tuple, so `<` compares the integers in order."""
+
+    ms: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+def parse_id(text: str) -> MessageId | None:
+    """`"1700000000000-3"` -> MessageId, or None when it is not an id."""
+    m = _ID.fullmatch(text)
+    if m is None:
+        return None
+    ms, seq = int(m.group(1)), int(m.group(2))
+    if ms > _MAX_PART or seq > _MAX_PART:
+        return None
+    return MessageId(ms, seq)
+
+
+class IdClock:
+    """Hands out strictly increasing ids from the wall clock, as Redis does for `XADD *`."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = MessageId(0, 0)
+
+    def next(self) -> MessageId:
+        """The next id: this millisecond, or one more in the sequence if the clock has not moved on."""
+        ms = time.time_ns() // 1_000_000
+        last = self.last
+        # A clock that steps back must not reorder ids: stay on the last millisecond and count up.
+        self.last = MessageId(ms, 0) if ms > last.ms else MessageId(last.ms, last.seq + 1)
+        return self.last
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One published notification, serialised once and shared by every socket that gets it."""
+
+    id: MessageId
+    targets: frozenset[str] | None  # None: everyone
+    created: float  # time.monotonic() when it was stored, for the history's TTL
+    text: str  # the JSON frame, ready for a WebSocket text frame
+    size: int  # its length in UTF-8 bytes, what the backlog's byte cap counts
+
+    def is_for(self, user_id: str) -> bool:
+        """Whether this user is meant to get it."""
+        return self.targets is None or user_id in self.targets
+
+
+def rfc3339(epoch_ms: int) -> str:
+    """Milliseconds since the epoch -> `2026-11-25T18:11:45.123Z`."""
+    stamp = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: MessageId) -> bytes:
+    """The frame of DESIGN §1: the guide's `message`, plus `type`, `id`, `sent_at` and `data` when given."""
+    frame: dict[str, Any] = {"type": kind, "message": message, "id": str(msg_id), "sent_at": rfc3339(msg_id.ms)}
+    if data is not None:
+        frame["data"] = data
+    return orjson.dumps(frame)
+
+
+def control_frame(**fields: Any) -> str:
+    """A small frame of our own, such as `{"type": "resume", ...}`."""
+    return orjson.dumps(fields).decode()

@@ -1,0 +1,204 @@
+"""The HTTP and WebSocket endpoints: parse, check, call the Hub, answer. No delivery logic here."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from diary_ws.broadcaster import Connection, Hub
+from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
+from diary_ws.settings import Settings
+from diary_ws.validation import check_content_type, check_user_id, parse_listen_query, parse_notification
+
+API = "/api/v1/ws"
+SOCKET_EXTENSION = "diary_ws.socket"  # offered by diary_ws.server's uvicorn protocol
+
+
+def json_response(body: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """One orjson-serialised JSON answer."""
+    return Response(orjson.dumps(body), status_code, headers, media_type="application/json")
+
+
+def error_response(exc: DiaryWSError) -> Response:
+    """The JSON error body of DESIGN §1 with the error's status."""
+    return json_response(exc.body(), exc.status_code, exc.headers)
+
+
+# --- HTTP ------------------------------------------------------------------------------------------------
+
+
+async def notify(request: Request) -> Response:
+    """POST /api/v1/ws/notification."""
+    hub: Hub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    check_content_type(request.headers.get("content-type"))
+    body = await read_body(request, settings.max_body_bytes)
+    note = parse_notification(body, settings.max_message_chars)
+    result = await hub.publish(note)
+    noun = "user" if result.users_reached == 1 else "users"
+    return json_response(
+        {
+            "status": "success",
+            "message": f"Notification sent to {result.users_reached} {noun}",
+            "sent_count": result.sent_count,
+            "total_connections": result.total_connections,
+            "disconnected_users": result.disconnected_users,
+            "id": str(result.id),
+        }
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (Content-Length or not)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Content-Length must be a whole number of bytes")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over {limit} bytes, the limit (MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def status(request: Request) -> Response:
+    """GET /api/v1/ws/status."""
+    raw = request.query_params.get("limit")
+    limit = None
+    if raw is not None:
+        if not raw.isdigit() or len(raw) > 9:
+            raise BadRequest("query parameter limit must be a whole number of at least 0")
+        limit = int(raw)
+    hub: Hub = request.app.state.hub
+    return json_response(hub.status(limit))
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive and its event loop answers."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready for new clients: started, not shutting down, broker reachable."""
+    hub: Hub = request.app.state.hub
+    if not hub.ready():
+        why = "shutting down" if hub.draining else "not ready: the broker is unavailable or still starting"
+        return error_response(ServerFull(why))
+    return json_response({"status": "ready"})
+
+
+# --- WebSocket -------------------------------------------------------------------------------------------
+
+
+class SocketControl(Protocol):
+    """The transport hooks `diary_ws.server` puts in the scope; other ASGI servers have none."""
+
+    def stalled(self) -> bool: ...
+    def closing(self) -> bool: ...
+    def abort(self) -> None: ...
+
+
+class AsgiSink:
+    """Adapts one ASGI WebSocket to the Hub's `Sink`."""
+
+    __slots__ = ("_control", "_send")
+
+    def __init__(self, send: Send, control: SocketControl | None) -> None:
+        self._send = send
+        self._control = control
+
+    async def send_text(self, text: str) -> None:
+        await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def stalled(self) -> bool:
+        return self._control is not None and self._control.stalled()
+
+    def closing(self) -> bool:
+        return self._control is not None and self._control.closing()
+
+    def abort(self) -> bool:
+        if self._control is None:
+            return False
+        self._control.abort()
+        return True
+
+
+class Listen:
+    """WebSocket /api/v1/ws/{user_id}: receive-only. A raw ASGI app, so each frame skips a wrapper layer."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        hub: Hub = scope["app"].state.hub
+        settings: Settings = scope["app"].state.settings
+        try:
+            user_id = check_user_id(websocket.path_params["user_id"])
+            query = parse_listen_query(scope["query_string"])
+            conn = hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
+        except DiaryWSError as exc:
+            await websocket.send_denial_response(error_response(exc))
+            return
+        try:
+            await websocket.accept()
+            await hub.listen(conn, query.since)
+            await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
+        finally:
+            await conn.stop()
+
+
+async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, max_rate: float) -> None:
+    """Read the client's frames and drop them; police size (1009) and rate (1008); end on disconnect."""
+    clock = asyncio.get_running_loop().time
+    tokens, last = max_rate, clock()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
+    closing = False
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if closing or message["type"] != "websocket.receive":
+            continue  # after our close frame we only wait for the disconnect
+        size = len(message.get("bytes") or b"") or len((message.get("text") or "").encode())
+        now = clock()
+        tokens = min(max_rate, tokens + (now - last) * max_rate) - 1
+        last = now
+        if size > max_bytes:
+            conn.close(1009, f"frame too big: at most {max_bytes} bytes")
+            closing = True
+        elif tokens < 0:
+            conn.close(1008, f"too many frames: at most {max_rate:g} a second; this socket is receive-only")
+            closing = True
+
+
+async def unknown_socket(websocket: WebSocket) -> None:
+    """Any other WebSocket path: a JSON 404 refusal instead of Starlette's bare 403."""
+    where = websocket.scope["path"]
+    await websocket.send_denial_response(
+        error_response(NotFound(f"no WebSocket endpoint at {where}; listen at {API}/{{user_id}}"))
+    )
+
+
+def routes() -> list[BaseRoute]:
+    """Every route of the service, in match order."""
+    return [
+        Route(f"{API}/notification", notify, methods=["POST"]),
+        Route(f"{API}/status", status, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        # `path` so that /api/v1/ws/a/b reaches the user-id check and gets its 400, not an empty 403.
+        WebSocketRoute(API + "/{user_id:path}", Listen()),
+        WebSocketRoute("/{path:path}", unknown_socket),
+    ]

@@ -1,0 +1,139 @@
+"""What diary-ws adds to uvicorn: transport hooks for the WebSocket protocol, and a draining Server.
+
+Like `cli`, the only other module that imports uvicorn, this one is loaded only when diary-ws runs its own
+server; an app embedded elsewhere works without it and just lacks the hooks (see `routes.SocketControl`).
+It leans on uvicorn internals (`WebSocketsSansIOProtocol` attributes), so uvicorn is pinned to 0.54.x.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from diary_ws.routes import SOCKET_EXTENSION
+
+log = logging.getLogger("diary_ws.server")
+
+CLOSE_GRACE = 1.0  # seconds a closing socket may take to flush before it is aborted
+
+
+class SocketControl:
+    """The transport hooks a WebSocket handler gets in `scope["extensions"]`."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: DiaryWebSocketProtocol) -> None:
+        self._protocol = protocol
+
+    def stalled(self) -> bool:
+        """The transport's buffer is over its high-water mark: the peer is not reading."""
+        return not self._protocol.writable.is_set()
+
+    def closing(self) -> bool:
+        return self._protocol.disconnected or self._protocol.transport.is_closing()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now. `transport.close()` would wait for a stalled peer to read first."""
+        self._protocol.transport.abort()
+
+
+class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's default WebSocket protocol, plus hooks to free stalled peers and a quiet denial path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stall_timer: asyncio.TimerHandle | None = None
+
+    async def run_asgi(self) -> None:
+        self.scope["extensions"][SOCKET_EXTENSION] = SocketControl(self)  # type: ignore[assignment]
+        await super().run_asgi()
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # uvicorn's sans-I/O path never marks a denial response as a finished handshake, so run_asgi
+            # logs "ASGI callable returned without completing handshake" at ERROR for every 4xx refusal.
+            self.handshake_complete = True
+        elif message["type"] == "websocket.close" and self.close_timer is not None:
+            # uvicorn closes after close_timeout with transport.close(), which waits forever on a stalled peer.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # A peer that stops reading for longer than the ping timeout is as dead as one that stops ponging.
+        if self.stall_timer is None and self.ping_timeout:
+            self.stall_timer = self.loop.call_later(self.ping_timeout, self._stalled_too_long)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_stall_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall_timer()
+        super().connection_lost(exc)
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()  # close() above would wait for the unread buffer to drain
+
+    def shutdown(self) -> None:
+        """Server shutdown: 1012 with a jittered reconnect hint, and no waiting on peers that do not read."""
+        if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
+            self.stop_keepalive()
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1012})
+            # Spread the reconnects, so a restart does not meet every client at the same instant.
+            delay_ms = random.randint(500, 5000)
+            self.conn.send_close(1012, f"server restarting: reconnect with since after {delay_ms} ms")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+            self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+            return
+        super().shutdown()
+        self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+
+    def _stalled_too_long(self) -> None:
+        self.stall_timer = None
+        log.warning("aborting a WebSocket whose peer has read nothing for %.0f s", self.ping_timeout)
+        self.transport.abort()
+
+    def _cancel_stall_timer(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+
+class DiaryServer(uvicorn.Server):
+    """uvicorn's Server, told about SIGTERM first so /readyz can turn 503 before connections close."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None], drain_seconds: float) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+        self._drain_seconds = drain_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn waits for every connection before it runs the lifespan shutdown (PITFALLS 5), so the app
+        # hears of SIGTERM here, from the signal handler, or not in time.
+        self._on_signal()
+        if self._draining or not self._drain_seconds or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        log.info("draining for %.1f s: /readyz answers 503, open sockets stay", self._drain_seconds)
+        self._loop.call_soon_threadsafe(self._loop.call_later, self._drain_seconds, super().handle_exit, sig, None)

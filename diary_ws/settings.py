@@ -1,0 +1,324 @@
+"""One frozen `Settings`, read from `DIARY_WS_*` variables and `diary-ws serve` flags.
+
+This is the only module that knows the variable names. Every value passes through a parser that raises
+`SettingError` with a sentence naming the rule, so a bad value stops start-up with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "DIARY_WS_"
+
+
+class SettingError(ValueError):
+    """A setting has a bad value; `name` is the setting, `rule` says what it must be."""
+
+    def __init__(self, name: str, rule: str) -> None:
+        super().__init__(f"{name} {rule}")
+        self.name = name
+        self.rule = rule
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of DESIGN §2; the defaults are the ones a fresh `make run` uses."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    root_path: str = ""
+    workers: int = 1
+    broker_url: str = "memory://"
+    api_key: str | None = None
+    api_key_file: str | None = None
+    jwt_secret: str | None = None
+    jwt_secret_file: str | None = None
+    jwt_public_key_file: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    user_header: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ("*",)
+    rate_limit: str | None = None
+    connect_rate_limit: str | None = None
+    idempotency_ttl: float | None = None  # None: the documented default of 300 s, once the feature exists
+    max_connections_per_user: int = 16
+    max_connections: int | None = None  # None: the open-file limit minus a margin, decided at start
+    max_message_chars: int = 65536
+    max_body_bytes: int = 262144
+    max_incoming_bytes: int = 4096
+    max_incoming_rate: float = 50.0
+    send_queue_size: int = 256
+    send_queue_bytes: int = 1024 * 1024
+    history_size: int = 10000
+    history_ttl: float = 300.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    per_message_deflate: bool = False
+    drain_seconds: float = 0.0
+    shutdown_timeout: float = 3.0
+    console: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        check_combinations(self)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some values changed, checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+# Settings whose feature is not built yet. DESIGN §2: refused at start, never accepted and ignored.
+NOT_BUILT_YET: dict[str, str] = {
+    "api_key": "sender API keys",
+    "api_key_file": "sender API keys",
+    "jwt_secret": "listener JWTs",
+    "jwt_secret_file": "listener JWTs",
+    "jwt_public_key_file": "listener JWTs",
+    "jwt_audience": "listener JWTs",
+    "jwt_issuer": "listener JWTs",
+    "user_header": "proxy-authenticated users",
+    "rate_limit": "rate limits",
+    "connect_rate_limit": "rate limits",
+    "idempotency_ttl": "idempotent publish",
+}
+
+
+def check_combinations(s: Settings) -> None:
+    """Rules that tie settings together, or refuse features this build does not have."""
+    for name, feature in NOT_BUILT_YET.items():
+        if getattr(s, name) is not None:
+            raise SettingError(env_name(name), f"is not supported yet: {feature} are not built in this version")
+    if s.allowed_origins != ("*",):
+        raise SettingError(env_name("allowed_origins"), "is not supported yet: only '*' is built in this version")
+    if s.console:
+        raise SettingError(env_name("console"), "is not supported yet: the console page is not built in this version")
+    if not s.broker_url.startswith("memory://"):
+        raise SettingError(
+            env_name("broker_url"), "is not supported yet: only memory:// is built in this version (Redis comes later)"
+        )
+    if s.workers > 1:
+        raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
+
+
+# --- parsers: str -> value, raising ValueError with the rule -------------------------------------------------
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        text = raw.strip().replace("_", "")
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(_range_rule("a whole number", lo, hi))
+        value = int(text)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(_range_rule("a whole number", lo, hi))
+        return value
+
+    return parse
+
+
+def _range_rule(kind: str, lo: float, hi: float | None) -> str:
+    return f"must be {kind} from {lo:g} to {hi:g}" if hi is not None else f"must be {kind} of at least {lo:g}"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+
+
+def _size(lo: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+        unit = m.group(2).lower() if m else ""
+        if m is None or unit not in _SIZE_UNITS or int(m.group(1)) * _SIZE_UNITS[unit] < lo:
+            raise ValueError(f"must be a size in bytes of at least {lo} (a number, optionally with KiB or MiB)")
+        return int(m.group(1)) * _SIZE_UNITS[unit]
+
+    return parse
+
+
+def _seconds(lo: float, hi: float | None = None, *, open_lo: bool = False) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        text = raw.strip().removesuffix("s").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = value == value and (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
+        if not ok or value in (float("inf"), float("-inf")):
+            above = "above" if open_lo else "at least"
+            upper = f" and at most {hi:g}" if hi is not None else ""
+            raise ValueError(f"must be a number of seconds {above} {lo:g}{upper}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a number above 0")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be one of 1, 0, true, false, on, off, yes, no")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        text = raw.strip().lower()
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _root_path(raw: str) -> str:
+    text = raw.strip().rstrip("/")
+    if text and (not text.startswith("/") or not re.fullmatch(r"[A-Za-z0-9._~/-]+", text)):
+        raise ValueError("must be empty or a path such as /push (letters, digits and . _ ~ - /)")
+    return text
+
+
+def _host(raw: str) -> str:
+    text = raw.strip()
+    if not text or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]%]+", text):
+        raise ValueError("must be a host name or an IP address, such as 127.0.0.1 or 0.0.0.0")
+    return text
+
+
+def _broker_url(raw: str) -> str:
+    text = raw.strip()
+    if not re.fullmatch(r"(memory|redis|rediss)://.*", text):
+        raise ValueError("must be memory:// or a redis://host:port/db URL")
+    return text
+
+
+def _proxies(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"must be a comma list of IP addresses or networks (or *); {item!r} is neither") from None
+    return items
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
+    if not items:
+        raise ValueError("must be * or a comma list of origins such as https://app.example.com")
+    return items
+
+
+# name -> (parser, help). Order is the order of --help and of the README table.
+Parser = Callable[[str], Any]
+SPECS: dict[str, tuple[Parser, str]] = {
+    "host": (_host, "address to listen on"),
+    "port": (_int_in(1, 65535), "TCP port to listen on"),
+    "root_path": (_root_path, "path prefix the proxy mounts the service under (ASGI root_path)"),
+    "workers": (_int_in(1, 64), "worker processes; more than 1 needs redis://"),
+    "broker_url": (_broker_url, "memory:// (one process) or redis://host:6379/0"),
+    "api_key": (_optional_text, "sender API keys, a comma list (secret: environment or *_FILE only)"),
+    "api_key_file": (_optional_text, "file holding the sender API keys"),
+    "jwt_secret": (_optional_text, "HS256 secret for listener tokens (secret: environment or *_FILE only)"),
+    "jwt_secret_file": (_optional_text, "file holding the HS256 secret"),
+    "jwt_public_key_file": (_optional_text, "PEM public key for RS256/ES256 listener tokens"),
+    "jwt_audience": (_optional_text, "required aud claim of listener tokens"),
+    "jwt_issuer": (_optional_text, "required iss claim of listener tokens"),
+    "user_header": (_optional_text, "user-id header set by a trusted proxy"),
+    "trusted_proxies": (_proxies, "proxies allowed to set X-Forwarded-For (comma list of IPs/networks)"),
+    "allowed_origins": (_origins, "allowed Origin values for browser handshakes, or *"),
+    "rate_limit": (_optional_text, "publish rate limit, e.g. 100/s or 100/s:200"),
+    "connect_rate_limit": (_optional_text, "handshake rate limit per client address"),
+    "idempotency_ttl": (_seconds(1, 86400), "how long an Idempotency-Key is remembered"),
+    "max_connections_per_user": (_int_in(1), "open sockets allowed per user"),
+    "max_connections": (_int_in(1), "open sockets allowed in all (default: open-file limit minus a margin)"),
+    "max_message_chars": (_int_in(1), "longest message, in characters"),
+    "max_body_bytes": (_size(64), "largest POST body"),
+    "max_incoming_bytes": (_size(1), "largest frame a client may send (closed with 1009 above it)"),
+    "max_incoming_rate": (_positive_float, "client frames per second before a 1008 close"),
+    "send_queue_size": (_int_in(1), "backlog of unsent messages per socket before a 4008 close"),
+    "send_queue_bytes": (_size(1024), "backlog of unsent bytes per socket before a 4008 close"),
+    "history_size": (_int_in(0), "messages kept for ?since= resume (0: no resume)"),
+    "history_ttl": (_seconds(0, open_lo=True), "how long a message stays resumable"),
+    "ping_interval": (_seconds(0, open_lo=True), "seconds between server pings"),
+    "ping_timeout": (_seconds(0, open_lo=True), "seconds to wait for a pong (and for a stalled socket)"),
+    "per_message_deflate": (_bool, "negotiate per-message deflate"),
+    "drain_seconds": (_seconds(0, 3600), "after SIGTERM, seconds /readyz answers 503 before shutdown"),
+    "shutdown_timeout": (_seconds(0, 600, open_lo=True), "seconds to wait for connections at shutdown"),
+    "console": (_bool, "serve the console page"),
+    "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
+    "log_format": (_choice("text", "json"), "log line format"),
+}
+
+# Secrets are never taken from a flag alone: a flag shows in `ps` and in shell history.
+SECRETS = frozenset({"api_key", "jwt_secret"})
+
+assert set(SPECS) == {f.name for f in fields(Settings)}, "every setting needs a parser"
+
+
+def env_name(name: str) -> str:
+    """`max_body_bytes` -> `DIARY_WS_MAX_BODY_BYTES`."""
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    """`max_body_bytes` -> `--max-body-bytes`."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_value(name: str, raw: str, label: str) -> Any:
+    """Parse one raw value; `label` is what the error names (the variable or the flag)."""
+    parser = SPECS[name][0]
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise SettingError(label, f"{exc} (got {raw!r})") from None
+
+
+def from_env(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `DIARY_WS_*` variables; `overrides` (flag values by setting name) win over them."""
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in SPECS)
+    if unknown:
+        raise SettingError(unknown[0], "is not a diary-ws setting (check the spelling against the README)")
+    values: dict[str, Any] = {}
+    for name in SPECS:
+        if (raw := environ.get(env_name(name))) is not None:
+            values[name] = parse_value(name, raw, env_name(name))
+    for name, raw in (overrides or {}).items():
+        values[name] = parse_value(name, raw, flag_name(name))
+    try:
+        return Settings(**values)
+    except SettingError as exc:
+        if exc.name in (env_name(n) for n in (overrides or {})):
+            raise SettingError(flag_name(exc.name[len(ENV_PREFIX) :].lower()), exc.rule) from None
+        raise

@@ -1,0 +1,164 @@
+"""Pure checks at the edge: raw request parts in, frozen values or a `DiaryWSError` out.
+
+Sizes are checked before anything is parsed, and nothing downstream checks again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+
+from diary_ws.errors import BadRequest, UnsupportedMediaType, ValidationError
+from diary_ws.messages import MessageId, parse_id
+
+MAX_USER_IDS = 1000
+USER_ID_RULE = "1-128 characters from A-Z a-z 0-9 _ . : @ -, and not . or .."
+_USER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+_TYPE = re.compile(r"[a-z0-9_.-]{1,64}")
+RESERVED_TYPES = frozenset({"resume", "heartbeat"})
+FIELDS = ("message", "user_ids", "type", "data")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A checked POST body."""
+
+    message: str
+    user_ids: tuple[str, ...] | None  # None: everyone; otherwise distinct, in the order given
+    type: str = "notification"
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenQuery:
+    """A checked WebSocket query string."""
+
+    since: MessageId | None = None
+
+
+def is_user_id(value: object) -> bool:
+    """Whether `value` is a user id the service accepts."""
+    return isinstance(value, str) and _USER_ID.fullmatch(value) is not None and value not in (".", "..")
+
+
+def check_user_id(value: str) -> str:
+    """The user id of a path, or BadRequest."""
+    if not is_user_id(value):
+        raise BadRequest(f"user_id {_show(value)} is not valid: it must be {USER_ID_RULE}")
+    return value
+
+
+def _show(value: str) -> str:
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    return orjson.dumps(shown).decode()  # quoted and escaped: markup or control characters stay harmless
+
+
+def check_content_type(header: str | None) -> None:
+    """Only JSON bodies are taken; `application/json; charset=utf-8` is fine."""
+    media = (header or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        got = f"got {header!r}" if header else "none was sent"
+        raise UnsupportedMediaType(f"Content-Type must be application/json ({got})")
+
+
+def parse_notification(body: bytes, max_message_chars: int) -> Notification:
+    """A POST body -> Notification. The caller has already capped its size."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(_json_problem(body, exc)) from None
+    if not isinstance(doc, dict):
+        raise ValidationError("body", f"must be a JSON object, not {_json_kind(doc)}")
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        raise ValidationError(unknown[0], f"is not a known field (allowed: {', '.join(FIELDS)})")
+    return Notification(
+        message=_message(doc.get("message"), "message" in doc, max_message_chars),
+        user_ids=_user_ids(doc["user_ids"]) if "user_ids" in doc else None,
+        type=_type(doc["type"]) if "type" in doc else "notification",
+        data=_data(doc["data"]) if "data" in doc else None,
+    )
+
+
+def _json_problem(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"body is not valid UTF-8 (bad byte at position {bad.start})"
+    if not body.strip():
+        return 'body is empty: send a JSON object such as {"message": "hello"}'
+    return f"body is not valid JSON: {exc.msg} at position {exc.pos}"
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _message(value: object, present: bool, max_chars: int) -> str:
+    if not present:
+        raise ValidationError("message", "is required")
+    if not isinstance(value, str):
+        raise ValidationError("message", f"must be a string, not {_json_kind(value)}")
+    if not value.strip():
+        raise ValidationError("message", "must not be blank")
+    if len(value) > max_chars:
+        raise ValidationError("message", f"must be at most {max_chars} characters (got {len(value)})")
+    return value
+
+
+def _user_ids(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValidationError("user_ids", f"must be a list of user ids, not {_json_kind(value)}")
+    if not value:
+        raise ValidationError("user_ids", "must not be empty (leave it out to send to everyone)")
+    if len(value) > MAX_USER_IDS:
+        raise ValidationError("user_ids", f"must hold at most {MAX_USER_IDS} user ids (got {len(value)})")
+    for i, item in enumerate(value):
+        if not is_user_id(item):
+            shown = _show(item) if isinstance(item, str) else _json_kind(item)
+            raise ValidationError(f"user_ids[{i}]", f"{shown} is not valid: a user id is {USER_ID_RULE}")
+    return tuple(dict.fromkeys(value))
+
+
+def _type(value: object) -> str:
+    if not isinstance(value, str) or not _TYPE.fullmatch(value):
+        raise ValidationError("type", "must be 1-64 characters from a-z 0-9 _ . -")
+    if value in RESERVED_TYPES:
+        raise ValidationError("type", f"{value!r} is reserved for the server's own frames")
+    return value
+
+
+def _data(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValidationError("data", f"must be a JSON object, not {_json_kind(value)}")
+    return value
+
+
+# Query parameters that later versions give a meaning to: refused rather than silently ignored.
+_NOT_BUILT = {"heartbeat": "the heartbeat option is not built in this version"}
+
+
+def parse_listen_query(query_string: bytes) -> ListenQuery:
+    """The WebSocket query string -> ListenQuery, or BadRequest."""
+    try:
+        pairs = parse_qsl(query_string.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("query string is not valid UTF-8") from None
+    names = [name for name, _ in pairs]
+    for name in names:
+        if name in _NOT_BUILT:
+            raise BadRequest(f"query parameter {name}: {_NOT_BUILT[name]}")
+    if names.count("since") > 1:
+        raise BadRequest("query parameter since: give it once")
+    since = dict(pairs).get("since")
+    if since is None:
+        return ListenQuery()
+    parsed = parse_id(since)
+    if parsed is None:
+        raise BadRequest(f"query parameter since: {_show(since)} is not a message id such as 1700000000000-0")
+    return ListenQuery(since=parsed)

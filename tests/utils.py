@@ -1,0 +1,142 @@
+"""Real servers for the tests: `diary-ws serve` in a subprocess on a free port, with its log captured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll `check` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def async_wait_until(check: Callable[[], Any], limit: float, what: str, interval: float = 0.02) -> Any:
+    """`wait_until` for async tests; `check` may be sync or return an awaitable. Returns its truthy value."""
+    deadline = time.monotonic() + limit
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Server:
+    """A running `diary-ws serve` process."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def listen_url(self, user_id: str, query: str = "") -> str:
+        return f"{self.ws}/api/v1/ws/{user_id}" + (f"?{query}" if query else "")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assert_clean_log(self) -> None:
+        """No traceback and no ERROR line: bad input must never look like a server bug."""
+        text = self.log()
+        assert "Traceback" not in text, text[-4000:]
+        assert " ERROR " not in text, text[-4000:]
+
+    def post(self, body: Any, **kwargs: Any) -> httpx.Response:
+        """POST a notification (a dict is sent as JSON)."""
+        content = orjson.dumps(body) if not isinstance(body, (bytes, str)) else body
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+        return httpx.post(f"{self.http}/api/v1/ws/notification", content=content, headers=headers, timeout=10, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(f"{self.http}{path}", timeout=10, **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self.get("/api/v1/ws/status").json()
+        return answer
+
+    def terminate(self, timeout: float = 10.0) -> float:
+        """SIGTERM, then wait for exit; returns the seconds it took."""
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        return time.monotonic() - started
+
+
+def _ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"server exited with {proc.returncode} before it was ready")
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def run_server(settings: Mapping[str, str] | None = None, *, args: tuple[str, ...] = ()) -> Iterator[Server]:
+    """Start `python -m diary_ws serve` on a free port with DIARY_WS_* `settings`; stop it afterwards."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
+    env.update({f"DIARY_WS_{k.upper()}": str(v) for k, v in (settings or {}).items()})
+    env["DIARY_WS_PORT"] = str(port)
+    with tempfile.NamedTemporaryFile(prefix="diary-ws-", suffix=".log", delete=False) as log_file:
+        log_path = Path(log_file.name)
+    with log_path.open("wb") as log_out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diary_ws", "serve", *args], env=env, stdout=log_out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )  # fmt: skip
+    server = Server(port, proc, log_path, env)
+    try:
+        wait_until(lambda: _ready(port, proc), START_TIMEOUT, "the server to answer /healthz")
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
