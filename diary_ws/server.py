@@ -8,8 +8,11 @@ It leans on uvicorn internals (`WebSocketsSansIOProtocol` attributes), so uvicor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import socket
+import struct
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -42,7 +45,20 @@ class SocketControl:
 
     def abort(self) -> None:
         """Drop the TCP connection now. `transport.close()` would wait for a stalled peer to read first."""
-        self._protocol.transport.abort()
+        hard_abort(self._protocol.transport)
+
+
+def hard_abort(transport: asyncio.Transport) -> None:
+    """Abort with a TCP reset, so the kernel frees the unsent buffer too.
+
+    A plain `transport.abort()` frees the descriptor, but the kernel keeps the orphaned socket, and up to
+    several MiB of unsent data, while it probes a peer that reads nothing. SO_LINGER 0 turns close into RST.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -65,7 +81,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         elif message["type"] == "websocket.close" and self.close_timer is not None:
             # uvicorn closes after close_timeout with transport.close(), which waits forever on a stalled peer.
             self.close_timer.cancel()
-            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+            self.close_timer = self.loop.call_later(self.close_timeout, self._hard_abort)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -84,7 +100,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size():
-            self.transport.abort()  # close() above would wait for the unread buffer to drain
+            self._hard_abort()  # close() above would wait for the unread buffer to drain
 
     def shutdown(self) -> None:
         """Server shutdown: 1012 with a jittered reconnect hint, and no waiting on peers that do not read."""
@@ -97,15 +113,18 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.close_sent = True
             self.transport.close()
-            self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+            self.loop.call_later(CLOSE_GRACE, self._hard_abort)
             return
         super().shutdown()
-        self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+        self.loop.call_later(CLOSE_GRACE, self._hard_abort)
+
+    def _hard_abort(self) -> None:
+        hard_abort(self.transport)
 
     def _stalled_too_long(self) -> None:
         self.stall_timer = None
         log.warning("aborting a WebSocket whose peer has read nothing for %.0f s", self.ping_timeout)
-        self.transport.abort()
+        self._hard_abort()
 
     def _cancel_stall_timer(self) -> None:
         if self.stall_timer is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,77 @@ def run_server(settings: Mapping[str, str] | None = None, *, args: tuple[str, ..
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+
+def raw_handshake(port: int, path: str, *, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket that completes the handshake over a bare socket and then reads only when told to.
+
+    A small `rcvbuf` makes the peer's receive window tiny, as a stalled phone on a bad network would.
+    """
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)  # byte by byte, so no frame after the head is consumed
+        if not chunk:
+            raise AssertionError(f"server closed during the handshake: {head!r}")
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def drain_until_closed(sock: socket.socket, limit: float) -> str:
+    """Read and discard until the server ends the connection; 'reset' or 'eof'. Fails after `limit` s."""
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(1 << 20):
+                return "eof"
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return "reset"
+    raise AssertionError(f"the server did not end the connection within {limit} s")
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process holds."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with real uvicorn inside this event loop; yields its base URL (no scheme)."""
+    import uvicorn
+
+    from diary_ws.server import DiaryWebSocketProtocol
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, ws=DiaryWebSocketProtocol, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        await async_wait_until(lambda: server.started or task.done(), START_TIMEOUT, "uvicorn to start")
+        assert server.started, "uvicorn did not start"
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

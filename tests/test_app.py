@@ -1,0 +1,40 @@
+"""`create_app` keeps all state on the app: two apps in one process share no listeners and no history."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from diary_ws import Settings, create_app
+from tests.utils import serve_in_process
+
+
+@pytest.mark.anyio
+async def test_two_apps_in_one_process_are_independent() -> None:
+    first, second = create_app(Settings()), create_app(Settings(max_connections_per_user=1))
+    assert first.state.hub is not second.state.hub
+    async with (
+        serve_in_process(first) as one,
+        serve_in_process(second) as two,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(f"ws://{one}/api/v1/ws/alice") as ws,
+    ):
+        assert (await http.get(f"http://{one}/api/v1/ws/status")).json()["active_user_ids"] == ["alice"]
+        assert (await http.get(f"http://{two}/api/v1/ws/status")).json()["active_user_ids"] == []
+        assert (await http.post(f"http://{two}/api/v1/ws/notification", json={"message": "hi"})).status_code == 404
+        assert (await http.post(f"http://{one}/api/v1/ws/notification", json={"message": "hi"})).status_code == 200
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "hi"
+
+
+@pytest.mark.anyio
+async def test_readyz_follows_the_lifespan() -> None:
+    app = create_app()
+    assert not app.state.hub.ready()  # nothing started yet
+    async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(f"http://{base}/readyz")).json() == {"status": "ready"}
+        assert (await http.get(f"http://{base}/healthz")).json() == {"status": "ok"}
+    assert not app.state.hub.ready()  # the lifespan's shutdown stopped the hub

@@ -1,0 +1,68 @@
+"""The layers of DESIGN §3 stay as drawn: imports point one way, and the public surface stays put."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import diary_ws
+
+PACKAGE = Path(diary_ws.__file__).parent
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def importers_of(target: str) -> set[str]:
+    return {mod for mod, deps in MODULES.items() if any(d == target or d.startswith(target + ".") for d in deps)}
+
+
+def test_only_cli_and_server_import_uvicorn() -> None:
+    assert importers_of("uvicorn") == {"diary_ws.cli", "diary_ws.server"}
+
+
+@pytest.mark.parametrize("module", ["diary_ws.broadcaster", "diary_ws.backends", "diary_ws.validation"])
+def test_the_core_never_imports_starlette(module: str) -> None:
+    offenders = {m for m in importers_of("starlette") if m == module or m.startswith(module + ".")}
+    assert not offenders
+
+
+def test_routes_is_imported_only_from_above() -> None:
+    assert importers_of("diary_ws.routes") <= {"diary_ws.app", "diary_ws.server"}
+
+
+def test_nothing_below_imports_the_app_or_the_cli() -> None:
+    assert importers_of("diary_ws.cli") == {"diary_ws.__main__"}
+    assert importers_of("diary_ws.app") <= {"diary_ws", "diary_ws.cli"}
+
+
+def test_leaf_helpers_import_no_other_layer() -> None:
+    for leaf in ("diary_ws.errors", "diary_ws.messages", "diary_ws.settings"):
+        ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
+        assert ours <= {"diary_ws.errors"}, (leaf, ours)
+
+
+def test_public_surface() -> None:
+    assert sorted(diary_ws.__all__) == [
+        "Hub", "Notification", "PublishResult", "Settings", "__version__", "create_app", "lifespan",
+    ]  # fmt: skip
+    for name in diary_ws.__all__:
+        assert hasattr(diary_ws, name)
