@@ -27,7 +27,7 @@ PUBLISHES = 600
 
 async def read_all(ws: ClientConnection, count: int) -> list[dict[str, object]]:
     """Every frame until `count` have come."""
-    frames = []
+    frames: list[dict[str, object]] = []
     while len(frames) < count:
         frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 20)))
     return frames
