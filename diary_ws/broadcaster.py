@@ -26,20 +26,24 @@ CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1012
 
 
+# What `Sink.try_write` reports.
+WROTE, LATER, DEAD = 1, 0, -1
+
+
 class Sink(Protocol):
     """What the Hub needs of one socket; `routes` adapts an ASGI WebSocket to it."""
 
+    def try_write(self, message: Message) -> int:
+        """Write at once if the socket takes bytes now: WROTE; LATER if it cannot now; DEAD if it is gone."""
+
     async def send_text(self, text: str) -> None:
-        """Send one text frame; raises once the peer is gone."""
+        """Send one text frame, waiting while the peer is slow; raises once the peer is gone."""
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame."""
 
     def stalled(self) -> bool:
         """The peer is not reading: the transport has stopped taking bytes."""
-
-    def closing(self) -> bool:
-        """The connection is already closing or lost."""
 
     def abort(self) -> bool:
         """Drop the connection at once, buffers and all; False if the server offers no way to."""
@@ -67,21 +71,16 @@ class PublishResult:
 
 
 class Connection:
-    """One socket of one user: its backlog and the writer task that drains it in order."""
+    """One socket of one user, and its backlog.
 
-    __slots__ = (
-        "_backlog",
-        "_bytes",
-        "_close",
-        "_floor",
-        "_hub",
-        "_replay",
-        "_task",
-        "_wake",
-        "active",
-        "sink",
-        "user_id",
-    )  # fmt: skip
+    A message for a socket that takes bytes now is written at once, with no task and no queue (the common
+    case). Only when the peer falls behind does the message wait in the backlog, and only then does a
+    writer task exist, to drain it in order and end. Order holds because nothing is written directly
+    while a writer exists.
+    """
+
+    __slots__ = ("user_id", "sink", "_hub", "_backlog", "_bytes", "_writer", "_close", "_replay", "_floor",
+                 "_started", "active")  # fmt: skip
 
     def __init__(self, hub: Hub, user_id: str, sink: Sink) -> None:
         self.user_id = user_id
@@ -89,48 +88,54 @@ class Connection:
         self._hub = hub
         self._backlog: deque[Message] = deque()
         self._bytes = 0
-        self._wake: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._close: tuple[int, str] | None = None
         self._replay: list[str] = []
         self._floor: MessageId | None = None  # live messages at or below it were replayed already
+        self._started = False  # the handshake is done: frames may go out
         self.active = True  # in the registry and taking messages
 
     def offer(self, message: Message) -> bool:
-        """Queue one message without waiting; False when the socket is dead or just overflowed."""
-        if self.sink.closing():
-            self._hub.drop(self)
-            return False
+        """Hand over one message without waiting; False when the socket is dead or just overflowed."""
+        if self._writer is None and self._started:
+            outcome = self.sink.try_write(message)
+            if outcome == WROTE:
+                return True
+            if outcome == DEAD:
+                self._hub.drop(self)
+                return False
         limits = self._hub.limits
         if len(self._backlog) >= limits.send_queue_size or self._bytes + message.size > limits.send_queue_bytes:
             self._overflow()
             return False
         self._backlog.append(message)
         self._bytes += message.size
-        self._wakeup()
+        self._ensure_writer()
         return True
 
     def start(self, replay: list[Message], resume: dict[str, Any] | None) -> None:
-        """Start the writer; a resume sends `replay` and then its control frame before anything live."""
+        """The handshake is done; a resume first sends `replay` and its control frame, before anything live."""
         if resume is not None:
             self._replay = [m.text for m in replay] + [control_frame(**resume)]
             if replay:
                 self._floor = replay[-1].id
-        self._task = asyncio.get_running_loop().create_task(self._write_loop())
+        self._started = True
+        if self._replay or self._backlog or self._close:
+            self._ensure_writer()
 
     def close(self, code: int, reason: str) -> None:
-        """Leave the registry and close with `code` once what is already being written is out."""
+        """Leave the registry, drop what is unsent, and close with `code`."""
         self._hub.drop(self)
         self._backlog.clear()
         self._bytes = 0
         if self._close is None:
             self._close = (code, reason)
-        self._wakeup()
+        self._ensure_writer()
 
     async def stop(self) -> None:
         """Called when the handler ends: leave the registry and stop the writer."""
         self._hub.drop(self)
-        task = self._task
+        task = self._writer
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -143,44 +148,35 @@ class Connection:
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
         # for it forever (PITFALLS 1): free the connection, buffers and file descriptor, now.
-        if self.sink.stalled():
-            self._free()
+        if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
+            self._writer.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
 
-    def _free(self) -> None:
-        if not self.sink.abort() and self._task is not None:
-            self._task.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
+    def _ensure_writer(self) -> None:
+        if self._writer is None and self._started:
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
 
-    def _wakeup(self) -> None:
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            if not wake.done():
-                wake.set_result(None)
-
-    async def _write_loop(self) -> None:
+    async def _drain(self) -> None:
         send = self.sink.send_text
         backlog = self._backlog
         try:
             for text in self._replay:
                 await send(text)
             self._replay = []
-            while True:
-                while backlog:
-                    message = backlog.popleft()
-                    self._bytes -= message.size
-                    if self._floor is not None and message.id <= self._floor:
-                        continue  # came live while we were replaying it
-                    await send(message.text)
-                if self._close is not None:
-                    await self.sink.close(*self._close)
-                    return
-                self._wake = asyncio.get_running_loop().create_future()
-                await self._wake
+            while backlog:
+                message = backlog.popleft()
+                self._bytes -= message.size
+                if self._floor is not None and message.id <= self._floor:
+                    continue  # came live while we were replaying it
+                await send(message.text)
+            if self._close is not None:
+                await self.sink.close(*self._close)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer is gone: any error from the server's send means that
             log.debug("socket of user %s failed while sending: %r", self.user_id, exc)
             self._hub.drop(self)
+        finally:
+            self._writer = None
 
 
 class Hub:

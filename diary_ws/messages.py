@@ -7,6 +7,7 @@ increasing, across restarts too (the wall clock moves on), so a `since` from an 
 from __future__ import annotations
 
 import re
+import struct
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,17 +59,48 @@ class IdClock:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One published notification, serialised once and shared by every socket that gets it."""
+    """One published notification, serialised and framed once, and shared by every socket that gets it."""
 
     id: MessageId
     targets: frozenset[str] | None  # None: everyone
     created: float  # time.monotonic() when it was stored, for the history's TTL
-    text: str  # the JSON frame, ready for a WebSocket text frame
-    size: int  # its length in UTF-8 bytes, what the backlog's byte cap counts
+    wire: bytes  # the whole WebSocket text frame, header and JSON, as it goes on an uncompressed socket
+    offset: int  # where the JSON starts in `wire`
+
+    @classmethod
+    def build(cls, msg_id: MessageId, targets: frozenset[str] | None, payload: bytes) -> Message:
+        """A message whose JSON is `payload`."""
+        frame = text_frame(payload)
+        return cls(msg_id, targets, time.monotonic(), frame, len(frame) - len(payload))
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire: what the backlog's byte cap counts."""
+        return len(self.wire)
+
+    @property
+    def text(self) -> str:
+        """The JSON as a string, for the ASGI send path (slow path only: it copies)."""
+        return self.wire[self.offset :].decode()
 
     def is_for(self, user_id: str) -> bool:
         """Whether this user is meant to get it."""
         return self.targets is None or user_id in self.targets
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented RFC 6455 text frame: what a server sends when nothing is compressed.
+
+    Built once per message, so a publish writes the same bytes to every socket instead of framing per socket.
+    """
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
 
 
 def rfc3339(epoch_ms: int) -> str:

@@ -12,8 +12,9 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from diary_ws.broadcaster import Connection, Hub
+from diary_ws.broadcaster import LATER, Connection, Hub
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
+from diary_ws.messages import Message
 from diary_ws.settings import Settings
 from diary_ws.validation import check_content_type, check_user_id, parse_listen_query, parse_notification
 
@@ -105,8 +106,8 @@ async def readyz(request: Request) -> Response:
 class SocketControl(Protocol):
     """The transport hooks `diary_ws.server` puts in the scope; other ASGI servers have none."""
 
+    def try_write(self, wire: bytes) -> int: ...
     def stalled(self) -> bool: ...
-    def closing(self) -> bool: ...
     def abort(self) -> None: ...
 
 
@@ -119,6 +120,9 @@ class AsgiSink:
         self._send = send
         self._control = control
 
+    def try_write(self, message: Message) -> int:
+        return LATER if self._control is None else self._control.try_write(message.wire)
+
     async def send_text(self, text: str) -> None:
         await self._send({"type": "websocket.send", "text": text})
 
@@ -127,9 +131,6 @@ class AsgiSink:
 
     def stalled(self) -> bool:
         return self._control is not None and self._control.stalled()
-
-    def closing(self) -> bool:
-        return self._control is not None and self._control.closing()
 
     def abort(self) -> bool:
         if self._control is None:

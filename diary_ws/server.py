@@ -40,8 +40,17 @@ class SocketControl:
         """The transport's buffer is over its high-water mark: the peer is not reading."""
         return not self._protocol.writable.is_set()
 
-    def closing(self) -> bool:
-        return self._protocol.disconnected or self._protocol.transport.is_closing()
+    def try_write(self, wire: bytes) -> int:
+        """Write a ready-made frame if the socket takes bytes now: 1 written, 0 not now, -1 gone."""
+        protocol = self._protocol
+        if protocol.close_sent or protocol.disconnected or protocol.transport.is_closing():
+            return -1
+        # Paused: the peer is behind, so the frame waits in the backlog. With per-message deflate each
+        # socket compresses with its own context, so a shared frame cannot go out as it is.
+        if not protocol.writable.is_set() or protocol.conn.extensions:
+            return 0
+        protocol.transport.write(wire)
+        return 1
 
     def abort(self) -> None:
         """Drop the TCP connection now. `transport.close()` would wait for a stalled peer to read first."""

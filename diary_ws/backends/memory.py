@@ -33,8 +33,7 @@ class MemoryBackend:
 
     async def append(self, targets: frozenset[str] | None, render: Callable[[MessageId], bytes]) -> Message:
         msg_id = self._clock.next()
-        frame = render(msg_id)
-        message = Message(msg_id, targets, time.monotonic(), frame.decode(), len(frame))
+        message = Message.build(msg_id, targets, render(msg_id))
         if self._size:
             self._history.append(message)
         else:

@@ -1,0 +1,168 @@
+"""Fan-out benchmark: diary-ws against the naive baseline, in one run, on this machine. Measures; asserts nothing.
+
+The server runs in its own process pinned to core 0; this process, the load generator, pins itself to
+core 1. For each server: N idle sockets, then ROUNDS broadcasts, each timed from just before the POST to
+each socket's receipt. Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux.
+
+    make bench                       # N = 1000, 20 rounds
+    python -m bench.fanout --sockets 5000 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.utils import free_port, vm_rss_kib, wait_until
+
+RESULTS = Path(__file__).parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    server: str
+    sockets: int
+    rounds: int
+    last_socket_ms_p50: float
+    last_socket_ms_max: float
+    per_socket_ms_p50: float
+    per_socket_ms_p99: float
+    post_ms_p50: float
+    deliveries_per_s: float
+    server_cpu_us_per_delivery: float
+    rss_kib_per_idle_socket: float
+    lost: int
+    loadgen_cpu_share: float  # the load generator's CPU over wall time: near 1.0 means it was the bottleneck
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def start(kind: str, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
+    if kind == "diary-ws":
+        env.update(DIARY_WS_PORT=str(port), DIARY_WS_LOG_LEVEL="warning")
+        cmd = [sys.executable, "-m", "diary_ws", "serve"]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "bench.naive:app", "--port", str(port), "--log-level", "warning",
+               "--ws-per-message-deflate", "false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # noqa: PLW1509
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/v1/ws/status", timeout=1).status_code in (200, 404)
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 15, f"{kind} to start")
+    return proc
+
+
+async def receiver(ws: ClientConnection, stamps: list[list[float]]) -> None:
+    async for _frame in ws:
+        stamps[-1].append(time.monotonic())
+
+
+async def measure(kind: str, sockets: int, rounds: int) -> Result:
+    port = free_port()
+    proc = start(kind, port)
+    try:
+        rss_before = vm_rss_kib(proc.pid)
+        conns = [await connect(f"ws://127.0.0.1:{port}/api/v1/ws/u{i}", compression=None) for i in range(sockets)]
+        rss_idle = vm_rss_kib(proc.pid)
+        stamps: list[list[float]] = []
+        per_socket: list[float] = []
+        last: list[float] = []
+        posts: list[float] = []
+        lost = 0
+        readers = [asyncio.create_task(receiver(ws, stamps)) for ws in conns]
+        cpu0, own0, wall0 = cpu_seconds(proc.pid), time.process_time(), time.monotonic()
+        async with httpx.AsyncClient(timeout=30) as http:
+            for i in range(rounds):
+                stamps.append([])
+                started = time.monotonic()
+                await http.post(f"http://127.0.0.1:{port}/api/v1/ws/notification", json={"message": f"round {i}"})
+                posts.append(time.monotonic() - started)
+                deadline = time.monotonic() + 30
+                while len(stamps[-1]) < sockets and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                got = stamps[-1]
+                lost += sockets - len(got)
+                per_socket.extend(t - started for t in got)
+                if got:
+                    last.append(max(got) - started)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        wall = time.monotonic() - wall0
+        own = time.process_time() - own0
+        for task in readers:
+            task.cancel()
+        for ws in conns:
+            await ws.close()
+        per_socket.sort()
+        deliveries = sockets * rounds - lost
+        return Result(
+            server=kind,
+            sockets=sockets,
+            rounds=rounds,
+            last_socket_ms_p50=statistics.median(last) * 1000,
+            last_socket_ms_max=max(last) * 1000,
+            per_socket_ms_p50=per_socket[len(per_socket) // 2] * 1000,
+            per_socket_ms_p99=per_socket[int(len(per_socket) * 0.99)] * 1000,
+            post_ms_p50=statistics.median(posts) * 1000,
+            deliveries_per_s=deliveries / sum(last),
+            server_cpu_us_per_delivery=cpu / max(deliveries, 1) * 1e6,
+            rss_kib_per_idle_socket=(rss_idle - rss_before) / sockets,
+            lost=lost,
+            loadgen_cpu_share=own / wall,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def table(results: list[Result]) -> str:
+    rows = [asdict(r) for r in results]
+    keys = list(rows[0])
+    width = max(len(k) for k in keys)
+    lines = [f"{'':{width}}  " + "  ".join(f"{r['server']:>12}" for r in rows)]
+    for key in keys[1:]:
+        cells = "  ".join(f"{r[key]:>12.1f}" if isinstance(r[key], float) else f"{r[key]:>12}" for r in rows)
+        lines.append(f"{key:{width}}  {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", type=int, nargs="+", default=[1000])
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
+    results: list[Result] = []
+    for n in args.sockets:
+        for kind in ("diary-ws", "naive"):
+            results.append(asyncio.run(measure(kind, n, args.rounds)))
+    print(table(results))
+    RESULTS.mkdir(exist_ok=True)
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "results": [asdict(r) for r in results]}
+    (RESULTS / "fanout.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    print(f"\nwritten: {RESULTS / 'fanout.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
