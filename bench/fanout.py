@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -61,7 +62,7 @@ def start(kind: str, port: int) -> subprocess.Popen[bytes]:
     else:
         cmd = [sys.executable, "-m", "uvicorn", "bench.naive:app", "--port", str(port), "--log-level", "warning",
                "--ws-per-message-deflate", "false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # noqa: PLW1509
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
 
     def up() -> bool:
         try:
@@ -73,9 +74,23 @@ def start(kind: str, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def receiver(ws: ClientConnection, stamps: list[list[float]]) -> None:
+class Round:
+    """One broadcast's receipts; `done` is set when every socket has one."""
+
+    def __init__(self, expected: int) -> None:
+        self.stamps: list[float] = []
+        self.expected = expected
+        self.done = asyncio.Event()
+
+    def receipt(self) -> None:
+        self.stamps.append(time.monotonic())
+        if len(self.stamps) >= self.expected:
+            self.done.set()
+
+
+async def receiver(ws: ClientConnection, rounds: list[Round]) -> None:
     async for _frame in ws:
-        stamps[-1].append(time.monotonic())
+        rounds[-1].receipt()
 
 
 async def measure(kind: str, sockets: int, rounds: int) -> Result:
@@ -85,7 +100,7 @@ async def measure(kind: str, sockets: int, rounds: int) -> Result:
         rss_before = vm_rss_kib(proc.pid)
         conns = [await connect(f"ws://127.0.0.1:{port}/api/v1/ws/u{i}", compression=None) for i in range(sockets)]
         rss_idle = vm_rss_kib(proc.pid)
-        stamps: list[list[float]] = []
+        stamps: list[Round] = []
         per_socket: list[float] = []
         last: list[float] = []
         posts: list[float] = []
@@ -94,14 +109,13 @@ async def measure(kind: str, sockets: int, rounds: int) -> Result:
         cpu0, own0, wall0 = cpu_seconds(proc.pid), time.process_time(), time.monotonic()
         async with httpx.AsyncClient(timeout=30) as http:
             for i in range(rounds):
-                stamps.append([])
+                stamps.append(Round(sockets))
                 started = time.monotonic()
                 await http.post(f"http://127.0.0.1:{port}/api/v1/ws/notification", json={"message": f"round {i}"})
                 posts.append(time.monotonic() - started)
-                deadline = time.monotonic() + 30
-                while len(stamps[-1]) < sockets and time.monotonic() < deadline:
-                    await asyncio.sleep(0.001)
-                got = stamps[-1]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stamps[-1].done.wait(), 30)
+                got = stamps[-1].stamps
                 lost += sockets - len(got)
                 per_socket.extend(t - started for t in got)
                 if got:
