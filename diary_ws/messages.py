@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-_ID = re.compile(r"(\d{1,19})-(\d{1,19})")
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")  # ASCII digits only: \d would take "١٢-0" too
 _MAX_PART = 2**64 - 1  # what a Redis stream id allows for each half
 
 

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any, Protocol
 
 import orjson
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -192,6 +193,21 @@ async def unknown_socket(websocket: WebSocket) -> None:
     )
 
 
+class AnythingConvertor(Convertor[str]):
+    """Like Starlette's `path`, but it also matches newlines, so no path escapes the JSON refusal."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anything", AnythingConvertor())
+
+
 def routes() -> list[BaseRoute]:
     """Every route of the service, in match order."""
     return [
@@ -199,7 +215,8 @@ def routes() -> list[BaseRoute]:
         Route(f"{API}/status", status, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        # `path` so that /api/v1/ws/a/b reaches the user-id check and gets its 400, not an empty 403.
-        WebSocketRoute(API + "/{user_id:path}", Listen()),
-        WebSocketRoute("/{path:path}", unknown_socket),
+        # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
+        # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
+        WebSocketRoute(API + "/{user_id:anything}", Listen()),
+        WebSocketRoute("/{path:anything}", unknown_socket),
     ]

@@ -108,8 +108,9 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def keepalive_timeout(self) -> None:
         super().keepalive_timeout()
-        if self.transport.get_write_buffer_size():
-            self._hard_abort()  # close() above would wait for the unread buffer to drain
+        # No pong in time: the peer is gone or not reading. uvicorn's close() would leave whatever the kernel
+        # still holds for it (up to MiBs, invisible to the transport) in an orphaned socket; reset instead.
+        self._hard_abort()
 
     def shutdown(self) -> None:
         """Server shutdown: 1012 with a jittered reconnect hint, and no waiting on peers that do not read."""

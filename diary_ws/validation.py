@@ -133,10 +133,30 @@ def _type(value: object) -> str:
     return value
 
 
+MAX_DATA_DEPTH = 64
+
+
 def _data(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValidationError("data", f"must be a JSON object, not {_json_kind(value)}")
+    # orjson parses 1024 levels but serialises only about 254, so a deep `data` would fail at publish time.
+    if _depth_over(value, MAX_DATA_DEPTH):
+        raise ValidationError("data", f"must not nest more than {MAX_DATA_DEPTH} levels deep")
     return value
+
+
+def _depth_over(value: object, limit: int) -> bool:
+    """Whether containers nest deeper than `limit`; a walk with a stack, so a deep value cannot recurse us."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
 
 
 # Query parameters that later versions give a meaning to: refused rather than silently ignored.

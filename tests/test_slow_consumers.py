@@ -100,3 +100,26 @@ async def test_a_stalled_peer_does_not_delay_its_own_users_other_socket(server: 
         assert all(c["message"] == "Notification sent to 1 user" for c in counts)
     assert drain_until_closed(stalled, 10) == "reset"
     stalled.close()
+
+
+@pytest.mark.anyio
+async def test_a_peer_that_reads_nothing_is_freed_after_the_ping_timeout_without_any_overflow() -> None:
+    """No traffic big enough to overflow anything: the keepalive and the stall timer still free the peer."""
+    from tests.utils import run_server
+
+    with run_server({"ping_interval": "0.5", "ping_timeout": "1"}) as srv:
+        quiet = raw_handshake(srv.port, "/api/v1/ws/quiet", rcvbuf=4096)  # never reads, never pongs
+        stuck = raw_handshake(srv.port, "/api/v1/ws/stuck", rcvbuf=4096)  # and has megabytes waiting
+        async with httpx.AsyncClient(base_url=srv.http, timeout=10) as client:
+            for i in range(100):
+                answer = await client.post(
+                    "/api/v1/ws/notification", json={"message": f"{i} {PAYLOAD}", "user_ids": ["stuck"]}
+                )
+                assert answer.json()["disconnected_users"] == 0  # well below the backlog caps
+        await async_wait_until(lambda: srv.status()["total_connections"] == 0, 10, "both peers to be dropped")
+        assert drain_until_closed(stuck, 10) == "reset"  # unsent data: reset, so the kernel frees it too
+        assert drain_until_closed(quiet, 10) in ("eof", "reset")
+        for sock in (quiet, stuck):
+            sock.close()
+        log = srv.log()
+        assert "Traceback" not in log
