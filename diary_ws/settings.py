@@ -6,7 +6,6 @@ This is the only module that knows the variable names. Every value passes throug
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -68,10 +67,6 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_combinations(self)
-
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with some values changed, checked again."""
-        return dataclasses.replace(self, **changes)
 
 
 # Settings whose feature is not built yet. DESIGN §2: refused at start, never accepted and ignored.

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
-from typing import Any
 
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
-from tests.utils import Server, async_wait_until, raw_handshake
-
-
-async def next_frame(ws: ClientConnection) -> dict[str, Any]:
-    frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
-    return frame
+from tests.utils import Server, async_wait_until, next_frame, raw_handshake
 
 
 @pytest.mark.anyio

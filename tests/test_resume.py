@@ -6,16 +6,10 @@ import asyncio
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
-from tests.utils import Server, async_wait_until, run_server
-
-
-async def next_frame(ws: ClientConnection) -> dict[str, Any]:
-    frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
-    return frame
+from tests.utils import Server, async_wait_until, next_frame, run_server
 
 
 def as_pair(msg_id: str) -> tuple[int, int]:

@@ -222,10 +222,10 @@ def test_unknown_variable_is_refused() -> None:
     assert refused({"DIARY_WS_PROT": "9000", "DIARY_WS_PORT": "9000"}).name == "DIARY_WS_PROT"
 
 
-def test_replace_checks_again() -> None:
+def test_settings_built_in_code_are_checked_too() -> None:
     with pytest.raises(SettingError):
-        Settings().replace(workers=2)
-    assert Settings().replace(port=1).port == 1
+        Settings(workers=2)
+    assert Settings(port=1).port == 1
 
 
 # --- flags -----------------------------------------------------------------------------------------------------

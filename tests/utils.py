@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
+from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
@@ -215,3 +216,9 @@ async def serve_in_process(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
+
+
+async def next_frame(ws: ClientConnection, limit: float = 5) -> dict[str, Any]:
+    """The next JSON frame a listener gets, within `limit` seconds."""
+    frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), limit))
+    return frame
