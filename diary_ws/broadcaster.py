@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -262,8 +263,15 @@ class Hub:
             raise NobodyListening(targeted=targets is not None)
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
+        started = time.perf_counter()
         message = await self.backend.append(targets, lambda msg_id: render(note.type, note.message, note.data, msg_id))
-        return self._fan_out(message)
+        result = self._fan_out(message)
+        log.info(
+            "published %s (%s) to %d of %d sockets, %d dropped, in %.2f ms",
+            message.id, note.type, result.sent_count, result.total_connections, result.disconnected_users,
+            (time.perf_counter() - started) * 1000,
+        )  # fmt: skip
+        return result
 
     def _any_listening(self, targets: frozenset[str] | None) -> bool:
         if targets is None:

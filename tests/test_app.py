@@ -38,3 +38,20 @@ async def test_readyz_follows_the_lifespan() -> None:
         assert (await http.get(f"http://{base}/readyz")).json() == {"status": "ready"}
         assert (await http.get(f"http://{base}/healthz")).json() == {"status": "ok"}
     assert not app.state.hub.ready()  # the lifespan's shutdown stopped the hub
+
+
+@pytest.mark.anyio
+async def test_json_logs_are_one_object_a_line() -> None:
+    from tests.utils import run_server
+
+    with run_server({"log_format": "json"}) as srv:
+        async with connect(srv.listen_url("alice")) as ws:
+            assert srv.post({"message": "logged", "user_ids": ["alice"]}).status_code == 200
+            await asyncio.wait_for(ws.recv(), 5)
+        srv.terminate()
+        lines = [orjson.loads(line) for line in srv.log().splitlines() if line.strip()]
+    assert lines
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
+    published = [e for e in lines if e["logger"] == "diary_ws.hub" and e["message"].startswith("published ")]
+    assert len(published) == 1
+    assert "to 1 of 1 sockets, 0 dropped" in published[0]["message"]
