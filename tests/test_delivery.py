@@ -139,3 +139,24 @@ async def test_per_user_connection_limit_is_429_before_the_upgrade() -> None:
             assert srv.post({"message": "in", "user_ids": ["carol"]}).status_code == 200
             assert (await next_frame(ws))["message"] == "in"
         srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("deflate", ["1", "0"])
+async def test_compressed_and_plain_sockets_get_the_same_frames(deflate: str) -> None:
+    """A shared ready-made frame must never reach a socket that negotiated per-message deflate."""
+    from tests.utils import run_server
+
+    with run_server({"per_message_deflate": deflate}) as srv:
+        async with (
+            connect(srv.listen_url("zip"), compression="deflate") as zipped,
+            connect(srv.listen_url("plain"), compression=None) as plain,
+        ):
+            assert bool(zipped.protocol.extensions) == (deflate == "1")
+            assert not plain.protocol.extensions
+            messages = ["short", "é" * 300, "é" * 33000]  # 7-bit, 16-bit and 64-bit frame lengths
+            for text in messages:
+                assert srv.post({"message": text}).json()["sent_count"] == 2
+            for ws in (zipped, plain):
+                assert [(await next_frame(ws))["message"] for _ in messages] == messages
+        srv.assert_clean_log()
