@@ -55,3 +55,16 @@ async def test_json_logs_are_one_object_a_line() -> None:
     published = [e for e in lines if e["logger"] == "diary_ws.hub" and e["message"].startswith("published ")]
     assert len(published) == 1
     assert "to 1 of 1 sockets, 0 dropped" in published[0]["message"]
+
+
+@pytest.mark.anyio
+async def test_root_path_is_honoured_behind_a_prefix_stripping_proxy() -> None:
+    """With ROOT_PATH=/push the proxy strips /push and the app still routes, HTTP and WebSocket alike."""
+    from tests.utils import run_server
+
+    with run_server({"root_path": "/push"}) as srv:
+        assert srv.status()["status"] == "active"
+        async with connect(srv.listen_url("alice")) as ws:
+            assert srv.post({"message": "prefixed"}).status_code == 200
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "prefixed"
+        srv.assert_clean_log()
