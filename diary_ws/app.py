@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             DiaryWSError: _diary_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
+            500: _server_error,
         },
     )
     app.state.settings = settings
@@ -87,6 +88,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
             MethodNotAllowed(f"{where} is not allowed; use {allowed}", headers=dict(exc.headers or {}))
         )
     return json_response({"status": "error", "message": exc.detail}, exc.status_code, dict(exc.headers or {}))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # A bug of ours: Starlette logs the traceback; the client still gets the JSON error shape, not plain text.
+    return json_response({"status": "error", "message": "internal server error; the server log has the details"}, 500)
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

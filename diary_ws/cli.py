@@ -23,10 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server", description="Run the server. Every flag is also "
                                 "a DIARY_WS_* variable; a flag wins over its variable.")  # fmt: skip
     for name, (_parser, help_text) in SPECS.items():
-        if name in SECRETS:
-            continue  # secrets come from the environment or a *_FILE, never from a flag `ps` would show
+        # A secret on the command line shows in `ps` and shell history; the flag exists, but says so.
+        caution = "; prefer the environment or the *_FILE setting" if name in SECRETS else ""
         serve.add_argument(flag_name(name), dest=name, metavar="VALUE", default=None,
-                           help=f"{help_text} [{env_name(name)}]")  # fmt: skip
+                           help=f"{help_text} [{env_name(name)}]{caution}")  # fmt: skip
     return parser
 
 

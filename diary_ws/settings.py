@@ -242,9 +242,9 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "root_path": (_root_path, "path prefix the proxy mounts the service under (ASGI root_path)"),
     "workers": (_int_in(1, 64), "worker processes; more than 1 needs redis://"),
     "broker_url": (_broker_url, "memory:// (one process) or redis://host:6379/0"),
-    "api_key": (_optional_text, "sender API keys, a comma list (secret: environment or *_FILE only)"),
+    "api_key": (_optional_text, "sender API keys, a comma list (secret)"),
     "api_key_file": (_optional_text, "file holding the sender API keys"),
-    "jwt_secret": (_optional_text, "HS256 secret for listener tokens (secret: environment or *_FILE only)"),
+    "jwt_secret": (_optional_text, "HS256 secret for listener tokens (secret)"),
     "jwt_secret_file": (_optional_text, "file holding the HS256 secret"),
     "jwt_public_key_file": (_optional_text, "PEM public key for RS256/ES256 listener tokens"),
     "jwt_audience": (_optional_text, "required aud claim of listener tokens"),
@@ -275,7 +275,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "log_format": (_choice("text", "json"), "log line format"),
 }
 
-# Secrets are never taken from a flag alone: a flag shows in `ps` and in shell history.
+# Secrets: each also has an environment variable and a *_FILE setting, so no one has to pass it as a flag.
 SECRETS = frozenset({"api_key", "jwt_secret"})
 
 assert set(SPECS) == {f.name for f in fields(Settings)}, "every setting needs a parser"
