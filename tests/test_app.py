@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import orjson
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 from websockets.asyncio.client import connect
 
 from diary_ws import Settings, create_app
@@ -68,3 +70,18 @@ async def test_root_path_is_honoured_behind_a_prefix_stripping_proxy() -> None:
             assert srv.post({"message": "prefixed"}).status_code == 200
             assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "prefixed"
         srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_still_answers_the_json_error_shape() -> None:
+    app = create_app()
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app.add_route("/boom", boom)  # a stand-in for a bug of ours: no real endpoint raises on purpose
+    async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(f"http://{base}/boom")
+    assert answer.status_code == 500
+    assert answer.json()["status"] == "error"
+    assert "internal server error" in answer.json()["message"]
