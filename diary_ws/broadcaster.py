@@ -1,9 +1,10 @@
 """The Hub: this process's sockets, one bounded backlog each, fan-out, counts and clean-up.
 
-A publish never waits on a socket. It renders the frame once and hands the same string to every
-targeted socket's backlog; each socket's own writer task drains its backlog in order. A backlog that
-overflows (SEND_QUEUE_SIZE messages or SEND_QUEUE_BYTES bytes) marks a slow consumer: it leaves the
-registry at once and is closed with 4008, or aborted when it reads nothing (see `Sink.abort`).
+A publish never waits on a socket. It renders and frames the message once, writes those same bytes at
+once to every targeted socket that takes bytes now, and queues them for the others, whose writer task
+drains the backlog in order. A backlog that overflows (SEND_QUEUE_SIZE messages or SEND_QUEUE_BYTES
+bytes) marks a slow consumer: it leaves the registry at once and is closed with 4008, or aborted when
+it reads nothing (see `Sink.abort`).
 """
 
 from __future__ import annotations
