@@ -107,10 +107,12 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def keepalive_timeout(self) -> None:
+        was_open = not (self.close_sent or self.transport.is_closing())
         super().keepalive_timeout()
-        # No pong in time: the peer is gone or not reading. uvicorn's close() would leave whatever the kernel
-        # still holds for it (up to MiBs, invisible to the transport) in an orphaned socket; reset instead.
-        self._hard_abort()
+        if was_open:
+            # No pong in time: the peer is gone or not reading. uvicorn's close() would leave what the kernel
+            # still holds for it (up to MiBs, invisible to the transport) in an orphaned socket; reset instead.
+            self._hard_abort()
 
     def shutdown(self) -> None:
         """Server shutdown: 1012 with a jittered reconnect hint, and no waiting on peers that do not read."""
