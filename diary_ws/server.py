@@ -21,6 +21,7 @@ import uvicorn
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.routes import SOCKET_EXTENSION
 
 log = logging.getLogger("diary_ws.server")
@@ -41,16 +42,16 @@ class SocketControl:
         return not self._protocol.writable.is_set()
 
     def try_write(self, wire: bytes) -> int:
-        """Write a ready-made frame if the socket takes bytes now: 1 written, 0 not now, -1 gone."""
+        """Write a ready-made frame if the socket takes bytes now: WROTE, LATER (not now) or DEAD (gone)."""
         protocol = self._protocol
         if protocol.close_sent or protocol.disconnected or protocol.transport.is_closing():
-            return -1
+            return DEAD
         # Paused: the peer is behind, so the frame waits in the backlog. With per-message deflate each
         # socket compresses with its own context, so a shared frame cannot go out as it is.
         if not protocol.writable.is_set() or protocol.conn.extensions:
-            return 0
+            return LATER
         protocol.transport.write(wire)
-        return 1
+        return WROTE
 
     def abort(self) -> None:
         """Drop the TCP connection now. `transport.close()` would wait for a stalled peer to read first."""

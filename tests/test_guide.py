@@ -26,7 +26,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from tests.guide_client import DiaryWebSocketClient
-from tests.utils import ROOT, Server, async_wait_until
+from tests.utils import ROOT, Server, async_wait_until, next_frame
 
 WAIT = 5.0  # seconds any single step may take
 ID_RE = re.compile(r"^\d+-\d+$")
@@ -98,12 +98,6 @@ async def wait_for_sockets(server: Server, count: int) -> dict[str, Any]:
 
     result: dict[str, Any] = await async_wait_until(check, WAIT, f"{count} sockets in the status")
     return result
-
-
-async def next_frame(websocket: ClientConnection) -> dict[str, Any]:
-    with anyio.fail_after(WAIT):
-        frame: dict[str, Any] = json.loads(await websocket.recv())
-    return frame
 
 
 @asynccontextmanager
@@ -289,7 +283,11 @@ async def test_guide_curl_sequence(server: Server, user_ids: list[str], users: i
 def assert_nobody_answer(answer: httpx.Response) -> None:
     assert answer.status_code == 404, answer.text
     assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
+    assert_nobody_body(answer.json())
+
+
+def assert_nobody_body(body: dict[str, Any]) -> None:
+    """The 404 body: the error shape plus the three counters at zero, and no `id`."""
     assert set(body) == {"status", "message", "sent_count", "total_connections", "disconnected_users"}, body
     assert body["status"] == "error"
     assert isinstance(body["message"], str)
@@ -323,9 +321,7 @@ async def test_404_through_curl(server: Server) -> None:
         "-d", '{"message": "Test notification"}',
     )  # fmt: skip
     assert code == 404, body
-    assert body["status"] == "error"
-    assert (body["sent_count"], body["total_connections"], body["disconnected_users"]) == (0, 0, 0)
-    assert "id" not in body
+    assert_nobody_body(body)
 
 
 # --- status -----------------------------------------------------------------------------------------------
