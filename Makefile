@@ -32,8 +32,19 @@ check: install
 	$(BIN)/ruff format --check diary_ws tests bench
 	$(BIN)/mypy
 
-bench: install
-	$(BIN)/python -m bench.fanout
+# The benchmark has its own environment: the load generator (picows, uvloop) and the baseline (FastAPI)
+# never enter the service's. The servers under test run from $(VENV), as `make run` runs them.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): setup.py setup.cfg constraints.txt bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test,redis]' -r bench/requirements.txt
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench.suite $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) tests/js/node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

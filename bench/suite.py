@@ -1,0 +1,443 @@
+"""`make bench`: diary-ws against the FastAPI tutorial's ConnectionManager, in one run, on this machine.
+
+Each server runs in its own process pinned to core 0; this process, the load generator (picows on uvloop),
+pins itself to core 1. For every N it measures, per server:
+
+- handshakes: the server's CPU per handshake while N sockets connect, and its RSS per idle socket;
+- fan-out: ROUNDS broadcasts, one at a time, each timed from just before the POST to every socket's receipt
+  (last socket p50 over the rounds, every socket's p50/p99), the POST's own latency, the server's CPU per
+  delivery;
+- a burst: BURST broadcasts sent back to back while another connection polls GET status; deliveries per
+  second from the first POST to the last receipt, and the status latency p50/p99 during it;
+- targeted sends: POSTs per second naming one connected user;
+- correctness: lost, duplicated and reordered messages over everything sent.
+
+Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux. It measures and asserts nothing. `--deflate`
+adds one run of diary-ws with PER_MESSAGE_DEFLATE on and clients that negotiate it (the `websockets`
+client, as the guide's clients and browsers do); `--soak` runs connect/disconnect churn with publishes
+instead and reports RSS over time.
+
+    make bench                                   # N = 1,000, 5,000, 10,000
+    .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.loadgen import Http, Receipts, close_sockets, open_sockets
+from tests.utils import free_port, vm_rss_kib, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+SERVER_CORE, LOADGEN_CORE = 0, 1
+# The servers run from the project's own environment (what `make run` runs: no uvloop, no FastAPI there);
+# the baseline needs FastAPI, which lives in the bench's environment only.
+PROJECT_PYTHON = os.environ.get("BENCH_PROJECT_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+
+
+@dataclass
+class Result:
+    server: str
+    sockets: int
+    handshake_cpu_ms: float | None = None
+    rss_kib_per_idle_socket: float | None = None
+    last_socket_ms_p50: float | None = None
+    per_socket_ms_p50: float | None = None
+    per_socket_ms_p99: float | None = None
+    post_ms_p50: float | None = None
+    cpu_us_per_delivery: float | None = None
+    burst_deliveries_per_s: float | None = None
+    status_ms_p50_in_burst: float | None = None
+    status_ms_p99_in_burst: float | None = None
+    targeted_posts_per_s: float | None = None
+    lost: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    loadgen_cpu_share: float | None = None  # the load generator's CPU over wall time in the fan-out rounds
+    notes: list[str] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of a process, user and system, in nanoseconds' resolution.
+
+    /proc/PID/stat counts whole clock ticks (10 ms), too coarse for a few thousand deliveries; each
+    thread's schedstat has its time on a CPU in ns.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+def raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def server_child() -> None:
+    os.sched_setaffinity(0, {SERVER_CORE})
+    raise_nofile()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free port, for `--broker redis`."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL, preexec_fn=server_child,
+        )  # fmt: skip
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
+    if kind.startswith("diary-ws"):
+        env.update(DIARY_WS_PORT=str(port), DIARY_WS_LOG_LEVEL="warning", **extra_env)
+        cmd = [PROJECT_PYTHON, "-m", "diary_ws", "serve"]
+    else:  # the tutorial as people run it: uvicorn's defaults, on the same asyncio loop and h11 as diary-ws
+        cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--log-level", "warning",
+               "--loop", "asyncio", "--http", "h11", "--ws-per-message-deflate", "false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, preexec_fn=server_child)
+
+    def up() -> bool:
+        try:
+            import socket
+
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return proc.poll() is not None  # a dead server ends the wait; the caller sees it next
+
+    wait_until(up, 20, f"{kind} to listen")
+    if proc.poll() is not None:
+        raise RuntimeError(f"{kind} exited with {proc.returncode} at start")
+    return proc
+
+
+class Bench:
+    """One server, N sockets, and the measurements on them."""
+
+    def __init__(self, kind: str, sockets: int, rounds: int, burst: int, extra_env: dict[str, str]) -> None:
+        self.kind = kind
+        self.n = sockets
+        self.rounds = rounds
+        self.burst = burst
+        self.extra_env = extra_env
+        self.port = free_port()
+        self.receipts = Receipts()
+        self.seq = 0
+        self.result = Result(kind, sockets)
+
+    async def run(self) -> Result:
+        proc = start(self.kind, self.port, self.extra_env)
+        try:
+            await self._measure(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return self.result
+
+    async def _measure(self, pid: int) -> None:
+        r = self.result
+        rss0, cpu0 = vm_rss_kib(pid), cpu_seconds(pid)
+        users = [f"u{i}" for i in range(self.n)]
+        listeners = await open_sockets(f"ws://127.0.0.1:{self.port}/api/v1/ws", users, self.receipts, 64)
+        r.handshake_cpu_ms = (cpu_seconds(pid) - cpu0) / self.n * 1000
+        r.rss_kib_per_idle_socket = (vm_rss_kib(pid) - rss0) / self.n
+        async with Http("127.0.0.1", self.port) as http:
+            for _ in range(2):  # warm-up broadcasts, not timed
+                await self._broadcast(http)
+            await self._rounds(http, pid)
+            await self._burst(http)
+            await self._targeted()
+        sent = self.seq
+        got = sum(listener.count(sent) for listener in listeners)
+        r.lost = self.n * sent - got
+        r.duplicated = self.receipts.duplicated
+        r.reordered = self.receipts.reordered
+        await close_sockets(listeners)
+
+    async def _broadcast(self, http: Http, limit: float = 60) -> tuple[float, float, list[float]]:
+        """One broadcast, waited out: (POST start, POST seconds, receipt times)."""
+        seq = self.seq
+        self.seq += 1
+        done = self.receipts.expect(seq, self.n)
+        started = time.monotonic()
+        status, body = await http.post_json("/api/v1/ws/notification", {"message": f"b {seq}"})
+        posted = time.monotonic() - started
+        if status != 200:
+            self.result.notes.append(f"broadcast {seq}: HTTP {status} {body[:200]!r}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), limit)
+        return started, posted, self.receipts.stamps[seq]
+
+    async def _rounds(self, http: Http, pid: int) -> None:
+        r = self.result
+        last: list[float] = []
+        every: list[float] = []
+        posts: list[float] = []
+        cpu0, own0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
+        delivered = 0
+        for _ in range(self.rounds):
+            started, posted, stamps = await self._broadcast(http)
+            posts.append(posted)
+            delivered += len(stamps)
+            if stamps:
+                last.append(max(stamps) - started)
+                every.extend(t - started for t in stamps)
+        r.cpu_us_per_delivery = (cpu_seconds(pid) - cpu0) / max(delivered, 1) * 1e6
+        r.loadgen_cpu_share = (time.process_time() - own0) / (time.monotonic() - wall0)
+        r.last_socket_ms_p50 = statistics.median(last) * 1000 if last else float("nan")
+        r.per_socket_ms_p50 = quantile(every, 0.5) * 1000
+        r.per_socket_ms_p99 = quantile(every, 0.99) * 1000
+        r.post_ms_p50 = statistics.median(posts) * 1000
+
+    async def _burst(self, http: Http) -> None:
+        """BURST broadcasts back to back, while another connection polls GET status."""
+        r = self.result
+        first = self.seq
+        events = [self.receipts.expect(first + i, self.n) for i in range(self.burst)]
+        polling = True
+        status_times: list[float] = []
+
+        async def poll() -> None:
+            async with Http("127.0.0.1", self.port) as probe:
+                request = probe.request_bytes("GET", "/api/v1/ws/status?limit=10")
+                while polling:
+                    t0 = time.monotonic()
+                    await probe.send(request)
+                    status_times.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.005)
+
+        poller = asyncio.create_task(poll())
+        started = time.monotonic()
+        for _ in range(self.burst):
+            seq = self.seq
+            self.seq += 1
+            await http.post_json("/api/v1/ws/notification", {"message": f"b {seq}"})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 120)
+        ends = [max(self.receipts.stamps[first + i], default=started) for i in range(self.burst)]
+        polling = False
+        await poller
+        delivered = sum(len(self.receipts.stamps[first + i]) for i in range(self.burst))
+        r.burst_deliveries_per_s = delivered / (max(ends) - started)
+        r.status_ms_p50_in_burst = quantile(status_times, 0.5) * 1000
+        r.status_ms_p99_in_burst = quantile(status_times, 0.99) * 1000
+
+    async def _targeted(self, seconds: float = 2.0, connections: int = 4) -> None:
+        """POSTs naming one connected user, from a few keep-alive connections at once, for a fixed time."""
+        count = 0
+        deadline = time.monotonic() + seconds
+
+        async def sender() -> None:
+            nonlocal count
+            async with Http("127.0.0.1", self.port) as http:
+                request = http.request_bytes(
+                    "POST", "/api/v1/ws/notification", orjson.dumps({"message": "targeted", "user_ids": ["u0"]})
+                )
+                while time.monotonic() < deadline:
+                    status, _ = await http.send(request)
+                    count += status == 200
+
+        started = time.monotonic()
+        await asyncio.gather(*(sender() for _ in range(connections)))
+        self.result.targeted_posts_per_s = count / (time.monotonic() - started)
+
+
+async def deflate_run(sockets: int, rounds: int) -> Result:
+    """diary-ws with PER_MESSAGE_DEFLATE on and `websockets` clients that negotiate it (as browsers do)."""
+    from websockets.asyncio.client import connect
+
+    port = free_port()
+    proc = start("diary-ws+deflate", port, {"DIARY_WS_PER_MESSAGE_DEFLATE": "1"})
+    result = Result("diary-ws+deflate", sockets)
+    try:
+        rss0, cpu0 = vm_rss_kib(proc.pid), cpu_seconds(proc.pid)
+        conns = [await connect(f"ws://127.0.0.1:{port}/api/v1/ws/d{i}", compression="deflate") for i in range(sockets)]
+        result.handshake_cpu_ms = (cpu_seconds(proc.pid) - cpu0) / sockets * 1000
+        result.rss_kib_per_idle_socket = (vm_rss_kib(proc.pid) - rss0) / sockets
+        counts = [0] * sockets
+        arrived: dict[int, int] = {}
+        complete: dict[int, asyncio.Event] = {k: asyncio.Event() for k in range(rounds)}
+
+        async def reader(i: int) -> None:
+            async for _ in conns[i]:
+                k = counts[i]
+                counts[i] += 1
+                arrived[k] = arrived.get(k, 0) + 1
+                if arrived[k] == sockets and k in complete:
+                    complete[k].set()
+
+        readers = [asyncio.create_task(reader(i)) for i in range(sockets)]
+        last: list[float] = []
+        async with Http("127.0.0.1", port) as http:
+            cpu0 = cpu_seconds(proc.pid)
+            for k in range(rounds):
+                started = time.monotonic()
+                await http.post_json("/api/v1/ws/notification", {"message": f"b {k}"})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(complete[k].wait(), 60)
+                last.append(time.monotonic() - started)
+            result.cpu_us_per_delivery = (cpu_seconds(proc.pid) - cpu0) / (sockets * rounds) * 1e6
+        result.last_socket_ms_p50 = statistics.median(last) * 1000
+        result.lost = sockets * rounds - sum(counts)
+        result.notes.append("websockets client: its own CPU bounds the latency; compare CPU and RSS")
+        for task in readers:
+            task.cancel()
+        for ws in conns:
+            await ws.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    return result
+
+
+async def soak(minutes: float, sockets: int, churn_per_s: int, publish_per_s: int) -> dict[str, Any]:
+    """Connect/disconnect churn with publishes; RSS sampled every 10 s."""
+    port = free_port()
+    proc = start("diary-ws", port, {})
+    receipts = Receipts()
+    samples: list[tuple[float, int]] = []
+    try:
+        pool = await open_sockets(f"ws://127.0.0.1:{port}/api/v1/ws", [f"s{i}" for i in range(sockets)], receipts, 64)
+        started = time.monotonic()
+        next_sample = started
+        rng = random.Random(1)
+        made = sockets
+        async with Http("127.0.0.1", port) as http:
+            publish = http.request_bytes("POST", "/api/v1/ws/notification", orjson.dumps({"message": "soak"}))
+            while (now := time.monotonic()) - started < minutes * 60:
+                if now >= next_sample:
+                    samples.append((now - started, vm_rss_kib(proc.pid)))
+                    next_sample += 10
+                leaving = [pool.pop(rng.randrange(len(pool))) for _ in range(churn_per_s // 10)]
+                await close_sockets(leaving)
+                users = [f"s{made + i}" for i in range(len(leaving))]
+                made += len(leaving)
+                pool += await open_sockets(f"ws://127.0.0.1:{port}/api/v1/ws", users, receipts, 64)
+                for _ in range(max(1, publish_per_s // 10)):
+                    await http.send(publish)
+                await asyncio.sleep(0.1)
+        samples.append((time.monotonic() - started, vm_rss_kib(proc.pid)))
+        await close_sockets(pool)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    # Growth is counted from the first minute on: the first samples include the allocator warming up.
+    base = next((rss for t, rss in samples if t >= 60), samples[0][1])
+    return {
+        "minutes": minutes, "sockets": sockets, "churn_per_s": churn_per_s, "publish_per_s": publish_per_s,
+        "sockets_opened": made, "frames_received": receipts.frames,
+        "rss_kib": samples, "growth_pct_after_first_minute": (samples[-1][1] - base) / base * 100,
+    }  # fmt: skip
+
+
+COLUMNS = [f.name for f in Result.__dataclass_fields__.values() if f.name not in ("server", "sockets", "notes")]
+
+
+def fmt(value: object, cell: int) -> str:
+    if isinstance(value, float):
+        return f"{value:>{cell}.2f}"
+    return f"{'-' if value is None else value:>{cell}}"
+
+
+def table(results: list[Result]) -> str:
+    heads = [f"{r.server} @{r.sockets}" for r in results]
+    width = max(len(c) for c in COLUMNS)
+    cell = max(12, *(len(h) for h in heads))
+    lines = [f"{'':{width}}  " + "  ".join(f"{h:>{cell}}" for h in heads)]
+    for key in COLUMNS:
+        values = [getattr(r, key) for r in results]
+        lines.append(f"{key:{width}}  " + "  ".join(fmt(v, cell) for v in values))
+    for r in results:
+        lines.extend(f"note ({r.server} @{r.sockets}): {n}" for n in r.notes)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sockets", type=int, nargs="+", default=[1000, 5000, 10000])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=20)
+    parser.add_argument("--servers", nargs="+", default=["diary-ws", "fastapi-tutorial"])
+    parser.add_argument("--broker", choices=["memory", "redis"], nargs="+", default=["memory"],
+                        help="diary-ws broker(s) to measure; redis starts its own redis-server")  # fmt: skip
+    parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
+    raise_nofile()
+    import uvloop
+
+    if args.soak:
+        report = uvloop.run(soak(args.soak, 1000, 100, 20))
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.with_name("soak.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        return 0
+    results: list[Result] = []
+    # A fresh load generator's first run is slower whichever server it meets: throw a short one away.
+    uvloop.run(Bench(args.servers[0], 200, 3, 3, {}).run())
+    for n in args.sockets:
+        for kind in args.servers:
+            brokers = args.broker if kind == "diary-ws" else ["memory"]
+            for broker in brokers:
+                env: dict[str, str] = {}
+                with contextlib.ExitStack() as stack:
+                    label = kind
+                    if kind == "diary-ws" and broker == "redis":
+                        env["DIARY_WS_BROKER_URL"] = stack.enter_context(redis_server())
+                        label = "diary-ws+redis"
+                    bench = Bench(label, n, args.rounds, args.burst, env)
+                    results.append(uvloop.run(bench.run()))
+                    print(table(results[-1:]), flush=True)
+    if args.deflate:
+        results.append(uvloop.run(deflate_run(1000, args.rounds)))
+    print("\n" + table(results))
+    args.out.parent.mkdir(exist_ok=True)
+    out = {"machine": {"cpus": os.cpu_count(), "uname": os.uname().release}, "results": [asdict(r) for r in results]}
+    args.out.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
