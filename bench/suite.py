@@ -69,6 +69,7 @@ class Result:
     status_ms_p50_in_burst: float | None = None
     status_ms_p99_in_burst: float | None = None
     targeted_posts_per_s: float | None = None
+    targeted_cpu_us_per_post: float | None = None  # the server's CPU per POST: steadier than the rate on a busy box
     lost: int = 0
     duplicated: int = 0
     reordered: int = 0
@@ -128,7 +129,7 @@ def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[b
         cmd = [PROJECT_PYTHON, "-m", "diary_ws", "serve"]
     else:  # the tutorial as people run it: uvicorn's defaults, on the same asyncio loop and h11 as diary-ws
         cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--log-level", "warning",
-               "--loop", "asyncio", "--http", "h11", "--ws-per-message-deflate", "false"]  # fmt: skip
+               "--loop", "asyncio", "--http", os.environ.get("BENCH_BASELINE_HTTP", "h11"), "--ws-per-message-deflate", "false"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, preexec_fn=server_child)
 
     def up() -> bool:
@@ -185,7 +186,7 @@ class Bench:
                 await self._broadcast(http)
             await self._rounds(http, pid)
             await self._burst(http)
-            await self._targeted()
+            await self._targeted(pid)
         sent = self.seq
         got = sum(listener.count(sent) for listener in listeners)
         r.lost = self.n * sent - got
@@ -261,7 +262,7 @@ class Bench:
         r.status_ms_p50_in_burst = quantile(status_times, 0.5) * 1000
         r.status_ms_p99_in_burst = quantile(status_times, 0.99) * 1000
 
-    async def _targeted(self, seconds: float = 2.0, connections: int = 4) -> None:
+    async def _targeted(self, pid: int, seconds: float = 2.0, connections: int = 4) -> None:
         """POSTs naming one connected user, from a few keep-alive connections at once, for a fixed time."""
         count = 0
         deadline = time.monotonic() + seconds
@@ -276,9 +277,10 @@ class Bench:
                     status, _ = await http.send(request)
                     count += status == 200
 
-        started = time.monotonic()
+        started, cpu0 = time.monotonic(), cpu_seconds(pid)
         await asyncio.gather(*(sender() for _ in range(connections)))
         self.result.targeted_posts_per_s = count / (time.monotonic() - started)
+        self.result.targeted_cpu_us_per_post = (cpu_seconds(pid) - cpu0) / max(count, 1) * 1e6
 
 
 async def deflate_run(sockets: int, rounds: int) -> Result:
