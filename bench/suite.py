@@ -127,9 +127,12 @@ def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[b
     if kind.startswith("diary-ws"):
         env.update(DIARY_WS_PORT=str(port), DIARY_WS_LOG_LEVEL="warning", **extra_env)
         cmd = [PROJECT_PYTHON, "-m", "diary_ws", "serve"]
-    else:  # the tutorial as people run it: uvicorn's defaults, on the same asyncio loop and h11 as diary-ws
+    else:
+        # The tutorial on uvicorn's own default install (h11), and once more on httptools, the parser diary-ws
+        # runs on, so the HTTP figures can be compared parser for parser. Both on the asyncio loop, as diary-ws.
+        parser = "httptools" if kind.endswith("+httptools") else "h11"
         cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--log-level", "warning",
-               "--loop", "asyncio", "--http", os.environ.get("BENCH_BASELINE_HTTP", "h11"), "--ws-per-message-deflate", "false"]  # fmt: skip
+               "--loop", "asyncio", "--http", parser, "--ws-per-message-deflate", "false"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, preexec_fn=server_child)
 
     def up() -> bool:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sockets", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--burst", type=int, default=20)
-    parser.add_argument("--servers", nargs="+", default=["diary-ws", "fastapi-tutorial"])
+    parser.add_argument("--servers", nargs="+", default=["diary-ws", "fastapi-tutorial", "fastapi-tutorial+httptools"])
     parser.add_argument("--broker", choices=["memory", "redis"], nargs="+", default=["memory"],
                         help="diary-ws broker(s) to measure; redis starts its own redis-server")  # fmt: skip
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
