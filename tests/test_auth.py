@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +22,7 @@ from diary_ws.auth import (
     token_from,
 )
 from diary_ws.errors import BadRequest, DiaryWSError, Forbidden, Unauthorized
-from diary_ws.settings import SettingError, Settings
+from diary_ws.settings import SettingError, Settings, from_env
 from tests.jwt_keys import SECRET, claims, ec_key, hs256_forged_with, public_pem, rsa_key, sign, unsigned
 
 KEY1 = "first-key-0123456789abcdef"
@@ -59,7 +60,8 @@ def test_bad_api_keys_are_401_with_a_challenge(authorization: str | None, x_api_
     challenge = caught.value.headers["WWW-Authenticate"]
     assert challenge.startswith('Bearer realm="diary-ws"')
     assert ('error="invalid_token"' in challenge) is invalid
-    assert KEY1 not in caught.value.message and KEY2 not in caught.value.message
+    assert KEY1 not in caught.value.message
+    assert KEY2 not in caught.value.message
 
 
 @pytest.mark.parametrize("raw", ["", " , ", "short", f"{KEY1},short", "has a space in it 0123456789", "é" * 20])
@@ -84,7 +86,7 @@ def test_no_keys_means_anyone_may_send() -> None:
 @pytest.mark.parametrize("name", ["api_key_file", "jwt_secret_file", "jwt_public_key_file"])
 def test_unreadable_secret_file_is_a_setting_error(tmp_path: Path, name: str) -> None:
     with pytest.raises(SettingError) as caught:
-        Security.from_settings(Settings(**{name: str(tmp_path / "missing")}))
+        Security.from_settings(from_env({f"DIARY_WS_{name.upper()}": str(tmp_path / "missing")}))
     assert caught.value.name == f"DIARY_WS_{name.upper()}"
 
 
@@ -95,8 +97,9 @@ def hs256() -> JwtVerifier:
     return JwtVerifier(SECRET.encode(), ("HS256",), "diary", "https://auth.example")
 
 
-def good(**extra: object) -> dict[str, object]:
-    return claims(**{"aud": "diary", "iss": "https://auth.example", **extra})
+def good(**extra: Any) -> dict[str, Any]:
+    found = {**claims(), "aud": "diary", "iss": "https://auth.example", **extra}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def test_a_valid_token_gives_subject_and_expiry() -> None:
@@ -320,5 +323,6 @@ def test_origin_check() -> None:
 
 
 def test_errors_are_the_family() -> None:
-    assert issubclass(Unauthorized, DiaryWSError) and Unauthorized.status_code == 401
+    assert issubclass(Unauthorized, DiaryWSError)
+    assert Unauthorized.status_code == 401
     assert Forbidden.status_code == 403

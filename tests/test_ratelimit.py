@@ -42,7 +42,7 @@ def test_rate_syntax(text: str, rate: Rate) -> None:
 
 @pytest.mark.parametrize("text", ["", "100", "100/d", "0/s", "10/s:0", "-1/s", "1.5/s", "ten/s", "10/s:"])
 def test_bad_rates_are_refused(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="COUNT/PERIOD"):
         Rate.parse(text)
 
 
@@ -111,8 +111,8 @@ def test_the_number_of_buckets_is_bounded() -> None:
     assert len(limiter) == 3
     assert limiter.take("b").allowed  # b was forgotten, so it has a full bucket again
     assert not limiter.take("a").allowed  # a was kept
-    for key in range(10_000):
-        limiter.take(str(key))
+    for number in range(10_000):
+        limiter.take(str(number))
     assert len(limiter) == 3
 
 
@@ -129,7 +129,8 @@ def test_enforce_raises_429_with_the_headers() -> None:
 def test_no_setting_no_limiter() -> None:
     assert RateLimiter.from_setting(None) is None
     limiter = RateLimiter.from_setting("5/s:10")
-    assert limiter is not None and limiter.rate == Rate(5, 1.0, 10)
+    assert limiter is not None
+    assert limiter.rate == Rate(5, 1.0, 10)
 
 
 # --- idempotency -------------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def test_filter_keeps_the_access_log_args_shape() -> None:
         ("127.0.0.1:5", "GET", "/api/v1/ws/u?token=abc", "1.1", 101), None,
     )  # fmt: skip
     assert RedactTokens().filter(record)
-    assert isinstance(record.args, tuple) and len(record.args) == 5  # uvicorn's AccessFormatter unpacks five
+    assert isinstance(record.args, tuple)
+    assert len(record.args) == 5  # uvicorn's AccessFormatter unpacks five
     assert record.getMessage() == '127.0.0.1:5 - "GET /api/v1/ws/u?token=[redacted] HTTP/1.1" 101'
 
 

@@ -6,6 +6,7 @@ Every refused handshake must be an HTTP answer (never a 101), with the JSON erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,14 @@ async def refusal(url: str, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
             pass
     response = caught.value.response
     body = orjson.loads(response.body)
-    assert body["status"] == "error" and body["message"]
+    assert body["status"] == "error"
+    assert body["message"]
     return response.status_code, body, response.headers
+
+
+def disconnect(server: Server, user_id: str, **headers: str) -> httpx.Response:
+    """DELETE the user's connections (the operator endpoint)."""
+    return httpx.delete(f"{server.http}/api/v1/ws/users/{user_id}/connections", headers=headers, timeout=10)
 
 
 def connect(url: str, **kwargs: Any) -> Any:
@@ -50,10 +57,10 @@ def bearer(token: str) -> dict[str, Any]:
 
 async def closed_with(ws: ClientConnection, limit: float) -> tuple[int | None, str]:
     """Read until the server closes; its close code and reason."""
-    with pytest.raises(websockets.ConnectionClosed):
+    with contextlib.suppress(websockets.ConnectionClosed):
         async with asyncio.timeout(limit):
-            while True:
-                await ws.recv()
+            async for _frame in ws:
+                pass
     assert ws.close_code is not None
     return ws.close_code, ws.close_reason or ""
 
@@ -116,6 +123,7 @@ async def test_jwt_matrix_is_refused_before_the_upgrade(
     rs256: Server, case: str, make: Any, expected: int, where: str
 ) -> None:
     token = make()
+    kwargs: dict[str, Any]
     if token is None:
         url, kwargs = rs256.listen_url("alice"), {}
     elif where == "query":
@@ -286,15 +294,15 @@ def test_api_keys_on_publish(keyed: Server, sent: dict[str, str], status: int) -
     assert answer.json()["status"] == "error"
     if status == 401:
         assert answer.headers["WWW-Authenticate"].startswith('Bearer realm="diary-ws"')
-        assert KEY1 not in answer.text and KEY2 not in answer.text
+        assert KEY1 not in answer.text
+        assert KEY2 not in answer.text
 
 
 def test_api_keys_on_status_and_disconnect(keyed: Server) -> None:
     assert keyed.get("/api/v1/ws/status").status_code == 401
     assert keyed.get("/api/v1/ws/status", headers={"X-API-Key": KEY2}).json()["total_connections"] == 0
-    url = f"{keyed.http}/api/v1/ws/users/alice/connections"
-    assert httpx.delete(url, timeout=10).status_code == 401
-    assert httpx.delete(url, headers={"Authorization": f"Bearer {KEY1}"}, timeout=10).json()["closed"] == 0
+    assert disconnect(keyed, "alice").status_code == 401
+    assert disconnect(keyed, "alice", Authorization=f"Bearer {KEY1}").json()["closed"] == 0
     assert keyed.get("/healthz").status_code == 200  # operations stay open for the balancer
 
 
@@ -430,7 +438,7 @@ async def test_idempotency_ttl() -> None:
             first = srv.post({"message": "m", "user_ids": ["alice"]}, headers=key).json()["id"]
 
             def sent_again() -> bool:
-                return srv.post({"message": "m", "user_ids": ["alice"]}, headers=key).json()["id"] != first
+                return bool(srv.post({"message": "m", "user_ids": ["alice"]}, headers=key).json()["id"] != first)
 
             await async_wait_until(sent_again, 5, "the key to expire", interval=0.1)
             assert [(await next_frame(ws))["id"] == first for _ in range(2)] == [True, False]
@@ -444,7 +452,7 @@ async def test_operator_disconnect_closes_every_socket_of_the_user_with_4003(ser
     async with connect(server.listen_url("alice")) as a1, connect(server.listen_url("alice")) as a2, \
             connect(server.listen_url("bob")) as b:  # fmt: skip
         await async_wait_until(lambda: server.status()["total_connections"] == 3, 5, "three sockets")
-        answer = httpx.delete(f"{server.http}/api/v1/ws/users/alice/connections", timeout=10)
+        answer = disconnect(server, "alice")
         assert answer.status_code == 200
         assert answer.json() == {"status": "success", "message": "Closed 2 connections of user alice", "closed": 2}
         for ws in (a1, a2):
@@ -456,9 +464,9 @@ async def test_operator_disconnect_closes_every_socket_of_the_user_with_4003(ser
         assert status["total_connections"] == 1
         assert server.post({"message": "bob stays"}).json()["sent_count"] == 1
         assert (await next_frame(b))["message"] == "bob stays"
-    again = httpx.delete(f"{server.http}/api/v1/ws/users/alice/connections", timeout=10)
+    again = disconnect(server, "alice")
     assert again.json()["closed"] == 0
-    bad = httpx.delete(f"{server.http}/api/v1/ws/users/a%20b/connections", timeout=10)
+    bad = disconnect(server, "a%20b")
     assert bad.status_code == 400
     assert server.get("/api/v1/ws/users/alice/connections").status_code == 405
 
