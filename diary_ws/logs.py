@@ -18,11 +18,16 @@ REDACTED = "[redacted]"
 _PARAM = re.compile(r"(^|[?&;'\"\s(])([^=&;\s'\"#?()]+)=([^&;\s'\"#]*)")
 _HEADER_VALUE = re.compile(r"(?i)\b(authorization|x-api-key)(['\"]?\s*[:,]\s*(?-i:b)?['\"]?)[^'\"\r\n]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",]+")
+# Every secret the expressions below find contains one of these (a %-encoded parameter name included).
+_MARKS = ("token", "%", "authorization", "api-key", "bearer", "eyj")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def redact(text: str) -> str:
     """`text` with every token and key replaced by [redacted]: query tokens, auth headers, JWT-shaped strings."""
+    lowered = text.lower()
+    if not any(mark in lowered for mark in _MARKS):
+        return text  # the common line: one scan instead of four regular expressions
 
     def param(m: re.Match[str]) -> str:
         if unquote_plus(m.group(2)).strip().lower() in SECRET_PARAMS:
