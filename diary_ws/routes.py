@@ -45,20 +45,26 @@ async def notify(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     settings: Settings = request.app.state.settings
     limit_headers = check_sender(request, limited=True)
+    key = request.headers.get(idempotency.HEADER)
+    key = None if key is None else idempotency.check_key(key)
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, settings.max_body_bytes)
     note = parse_notification(body, settings.max_message_chars)
-    key = request.headers.get(idempotency.HEADER)
     if key is None:
         return await publish(hub, note, limit_headers)
-    cache: idempotency.IdempotencyCache = request.app.state.idempotency
-    key = idempotency.check_key(key)
+    return await publish_once(request.app.state.idempotency, key, hub, note, limit_headers)
+
+
+async def publish_once(
+    cache: idempotency.IdempotencyCache, key: str, hub: Hub, note: Notification, headers: dict[str, str]
+) -> Response:
+    """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
     first = cache.begin(key, idempotency.fingerprint(note))
-    if first is not None:  # a repeat: the first answer again, and nothing is sent
-        return Response(first.body, first.status, {**limit_headers, "Idempotent-Replayed": "true"}, "application/json")
+    if first is not None:
+        return Response(first.body, first.status, {**headers, "Idempotent-Replayed": "true"}, "application/json")
     try:
-        response = await publish(hub, note, limit_headers)
-    except BaseException:
+        response = await publish(hub, note, headers)
+    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
         cache.abandon(key)
         raise
     cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
