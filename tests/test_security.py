@@ -98,6 +98,7 @@ MATRIX: list[tuple[str, Any, int]] = [
     ("no exp", lambda: sign(rs_claims(exp=None), RSA, "RS256"), 401),
     ("no sub", lambda: sign(rs_claims(sub=None), RSA, "RS256"), 401),
     ("sub of another user", lambda: sign(rs_claims(sub="bob"), RSA, "RS256"), 403),
+    ("sub in another case", lambda: sign(rs_claims(sub="ALICE"), RSA, "RS256"), 403),
     ("malformed", lambda: "this-is-not-a-jwt", 401),
     ("truncated", lambda: valid_rs256()[:-20], 401),
     ("signature cut off", lambda: valid_rs256().rsplit(".", 1)[0], 401),
@@ -474,8 +475,9 @@ async def test_operator_disconnect_closes_every_socket_of_the_user_with_4003(ser
 # --- no token in any log line ------------------------------------------------------------------------------------
 
 
-async def test_no_token_or_key_in_the_log() -> None:
-    settings = {"jwt_secret": SECRET, "api_key": KEY1, "log_level": "trace", "connect_rate_limit": "100/s"}
+@pytest.mark.parametrize(("log_format", "log_level"), [("text", "trace"), ("json", "info")])
+async def test_no_token_or_key_in_the_log(log_format: str, log_level: str) -> None:
+    settings = {"jwt_secret": SECRET, "api_key": KEY1, "log_level": log_level, "log_format": log_format}
     with run_server(settings) as srv:
         good = sign(claims("alice"), SECRET, "HS256")
         header_good = sign(claims("alice", ttl=301), SECRET, "HS256")
@@ -495,7 +497,7 @@ async def test_no_token_or_key_in_the_log() -> None:
         assert srv.post({"message": "x"}, headers={"Authorization": f"Bearer {KEY1}"}).status_code == 404
         srv.terminate()
         log = srv.log()
-    assert "WebSocket /api/v1/ws/alice?token=[redacted]" in log  # the lines are there, and redacted
+    assert "/api/v1/ws/alice?token=[redacted]" in log  # the lines are there, and redacted
     for token in [good, header_good, *refused.values()]:
         for part in token.split("."):  # not the token, nor its payload or signature alone
             assert part not in log, part
