@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -13,13 +14,22 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from diary_ws.broadcaster import LATER, Connection, Hub
+from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, Sink
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
-from diary_ws.messages import Message
+from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.settings import Settings
-from diary_ws.validation import check_content_type, check_user_id, parse_listen_query, parse_notification
+from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
+from diary_ws.validation import (
+    ListenQuery,
+    check_content_type,
+    check_user_id,
+    parse_listen_query,
+    parse_notification,
+    parse_stream_query,
+)
 
 API = "/api/v1/ws"
+SSE = "/api/v1/sse"
 SOCKET_EXTENSION = "diary_ws.socket"  # offered by diary_ws.server's uvicorn protocol
 
 
@@ -124,8 +134,11 @@ class AsgiSink:
     def try_write(self, message: Message) -> int:
         return LATER if self._control is None else self._control.try_write(message.wire)
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._send({"type": "websocket.send", "text": text})
+
+    async def send_heartbeat(self) -> None:
+        await self._send({"type": "websocket.send", "text": HEARTBEAT_FRAME})
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -140,6 +153,22 @@ class AsgiSink:
         return True
 
 
+def admit(scope: Scope, parse_query: Callable[[Scope], ListenQuery], sink: Sink) -> tuple[Connection, ListenQuery]:
+    """The checks every listener passes, WebSocket or SSE, in order, then its slot; raises a DiaryWSError.
+
+    One function for both, so a check added here (auth, origins, connect rate) guards both ways to listen.
+    """
+    hub: Hub = scope["app"].state.hub
+    user_id = check_user_id(scope["path_params"]["user_id"])
+    query = parse_query(scope)
+    return hub.attach(user_id, sink), query
+
+
+def websocket_query(scope: Scope) -> ListenQuery:
+    """The WebSocket's query string."""
+    return parse_listen_query(scope["query_string"])
+
+
 class Listen:
     """WebSocket /api/v1/ws/{user_id}: receive-only. A raw ASGI app, so each frame skips a wrapper layer."""
 
@@ -148,15 +177,16 @@ class Listen:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
         try:
-            user_id = check_user_id(websocket.path_params["user_id"])
-            query = parse_listen_query(scope["query_string"])
-            conn = hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
+            sink = AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
+            conn, query = admit(scope, websocket_query, sink)
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
             return
         try:
             await websocket.accept()
             await hub.listen(conn, query.since)
+            if query.heartbeat is not None:
+                conn.heartbeat_every(query.heartbeat)
             await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
         finally:
             await conn.stop()
@@ -183,6 +213,41 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
         elif tokens < 0:
             conn.close(1008, f"too many frames: at most {max_rate:g} a second; this socket is receive-only")
             closing = True
+
+
+# --- Server-Sent Events --------------------------------------------------------------------------------------
+
+
+def stream_query(scope: Scope) -> ListenQuery:
+    """The SSE stream's query string and Last-Event-ID header."""
+    last_event_id = next((v for k, v in scope["headers"] if k == b"last-event-id"), None)
+    return parse_stream_query(scope["query_string"], None if last_event_id is None else last_event_id.decode("latin-1"))
+
+
+class Stream:
+    """GET /api/v1/sse/{user_id}: the WebSocket's messages as Server-Sent Events. Raw ASGI, like `Listen`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub: Hub = scope["app"].state.hub
+        settings: Settings = scope["app"].state.settings
+        control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
+        sink = SseSink(send, control)
+        try:
+            conn, query = admit(scope, stream_query, sink)
+        except DiaryWSError as exc:
+            await error_response(exc)(scope, receive, send)  # before the stream starts: a plain JSON answer
+            return
+        if control is not None:  # uvicorn would wait on an open stream at shutdown (PITFALLS 5): end it first
+            control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
+        try:
+            await sink.open()
+            await hub.listen(conn, query.since)
+            conn.heartbeat_every(settings.ping_interval)
+            await until_ended(receive, sink)
+        finally:
+            if control is not None:
+                control.on_shutdown(None)
+            await conn.stop()
 
 
 async def unknown_socket(websocket: WebSocket) -> None:
@@ -217,6 +282,7 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", readyz, methods=["GET"]),
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
+        Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
         WebSocketRoute(API + "/{user_id:anything}", Listen()),
         WebSocketRoute("/{path:anything}", unknown_socket),
     ]
