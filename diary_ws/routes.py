@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, Sink
+from diary_ws.console import console
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.settings import Settings
@@ -278,6 +279,8 @@ def routes() -> list[BaseRoute]:
     return [
         Route(f"{API}/notification", notify, methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
+        Route(f"{API}/console", console, methods=["GET"]),
+        Route(f"{API}/console/{{asset}}", console, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
