@@ -1,5 +1,5 @@
 // diary-ws console: plain JavaScript, no build step. Everything it shows is set with textContent (never
-// innerHTML), so user ids and messages cannot inject markup. Every URL is relative to this page, so the
+// parsed as HTML), so user ids and messages cannot inject markup. Every URL is relative to this page, so the
 // console works under any ROOT_PATH prefix.
 "use strict";
 
