@@ -233,6 +233,23 @@ async def test_a_stalled_stream_is_dropped_and_reset_while_a_reader_gets_everyth
 
 
 @pytest.mark.anyio
+async def test_a_stream_that_reads_nothing_for_the_ping_timeout_is_reset_below_the_backlog_caps() -> None:
+    # Backlog caps far above the traffic: only the stall timer can free this reader.
+    with run_server({"ping_timeout": "1", "send_queue_bytes": "64MiB", "send_queue_size": "100000"}) as srv:
+        stalled = raw_stream(srv.port, "/api/v1/sse/sleepy", rcvbuf=4096)
+        await connected(srv, 1)
+        async with httpx.AsyncClient(base_url=srv.http, timeout=10) as client:
+            for i in range(800):  # ~6.4 MB: past the kernel's buffers, so the transport pauses
+                answer = (await client.post("/api/v1/ws/notification", json={"message": f"{i} " + "x" * 8000})).json()
+                assert answer["disconnected_users"] == 0
+        await async_wait_until(lambda: srv.status()["total_connections"] == 0, 5, "the stalled stream to be freed")
+        assert drain_until_closed(stalled, 5) == "reset"
+        stalled.close()
+        assert "aborting an event stream whose reader has read nothing for 1 s" in srv.log()
+        srv.assert_clean_log()
+
+
+@pytest.mark.anyio
 async def test_sigterm_ends_open_streams_at_once_with_a_jittered_retry() -> None:
     with run_server() as srv:
         async with (
