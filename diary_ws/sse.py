@@ -77,6 +77,8 @@ class SseSink:
         await self._body(PING)
 
     async def close(self, code: int, reason: str) -> None:
+        if self.ended.done():
+            return  # closed once already (a slow consumer, then the shutdown): the response is complete
         try:
             await self._send({"type": "http.response.body", "body": farewell(code, reason), "more_body": False})
         finally:

@@ -238,6 +238,7 @@ def test_console_shows_counts_sends_and_shows_the_feed_with_resume(page: Page) -
         page.click("#user-list .chip >> text=alice")
         expect(page.locator("#to-some")).to_be_checked()
         expect(page.locator("#user-ids")).to_have_value("alice")
+        expect(page.locator("#user-ids-field")).not_to_have_class(re.compile("unused"))
         page.click("text=Type and data (optional)")
         page.fill("#data", "{not json")
         page.click("#send-button")
@@ -263,6 +264,7 @@ def test_console_shows_counts_sends_and_shows_the_feed_with_resume(page: Page) -
         page.fill("#type", "release.announced")
         page.fill("#data", '{"version": "1.4.0", "notes": "<script>not run</script>"}')
         page.check("#to-all")
+        expect(page.locator("#user-ids-field")).to_have_class(re.compile("unused"))  # greyed out: not used
         page.click("#send-button")
         expect(page.locator("#feed-list .entry")).to_have_count(3, timeout=WAIT_MS)
         expect(page.locator("#feed-list .entry-data").first).to_contain_text('"notes": "<script>not run</script>"')

@@ -276,6 +276,22 @@ async def test_sigterm_ends_open_streams_at_once_with_a_jittered_retry() -> None
         assert "Cancel" not in srv.log()
 
 
+@pytest.mark.anyio
+async def test_streams_stay_open_while_draining_then_end() -> None:
+    with run_server({"drain_seconds": "1"}) as srv:
+        async with open_stream(sse_url(srv, "drainer")) as events:
+            await connected(srv, 1)
+            srv.proc.send_signal(signal.SIGTERM)
+            await async_wait_until(lambda: srv.get("/readyz").status_code == 503, WAIT, "readyz to turn 503")
+            answer = await apost(srv, {"message": "still draining"})
+            assert (await events.next()).id == answer["id"]
+            last = await events.next(WAIT)
+            assert last.value("retry") is not None
+            assert last.lines[1].startswith(": closed (1012)")
+        await asyncio.to_thread(srv.proc.wait, 10)
+        srv.assert_clean_log()
+
+
 # --- curl, and an app served by a plain uvicorn ----------------------------------------------------------------
 
 

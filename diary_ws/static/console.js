@@ -87,7 +87,13 @@
     if (!ids.includes(id)) ids.push(id);
     $("user-ids").value = ids.join(", ");
     $("to-some").checked = true;
+    showRecipients();
     $("user-ids").focus();
+  }
+
+  // The user ids only count for "Chosen users"; with "Everyone" they are greyed out (and kept for later).
+  function showRecipients() {
+    $("user-ids-field").classList.toggle("unused", !$("to-some").checked);
   }
 
   function splitIds(text) {
@@ -292,7 +298,10 @@
     $("stop-button").addEventListener("click", stopListening);
     $("user-ids").addEventListener("input", () => {
       if ($("user-ids").value.trim()) $("to-some").checked = true;
+      showRecipients();
     });
+    for (const radio of document.querySelectorAll('input[name="to"]')) radio.addEventListener("change", showRecipients);
+    showRecipients();
     poll();
   });
 })();
