@@ -17,6 +17,7 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
+from tests.jwt_keys import SECRET, claims, sign
 from tests.tcp_proxy import tcp_proxy
 from tests.test_guide import find_guide
 from tests.utils import ROOT, Server, free_port, run_server, wait_until
@@ -288,3 +289,30 @@ def test_console_shows_the_servers_error_when_a_send_reaches_nobody(page: Page) 
         page.fill("#listen-user", "not valid!")
         page.click("#listen-button")
         expect(page.locator("#feed-state.error")).to_contain_text('"not valid!" is not a valid user id')
+
+
+def test_console_with_api_keys_and_listener_tokens(page: Page) -> None:
+    key = "console-key-0123456789abcdef0123"
+    with run_server({"console": "1", "api_key": key, "jwt_secret": SECRET}) as srv:
+        page.goto(f"{srv.http}/api/v1/ws/console")
+        # No key typed yet: the status needs one, and the page says so instead of showing stale numbers.
+        expect(page.locator("#status-error")).to_contain_text("Could not read the status: 401", timeout=WAIT_MS)
+        page.fill("#api-key", key)
+        expect(page.locator("#status-error")).to_be_hidden(timeout=WAIT_MS)
+        expect(page.locator("#count-users")).to_have_text("0")
+
+        page.fill("#listen-user", "carol")
+        page.click("#listen-button")  # no token: refused, and the page keeps trying and says why
+        expect(page.locator("#feed-state.error")).to_contain_text("check the user id and token", timeout=WAIT_MS)
+        page.click("#stop-button")
+        page.fill("#listen-token", sign(claims(sub="carol"), SECRET, "HS256"))
+        page.click("#listen-button")
+        expect(page.locator("#feed-state")).to_have_text("Listening as carol.", timeout=WAIT_MS)
+        expect(page.locator("#count-connections")).to_have_text("1", timeout=WAIT_MS)
+
+        page.fill("#message", "only with a key")
+        page.click("#send-button")
+        expect(page.locator("#send-result.ok")).to_contain_text("Notification sent to 1 user", timeout=WAIT_MS)
+        expect(page.locator("#feed-list .entry-message")).to_have_text("only with a key", timeout=WAIT_MS)
+        assert "token=" not in srv.log().replace("token=[redacted]", "")  # the feed's token is not logged
+        srv.assert_clean_log()

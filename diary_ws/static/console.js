@@ -159,7 +159,7 @@
 
   // --- live feed: a WebSocket that resumes with ?since= ---------------------------------------------------
 
-  const feed = { user: null, socket: null, lastId: null, attempts: 0, retry: null, dead: null };
+  const feed = { user: null, token: "", socket: null, lastId: null, attempts: 0, retry: null, dead: null };
 
   function listenUrl() {
     // Relative to this page (…/api/v1/ws/console), so …/api/v1/ws/<user> under any prefix.
@@ -168,6 +168,7 @@
     url.search = "";
     url.hash = "";
     url.searchParams.set("heartbeat", String(HEARTBEAT_S));
+    if (feed.token) url.searchParams.set("token", feed.token); // a browser WebSocket cannot send headers
     if (feed.lastId) url.searchParams.set("since", feed.lastId);
     return url.href;
   }
@@ -190,6 +191,7 @@
       $("feed-list").replaceChildren();
     }
     feed.user = user;
+    feed.token = $("listen-token").value.trim();
     $("stop-button").disabled = false;
     connect();
   }
@@ -228,7 +230,8 @@
       const hinted = /after (\d+) ms/.exec(closed.reason || ""); // 1012 says when to come back
       const backoff = Math.min(30000, 1000 * 2 ** Math.min(feed.attempts - 1, 5)) * (0.5 + Math.random() / 2);
       const delay = hinted ? Number(hinted[1]) : backoff;
-      const why = closed.code === 1006 ? "the connection failed or was refused" :
+      // A refused handshake (401, 403, 429...) reaches a browser only as 1006, without the server's reason.
+      const why = closed.code === 1006 ? "the connection failed or was refused: check the user id and token" :
         `code ${closed.code}${closed.reason ? `: ${closed.reason}` : ""}`;
       setFeedState(`Disconnected (${why}). Reconnecting in ${(delay / 1000).toFixed(1)} s…`, "error");
       feed.retry = setTimeout(connect, delay);
