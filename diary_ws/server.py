@@ -20,7 +20,7 @@ from typing import Any, cast
 import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import OPEN, Protocol
 
@@ -256,8 +256,10 @@ class StreamControl:
         self._protocol.on_shutdown = callback
 
 
-class DiaryHttpProtocol(H11Protocol):
-    """uvicorn's h11 protocol, plus hooks so that open streams end at shutdown and stalled readers are freed.
+class DiaryHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, plus hooks so that open streams end at shutdown and stalled readers are freed.
+
+    httptools rather than h11: it halves the server's CPU per POST (118 against 220 us on the bench).
 
     uvicorn's own shutdown only marks a streaming response not-keep-alive and then waits for it to finish,
     which an SSE stream never does (PITFALLS 5).
