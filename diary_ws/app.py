@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         max_connections_per_user=settings.max_connections_per_user,
         send_queue_size=settings.send_queue_size,
         send_queue_bytes=settings.send_queue_bytes,
+        max_message_chars=settings.max_message_chars,
     )
     app = Starlette(
         routes=routes(),
