@@ -290,7 +290,7 @@ async def test_a_reconnect_before_any_notification_loses_nothing_either(server: 
 async def test_the_token_goes_in_the_authorization_header_or_the_query(server: Server) -> None:
     async with proxy_to(server) as proxy:
         for token_in in ("header", "query"):
-            client = Client(proxy.http, "alice", token="tok.en.value", token_in=token_in)  # type: ignore[arg-type]
+            client = Client(proxy.http, "alice", token="tok.en.value", token_in=token_in)
             async with consuming(client):
                 await async_wait_until(lambda: len(proxy.requests) >= 1, LIMIT, "the handshake")
                 await async_wait_until(lambda: user_connected(server, "alice"), LIMIT, "alice to connect")
