@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
-from diary_ws.client import Backoff, Client, Refused, listen_url, reconnect_hint
+from diary_ws.client import Backoff, Client, Ended, Refused, listen_url, reconnect_hint
 from tests.utils import Server, async_wait_until, free_port, run_server
 
 LIMIT = 20.0  # seconds any one wait may take on a busy 2-core machine
@@ -350,3 +351,42 @@ def test_a_frame_at_or_below_the_last_id_is_dropped() -> None:
     assert client.duplicates == 3
     assert client.recovered is True
     assert client.last_id == "100-2"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("code", [4001, 4003])
+async def test_a_close_the_client_must_not_undo_raises_ended(code: int) -> None:
+    # diary-ws sends these once the security issue lands; a bare websockets server stands in for it here.
+    handshakes = 0
+
+    async def close_at_once(ws: ServerConnection) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        await ws.close(code, "the reason")
+
+    async with serve(close_at_once, "127.0.0.1", 0) as ws_server:
+        port = next(iter(ws_server.sockets)).getsockname()[1]
+        client = Client(f"http://127.0.0.1:{port}", "alice", backoff=Backoff(base=0.01, cap=0.01))
+        with pytest.raises(Ended) as ended:
+            await asyncio.wait_for(anext(client), LIMIT)
+    assert (ended.value.code, ended.value.reason) == (code, "the reason")
+    assert handshakes == 1  # not retried
+
+
+@pytest.mark.anyio
+async def test_other_closes_are_reconnected() -> None:
+    closes = [4008, 1011, 1000]
+
+    async def close_then_serve(ws: ServerConnection) -> None:
+        if closes:
+            await ws.close(closes.pop(0), "reconnect with since")
+        else:
+            await ws.send('{"type":"notification","message":"finally","id":"5-0"}')
+            await ws.wait_closed()
+
+    async with serve(close_then_serve, "127.0.0.1", 0) as ws_server:
+        port = next(iter(ws_server.sockets)).getsockname()[1]
+        async with Client(f"http://127.0.0.1:{port}", "alice", backoff=Backoff(base=0.01, cap=0.01)) as client:
+            note = await asyncio.wait_for(anext(client), LIMIT)
+    assert note["message"] == "finally"
+    assert client.connections == 4
