@@ -43,6 +43,7 @@ log = logging.getLogger("diary_ws.client")
 LISTEN_PATH = "/api/v1/ws/"
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _HINT = re.compile(r"after (\d{1,7}) ?ms")  # the server's 1012 reason: "... reconnect with since after 1234 ms"
+MAX_HINT = 60.0  # seconds: a 1012 hint is honoured even above the backoff's cap, but not without bound
 # Closes the client does not undo: the token expired (4001; the same token would be refused) or an operator
 # disconnected this user (4003; log-out or ban). Every other close is reconnected with `since`.
 FINAL_CLOSE_CODES = frozenset({4001, 4003})
@@ -265,7 +266,7 @@ class Client:
             self._attempt = 0  # it was a good connection: start the backoff over
         hint = reconnect_hint(code, reason)
         if hint is not None:
-            self._delay = min(hint, self.backoff.cap)
+            self._delay = min(hint, MAX_HINT)
         else:
             self._delay = self.backoff.delay(self._attempt)
             self._attempt += 1
