@@ -288,7 +288,8 @@ class Client:
             return None
         kind = frame.get("type")
         if kind == "resume":
-            self._resumed(bool(frame.get("recovered")), int(frame.get("replayed") or 0))
+            replayed = frame.get("replayed")
+            self._resumed(frame.get("recovered") is True, replayed if isinstance(replayed, int) else 0)
             return None
         if kind == "heartbeat":
             return None
