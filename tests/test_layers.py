@@ -90,3 +90,10 @@ def test_the_client_stands_alone() -> None:
         heavy = {d for d in MODULES[module] if d.split(".")[0] in {"uvicorn", "starlette"}}
         assert not heavy, (module, heavy)
     assert not reached & {"diary_ws.app", "diary_ws.routes", "diary_ws.server", "diary_ws.cli"}
+
+
+@pytest.mark.parametrize("leaf", ["diary_ws.auth", "diary_ws.ratelimit", "diary_ws.idempotency", "diary_ws.logs"])
+def test_security_helpers_are_leaves(leaf: str) -> None:
+    ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
+    assert ours <= {"diary_ws.errors", "diary_ws.settings", "diary_ws.validation", "diary_ws.messages"}, ours
+    assert not {d for d in MODULES[leaf] if d.split(".")[0] in ("starlette", "uvicorn")}
