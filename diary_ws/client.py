@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -44,9 +45,14 @@ LISTEN_PATH = "/api/v1/ws/"
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _HINT = re.compile(r"after (\d{1,7}) ?ms")  # the server's 1012 reason: "... reconnect with since after 1234 ms"
 MAX_HINT = 60.0  # seconds: a 1012 hint is honoured even above the backoff's cap, but not without bound
-# Closes the client does not undo: the token expired (4001; the same token would be refused) or an operator
-# disconnected this user (4003; log-out or ban). Every other close is reconnected with `since`.
-FINAL_CLOSE_CODES = frozenset({4001, 4003})
+# Closes the client does not undo: the token expired (4001; the same token would be refused, so it is final
+# unless `token` is a callable that can fetch a fresh one) or an operator disconnected this user (4003; log-out
+# or ban). Every other close is reconnected with `since`.
+CLOSE_TOKEN_EXPIRED = 4001
+FINAL_CLOSE_CODES = frozenset({CLOSE_TOKEN_EXPIRED, 4003})
+
+# A token, or a function that returns a fresh one (sync or async), called before every handshake.
+TokenSource = str | Callable[[], str | Awaitable[str]]
 
 
 class ClientError(Exception):
@@ -114,7 +120,8 @@ def reconnect_hint(code: int | None, reason: str) -> float | None:
 class Client:
     """Listens as one user and yields each notification (a dict) once, across any number of reconnects.
 
-    `url` is the service's base URL (`http://127.0.0.1:8000`, `https://host/notify`); `token` goes in an
+    `url` is the service's base URL (`http://127.0.0.1:8000`, `https://host/notify`); `token` (a string, or a
+    function returning a fresh one before each handshake, which also makes a 4001 expiry reconnect) goes in an
     `Authorization: Bearer` header, or in `?token=` with `token_in="query"` (query strings end up in proxy
     logs, so the header is the default). `since` starts from a known id. `on_resume(recovered, replayed)` is
     called for each resume control frame; `recovered` holds the latest one's value (None before any).
@@ -125,7 +132,7 @@ class Client:
         url: str,
         user_id: str,
         *,
-        token: str | None = None,
+        token: TokenSource | None = None,
         token_in: Literal["header", "query"] = "header",
         since: str | None = None,
         on_resume: Callable[[bool, int], object] | None = None,
@@ -144,8 +151,6 @@ class Client:
         self._token = token
         self._token_in = token_in
         self._headers = dict(headers or {})
-        if token is not None and token_in == "header":
-            self._headers["Authorization"] = f"Bearer {token}"
         self.on_resume = on_resume
         self.backoff = backoff or Backoff()
         self.healthy_after = healthy_after
@@ -219,12 +224,17 @@ class Client:
         since = self._last or self._origin
         started = MessageId(time.time_ns() // 1_000_000, 0)
         query = {"since": str(since)} if since is not None else {}
-        if self._token is not None and self._token_in == "query":
-            query["token"] = self._token
+        headers = dict(self._headers)
+        token = await self._fresh_token()
+        if token is not None:
+            if self._token_in == "query":
+                query["token"] = token
+            else:
+                headers["Authorization"] = f"Bearer {token}"
         try:
             ws = await connect(
                 listen_url(self._base, self.user_id, query),
-                additional_headers=self._headers,
+                additional_headers=headers,
                 user_agent_header=f"diary-ws-client/{__version__}",
                 open_timeout=self.open_timeout,
                 max_size=self.max_size,
@@ -250,6 +260,12 @@ class Client:
         self.connections += 1
         log.info("connected to %s%s", self.url, f" (resuming after {since})" if since else "")
 
+    async def _fresh_token(self) -> str | None:
+        if self._token is None or isinstance(self._token, str):
+            return self._token
+        token = self._token()
+        return await token if inspect.isawaitable(token) else token
+
     def _retry(self, why: str, at_least: float = 0.0) -> None:
         self._delay = max(self.backoff.delay(self._attempt), at_least)
         self._attempt += 1
@@ -260,7 +276,7 @@ class Client:
         if self._closing:
             return
         code, reason = ws.close_code, ws.close_reason or ""
-        if code in FINAL_CLOSE_CODES:
+        if code in FINAL_CLOSE_CODES and not (code == CLOSE_TOKEN_EXPIRED and callable(self._token)):
             raise Ended(code, reason)
         if time.monotonic() - self._opened >= self.healthy_after:
             self._attempt = 0  # it was a good connection: start the backoff over

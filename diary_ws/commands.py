@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -27,7 +28,9 @@ from typing import Any
 
 import orjson
 
+from diary_ws.auth import check_hs256_secret
 from diary_ws.client import Client, ClientError
+from diary_ws.settings import SettingError
 from diary_ws.validation import USER_ID_RULE, is_user_id
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_NOBODY, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -176,15 +179,15 @@ def _endpoint(base_url: str, path: str) -> str:
 
 
 def api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
-    """--api-key, or the first key of DIARY_WS_API_KEY (a comma list, for rotation) or its *_FILE."""
+    """--api-key, or the first key of DIARY_WS_API_KEY (a comma or newline list, for rotation) or its *_FILE."""
     if flag:
         return flag
     keys = environ.get("DIARY_WS_API_KEY")
     path = environ.get("DIARY_WS_API_KEY_FILE")
     if not keys and path:
         keys = _read_secret_file(path, "DIARY_WS_API_KEY_FILE")
-    first = (keys or "").split(",")[0].strip()
-    return first or None
+    listed = [key.strip() for key in re.split(r"[,\n]", keys or "") if key.strip()]  # as the server splits them
+    return listed[0] if listed else None
 
 
 def _request(method: str, url: str, key_flag: str | None, body: bytes | None = None) -> str:
@@ -242,7 +245,7 @@ def token(args: argparse.Namespace) -> int:
 
 def jwt_secret(environ: Mapping[str, str]) -> str:
     """The HS256 secret from DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, read directly."""
-    inline, path = environ.get("DIARY_WS_JWT_SECRET"), environ.get("DIARY_WS_JWT_SECRET_FILE")
+    inline, path = (environ.get("DIARY_WS_JWT_SECRET") or "").strip(), environ.get("DIARY_WS_JWT_SECRET_FILE")
     if inline and path:
         raise CommandError("set DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, not both", EXIT_USAGE)
     secret = inline or (_read_secret_file(path, "DIARY_WS_JWT_SECRET_FILE") if path else "")
@@ -252,6 +255,10 @@ def jwt_secret(environ: Mapping[str, str]) -> str:
             "secret); tokens for RS256/ES256 come from whoever holds the private key",
             EXIT_USAGE,
         )
+    try:  # the server's own rule, so the command never mints a token the server would refuse to check
+        check_hs256_secret(secret, "DIARY_WS_JWT_SECRET_FILE" if path else "DIARY_WS_JWT_SECRET")
+    except SettingError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     return secret
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import os
 import queue
 import signal
@@ -15,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import orjson
 import pytest
@@ -176,42 +176,52 @@ def test_bad_listen_arguments_exit_2() -> None:
     assert "user_id 'a b' is not valid" in result.stderr
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list[tuple[str, str | None]] = []
-
-    def do_GET(self) -> None:
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        body = b'{"connected_users":0,"status":"active","active_user_ids":[],"total_connections":0}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def test_the_api_key_is_sent_as_a_bearer_token(tmp_path: Path) -> None:
-    # The server side of API keys is another issue's; here a recording HTTP server shows what the CLI sends.
-    recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=recorder.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{recorder.server_address[1]}/prefix"
+def test_api_keys_from_the_flag_the_variable_or_its_file(tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
-    key_file.write_text("from-file,old\n")
-    try:
-        assert diary_ws("status", "--url", url, "--api-key", "from-flag").returncode == 0
-        assert diary_ws("status", "--url", url, "--limit", "5", env={"DIARY_WS_API_KEY": "new, old"}).returncode == 0
-        assert diary_ws("status", "--url", url, env={"DIARY_WS_API_KEY_FILE": str(key_file)}).returncode == 0
-        assert diary_ws("status", "--url", url).returncode == 0
-    finally:
-        recorder.shutdown()
-    assert _Recorder.seen == [
-        ("/prefix/api/v1/ws/status", "Bearer from-flag"),
-        ("/prefix/api/v1/ws/status?limit=5", "Bearer new"),
-        ("/prefix/api/v1/ws/status", "Bearer from-file"),
-        ("/prefix/api/v1/ws/status", None),
-    ]
+    key_file.write_text("old-key-0123456789\nnew-key-0123456789\n")
+    with run_server({"api_key": "new-key-0123456789,old-key-0123456789"}) as srv:
+
+        def status(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            return diary_ws("status", "--url", srv.http, *args, env=env)
+
+        assert status("--api-key", "old-key-0123456789").returncode == 0
+        assert (
+            status(env={"DIARY_WS_API_KEY": " new-key-0123456789 , wrong"}).returncode == 0
+        )  # the first key of the list
+        assert status(env={"DIARY_WS_API_KEY_FILE": str(key_file)}).returncode == 0
+        for refused in (
+            status(),
+            status("--api-key", "wrong"),
+            status(env={"DIARY_WS_API_KEY": "wrong,new-key-0123456789"}),
+        ):
+            assert refused.returncode == 4
+            assert "HTTP 401" in refused.stderr
+        nobody = diary_ws("send", "hi", "--url", srv.http, "--api-key", "new-key-0123456789")
+        assert nobody.returncode == 3  # past the key check: nobody listens
+        srv.assert_clean_log()
+
+
+def test_a_minted_token_lets_listen_in_and_no_token_is_refused() -> None:
+    secret = "a-secret-of-at-least-32-bytes-for-hs256"
+    with run_server({"jwt_secret": secret}) as srv:
+        token = diary_ws("token", "alice", "--ttl", "60", env={"DIARY_WS_JWT_SECRET": secret}).stdout.strip()
+        with listening("alice", "--url", srv.http, "--token", token) as listener:
+            wait_until(lambda: connected(srv, "alice"), LIMIT, "listen to connect with its token")
+            answer = sent(diary_ws("send", "for alice", "--user", "alice", "--url", srv.http))
+            assert listener.next()["id"] == answer["id"]
+            # An operator disconnect (log-out, ban) is final: listen stops and says why.
+            assert httpx.delete(f"{srv.http}/api/v1/ws/users/alice/connections", timeout=LIMIT).status_code == 200
+            assert listener.proc.wait(timeout=LIMIT) == 4
+            assert listener.proc.stderr is not None
+            assert "ended the connection with 4003" in listener.proc.stderr.read()
+        for args in ((), ("--token", token + "x")):
+            refused = subprocess.run(
+                [sys.executable, "-m", "diary_ws", "listen", "alice", "--url", srv.http, *args],
+                env=cli_env(), capture_output=True, text=True, timeout=LIMIT, cwd=ROOT,
+            )  # fmt: skip
+            assert refused.returncode == 4
+            assert "refused the connection (HTTP 401)" in refused.stderr
+        srv.assert_clean_log()
 
 
 # --- token ------------------------------------------------------------------------------------------------
@@ -253,8 +263,9 @@ def test_token_adds_aud_and_iss_and_reads_the_secret_file(tmp_path: Path) -> Non
         (("alice",), {"DIARY_WS_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot read /nonexistent/secret"),
         (("a b",), {"DIARY_WS_JWT_SECRET": "x" * 32}, "user id 'a b' is not valid"),
         (("alice", "--ttl", "0"), {"DIARY_WS_JWT_SECRET": "x" * 32}, "--ttl must be at least 1"),
+        (("alice",), {"DIARY_WS_JWT_SECRET": "short"}, "DIARY_WS_JWT_SECRET must be at least 32 bytes"),
     ],
-    ids=["no-secret", "both", "unreadable-file", "bad-user", "bad-ttl"],
+    ids=["no-secret", "both", "unreadable-file", "bad-user", "bad-ttl", "short-secret"],
 )
 def test_token_errors_exit_2(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
     result = diary_ws("token", *args, env=env)
