@@ -11,9 +11,12 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
 
+import httpx
+import jwt
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -353,24 +356,83 @@ def test_a_frame_at_or_below_the_last_id_is_dropped() -> None:
     assert client.last_id == "100-2"
 
 
+SECRET = "a-secret-of-at-least-32-bytes-for-hs256"
+
+
+def mint(user_id: str, ttl: float) -> str:
+    now = time.time()
+    return jwt.encode({"sub": user_id, "iat": int(now), "exp": int(now + ttl)}, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def jwt_server() -> Iterator[Server]:
+    with run_server({"jwt_secret": SECRET}) as srv:
+        yield srv
+        srv.assert_clean_log()
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("code", [4001, 4003])
-async def test_a_close_the_client_must_not_undo_raises_ended(code: int) -> None:
-    # diary-ws sends these once the security issue lands; a bare websockets server stands in for it here.
-    handshakes = 0
+@pytest.mark.parametrize("token_in", ["header", "query"])
+async def test_the_server_takes_the_token_either_way(jwt_server: Server, token_in: Literal["header", "query"]) -> None:
+    client = Client(jwt_server.http, "tina", token=mint("tina", 60), token_in=token_in)
+    async with consuming(client) as got:
+        await async_wait_until(lambda: user_connected(jwt_server, "tina"), LIMIT, "tina to connect")
+        sent = await post(jwt_server, {"message": "hi", "user_ids": ["tina"]})
+        await async_wait_until(lambda: got, LIMIT, "the notification")
+    assert got[0]["id"] == sent["id"]
 
-    async def close_at_once(ws: ServerConnection) -> None:
-        nonlocal handshakes
-        handshakes += 1
-        await ws.close(code, "the reason")
 
-    async with serve(close_at_once, "127.0.0.1", 0) as ws_server:
-        port = next(iter(ws_server.sockets)).getsockname()[1]
-        client = Client(f"http://127.0.0.1:{port}", "alice", backoff=Backoff(base=0.01, cap=0.01))
-        with pytest.raises(Ended) as ended:
-            await asyncio.wait_for(anext(client), LIMIT)
-    assert (ended.value.code, ended.value.reason) == (code, "the reason")
-    assert handshakes == 1  # not retried
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("token", "status"), [(None, 401), ("not.a.token", 401), ("other", 403)], ids=["none", "garbage", "other-user"]
+)
+async def test_a_bad_token_is_refused_for_good(jwt_server: Server, token: str | None, status: int) -> None:
+    client = Client(jwt_server.http, "tina", token=mint("someone-else", 60) if token == "other" else token)
+    with pytest.raises(Refused) as refused:
+        await asyncio.wait_for(anext(client), LIMIT)
+    assert refused.value.status == status
+    assert client.connections == 0
+
+
+@pytest.mark.anyio
+async def test_an_operator_disconnect_ends_the_client(jwt_server: Server) -> None:
+    client = Client(jwt_server.http, "olga", token=mint("olga", 60))
+    task = asyncio.create_task(anext(client))
+    await async_wait_until(lambda: user_connected(jwt_server, "olga"), LIMIT, "olga to connect")
+    closed = await asyncio.to_thread(httpx.delete, f"{jwt_server.http}/api/v1/ws/users/olga/connections")
+    assert closed.status_code == 200
+    with pytest.raises(Ended) as ended:
+        await asyncio.wait_for(task, LIMIT)
+    assert ended.value.code == 4003
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_expired_token_ends_the_client_unless_it_can_fetch_a_fresh_one(jwt_server: Server) -> None:
+    fixed = Client(jwt_server.http, "eve", token=mint("eve", 1.5))
+    with pytest.raises(Ended) as ended:
+        await asyncio.wait_for(anext(fixed), LIMIT)
+    assert ended.value.code == 4001
+    await fixed.aclose()
+
+    minted: list[str] = []
+
+    async def fresh() -> str:  # an async source, as a call to an identity provider would be
+        minted.append(mint("eve", 1.5))
+        return minted[-1]
+
+    async with connect(jwt_server.listen_url("eve", f"token={mint('eve', 60)}")):  # keeps eve deliverable
+        client = Client(jwt_server.http, "eve", token=fresh, backoff=Backoff(base=0.05, cap=0.2))
+        async with consuming(client) as got:
+            sent: list[dict[str, Any]] = []
+            while client.connections < 3:  # two expiries, each followed by a reconnect with a fresh token
+                sent.append(await post(jwt_server, {"message": f"m{len(sent)}", "user_ids": ["eve"]}))
+                await asyncio.sleep(0.2)  # a steady trickle of messages across the expiries, not a wait for state
+            sent.append(await post(jwt_server, {"message": "last", "user_ids": ["eve"]}))
+            await async_wait_until(lambda: len(got) == len(sent), LIMIT, "every message, across the expiries")
+    assert [n["id"] for n in got] == [m["id"] for m in sent]
+    assert len(minted) >= 3
+    assert client.duplicates == 0
 
 
 @pytest.mark.anyio
