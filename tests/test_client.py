@@ -334,6 +334,21 @@ async def test_429_is_retried_until_a_slot_frees(caplog: pytest.LogCaptureFixtur
 
 
 @pytest.mark.anyio
+async def test_a_429_retry_after_is_honoured(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="diary_ws.client")
+    with run_server({"connect_rate_limit": "1/s"}) as srv:
+        async with connect(srv.listen_url("first")):  # takes this second's only handshake
+            client = Client(srv.http, "alice", backoff=Backoff(base=0.01, cap=0.01))
+            async with consuming(client):
+                await async_wait_until(lambda: client.connections == 1, LIMIT, "a handshake once the limit allows")
+        refusals = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
+        assert refusals, "the second handshake in the same second should have met a 429"
+        # The backoff alone would wait at most 0.01 s; the server's Retry-After asked for a whole second.
+        assert all(delay >= 1.0 for delay in delays_logged(caplog)[: len(refusals)])
+        srv.assert_clean_log()
+
+
+@pytest.mark.anyio
 async def test_aclose_ends_a_client_that_is_waiting_to_retry(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="diary_ws.client")
     client = Client(f"http://127.0.0.1:{free_port()}", "alice", backoff=Backoff(base=60, cap=60, random=lambda: 1.0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -139,6 +140,41 @@ def test_listen_survives_a_server_restart_with_nothing_lost() -> None:
     assert code == 0
     assert "1012" in err  # it says on stderr what happened: the restart, and that history was lost
     assert "may have been missed" in err
+
+
+def test_listen_stops_cleanly_while_waiting_for_a_server_that_is_down() -> None:
+    with listening("alice", "--url", f"http://127.0.0.1:{free_port()}") as listener:
+        assert listener.proc.stderr is not None
+        first = listener.proc.stderr.readline()  # blocks until it has tried once; bounded by the fixture's kill
+        assert "cannot connect" in first
+        assert "retrying in" in first
+        code, err = listener.stop()
+    assert code == 0
+    assert "Traceback" not in err
+
+
+def test_listen_into_a_pipe_that_closes_exits_quietly(server: Server) -> None:
+    # Like `diary-ws listen alice | head -1`. No reader thread here: closing a pipe a thread reads would block.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diary_ws", "listen", "alice", "--url", server.http], env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        wait_until(lambda: connected(server, "alice"), LIMIT, "listen to connect")
+        sent(diary_ws("send", "one", "--user", "alice", "--url", server.http))
+        assert select.select([proc.stdout], [], [], LIMIT)[0], "no line from listen"
+        assert orjson.loads(proc.stdout.readline())["message"] == "one"
+        proc.stdout.close()
+        for _ in range(3):  # the first write after the close can still land in the pipe's buffer
+            diary_ws("send", "more", "--user", "alice", "--url", server.http)
+        assert proc.wait(timeout=LIMIT) == 0
+        assert "Traceback" not in proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=LIMIT)
 
 
 def test_send_exit_codes(server: Server) -> None:
