@@ -94,7 +94,7 @@ class Connection:
         self.user_id = user_id
         self.sink = sink
         self._hub = hub
-        self._backlog: deque[Message] = deque()
+        self._backlog: deque[Message] | None = None  # made when first needed: an empty deque is ~600 bytes
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._close: tuple[int, str] | None = None
@@ -115,10 +115,13 @@ class Connection:
                 self._hub.drop(self)
                 return False
         limits = self._hub.limits
-        if len(self._backlog) >= limits.send_queue_size or self._bytes + message.size > limits.send_queue_bytes:
+        backlog = self._backlog
+        if backlog is None:
+            backlog = self._backlog = deque()
+        if len(backlog) >= limits.send_queue_size or self._bytes + message.size > limits.send_queue_bytes:
             self._overflow()
             return False
-        self._backlog.append(message)
+        backlog.append(message)
         self._bytes += message.size
         self._ensure_writer()
         return True
@@ -152,7 +155,7 @@ class Connection:
         """Leave the registry, drop what is unsent, and close with `code`."""
         self._stop_beat()
         self._hub.drop(self)
-        self._backlog.clear()
+        self._backlog = None
         self._bytes = 0
         if self._close is None:
             self._close = (code, reason)
@@ -170,7 +173,7 @@ class Connection:
     def _overflow(self) -> None:
         log.warning(
             "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
-            self.user_id, len(self._backlog), self._bytes,
+            self.user_id, len(self._backlog or ()), self._bytes,
         )  # fmt: skip
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
@@ -190,16 +193,19 @@ class Connection:
 
     async def _drain(self) -> None:
         send = self.sink.send_text
-        backlog = self._backlog
         try:
             for text, msg_id in self._replay:
                 await send(text, msg_id)
             self._replay = []
-            while backlog or self._beat_due:
+            while True:
                 if self._beat_due:
                     self._beat_due = False
                     await self.sink.send_heartbeat()
                     continue
+                backlog = self._backlog  # read each time: close() may replace it while we wait on send
+                if not backlog:
+                    self._backlog = None  # drained: give the deque back until the socket falls behind again
+                    break
                 message = backlog.popleft()
                 self._bytes -= message.size
                 if self._floor is not None and message.id <= self._floor:
