@@ -45,16 +45,17 @@ async def notify(request: Request) -> Response:
     note = parse_notification(body, settings.max_message_chars)
     result = await hub.publish(note)
     noun = "user" if result.users_reached == 1 else "users"
-    return json_response(
-        {
-            "status": "success",
-            "message": f"Notification sent to {result.users_reached} {noun}",
-            "sent_count": result.sent_count,
-            "total_connections": result.total_connections,
-            "disconnected_users": result.disconnected_users,
-            "id": str(result.id),
-        }
-    )
+    answer = {
+        "status": "success",
+        "message": f"Notification sent to {result.users_reached} {noun}",
+        "sent_count": result.sent_count,
+        "total_connections": result.total_connections,
+        "disconnected_users": result.disconnected_users,
+        "id": str(result.id),
+    }
+    if result.nodes_missing:
+        answer["nodes_missing"] = result.nodes_missing  # DESIGN §1: the key appears only then
+    return json_response(answer)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -84,7 +85,7 @@ async def status(request: Request) -> Response:
             raise BadRequest("query parameter limit must be a whole number of at least 0")
         limit = int(raw)
     hub: Hub = request.app.state.hub
-    return json_response(hub.status(limit))
+    return json_response(await hub.status(limit))
 
 
 async def healthz(request: Request) -> Response:
@@ -150,7 +151,7 @@ class Listen:
         try:
             user_id = check_user_id(websocket.path_params["user_id"])
             query = parse_listen_query(scope["query_string"])
-            conn = hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
+            conn = await hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diary_ws.backends.base import Backend, Replay
+from diary_ws.backends.base import Backend, Counts, Node, Published, Replay
 from diary_ws.settings import Settings
 
 
@@ -16,4 +16,4 @@ def backend_for(settings: Settings) -> Backend:
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
 
 
-__all__ = ["Backend", "Replay", "backend_for"]
+__all__ = ["Backend", "Counts", "Node", "Published", "Replay", "backend_for"]
