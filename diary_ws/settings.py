@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -94,11 +95,7 @@ def check_combinations(s: Settings) -> None:
         raise SettingError(env_name("allowed_origins"), "is not supported yet: only '*' is built in this version")
     if s.console:
         raise SettingError(env_name("console"), "is not supported yet: the console page is not built in this version")
-    if not s.broker_url.startswith("memory://"):
-        raise SettingError(
-            env_name("broker_url"), "is not supported yet: only memory:// is built in this version (Redis comes later)"
-        )
-    if s.workers > 1:
+    if s.workers > 1 and s.broker_url.startswith("memory://"):
         raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
 
 
@@ -210,8 +207,17 @@ def _host(raw: str) -> str:
 
 def _broker_url(raw: str) -> str:
     text = raw.strip()
-    if not re.fullmatch(r"(memory|redis|rediss)://.*", text):
-        raise ValueError("must be memory:// or a redis://host:port/db URL")
+    rule = "must be memory:// or a redis://[:password@]host[:port][/db] (or rediss://) URL"
+    if text.startswith("memory://"):
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _port = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(rule) from None
+    bad_path = not re.fullmatch(r"(/\d*)?", parts.path)
+    if parts.scheme not in ("redis", "rediss") or bad_path or any(c.isspace() for c in text):
+        raise ValueError(rule)
     return text
 
 
