@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from diary_ws import __version__
 from diary_ws.settings import SECRETS, SPECS, SettingError, Settings, env_name, flag_name, from_env
+
+if TYPE_CHECKING:
+    import uvicorn
 
 EXIT_BAD_SETTING = 2
 
@@ -52,17 +58,27 @@ def raise_open_file_limit() -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT."""
-    import uvicorn
-
+    """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT; WORKERS processes share the port."""
     from diary_ws import logs
-    from diary_ws.app import create_app
-    from diary_ws.server import DiaryServer, DiaryWebSocketProtocol
 
     raise_open_file_limit()
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    config = uvicorn.Config(
+    if settings.workers == 1:
+        return 0 if run_worker(settings) else 1
+    from diary_ws.server import supervise
+
+    # Bound once here and shared, so every worker accepts on the same port (settings forbid memory:// here).
+    sock = uvicorn_config(settings, app=None).bind_socket()
+    return supervise(settings.workers, sock, functools.partial(run_worker, settings))
+
+
+def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
+    """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
+    import uvicorn
+
+    from diary_ws.server import DiaryWebSocketProtocol
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -81,9 +97,21 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
     )
 
+
+def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
+    """One serving process: the app, uvicorn and DiaryServer; `sock` is the supervisor's shared socket."""
+    from diary_ws import logs
+    from diary_ws.app import create_app
+    from diary_ws.server import DiaryServer
+
+    if sock is not None:  # a spawned worker starts with a bare interpreter
+        raise_open_file_limit()
+        logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+
     def begin_drain() -> None:
         app.state.hub.draining = True
 
-    server = DiaryServer(config, on_signal=begin_drain, drain_seconds=settings.drain_seconds)
-    server.run()
-    return 0 if server.started else 1
+    server = DiaryServer(uvicorn_config(settings, app), on_signal=begin_drain, drain_seconds=settings.drain_seconds)
+    server.run(sockets=None if sock is None else [sock])
+    return server.started
