@@ -53,7 +53,7 @@ COMMAND_TIMEOUT = 2.0  # socket timeout of ordinary commands
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 
 
-def _client(url: str, socket_timeout: float) -> Redis:
+def _client(url: str, socket_timeout: float, retries: int) -> Redis:
     # A pooled connection that went stale across a Redis restart fails its next command (PITFALLS 7):
     # health checks catch most before use, and a short retry covers the rest.
     return Redis.from_url(
@@ -62,7 +62,7 @@ def _client(url: str, socket_timeout: float) -> Redis:
         socket_timeout=socket_timeout,
         socket_connect_timeout=COMMAND_TIMEOUT,
         health_check_interval=1,
-        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), 2),
+        retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), retries),
     )
 
 
@@ -125,6 +125,7 @@ class RedisBackend:
         self._cmd: Redis | None = None  # ordinary commands
         self._blocking: Redis | None = None  # XREAD BLOCK and BLPOP
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._last_id = "0-0"  # the reader's position; kept across outages
         self._last_read = 0.0  # monotonic time the reader last heard from Redis
         self._reader = _State("stream reader")
@@ -147,8 +148,9 @@ class RedisBackend:
     async def start(self, node: Node) -> None:
         """Start the reader, the reply reader and the presence writer; an unreachable Redis is retried."""
         self._node = node
-        self._cmd = _client(self._url, COMMAND_TIMEOUT)
-        self._blocking = _client(self._url, READ_BLOCK + COMMAND_TIMEOUT + 2)
+        self._cmd = _client(self._url, COMMAND_TIMEOUT, retries=2)
+        # The blocking reads retry in their own loop (`_guarded`), which logs each change of state.
+        self._blocking = _client(self._url, READ_BLOCK + COMMAND_TIMEOUT, retries=0)
         self._scripts = {source: self._cmd.register_script(source) for source in scripts.ALL}
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -162,9 +164,10 @@ class RedisBackend:
         log.info("node %s on %s", self.node_id, _safe_url(self._url))
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.wait(self._tasks, timeout=COMMAND_TIMEOUT)
         self._tasks = []
         if self._cmd is not None:
             # Leave at once, so status forgets this node now rather than when its heartbeat expires.
@@ -460,13 +463,15 @@ class RedisBackend:
     async def _guarded(self, what: str, once: Callable[[], Awaitable[None]], state: _State | None) -> None:
         """Run `once` forever; on a Redis failure, log the change of state and retry with backoff."""
         delay = RETRY_FIRST
-        while True:
+        while not self._stopping:
             try:
                 await once()
                 delay = RETRY_FIRST
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, BrokerUnavailable) as exc:
+                if self._stopping:
+                    return  # redis-py turns the cancellation of a blocking read into a connection error
                 cause = exc.__cause__ if isinstance(exc, BrokerUnavailable) and exc.__cause__ else exc
                 if state is not None:
                     state.failed(cause, RETRY_MAX)
