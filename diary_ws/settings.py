@@ -303,6 +303,8 @@ def parse_value(name: str, raw: str, label: str) -> Any:
     try:
         return parser(raw)
     except ValueError as exc:
+        if name == "broker_url":  # a Redis URL may carry a password: never echo it
+            raw = re.sub(r"(?<=://)[^@/]*@", "***@", raw)
         raise SettingError(label, f"{exc} (got {raw!r})") from None
 
 
