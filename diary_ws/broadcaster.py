@@ -26,6 +26,7 @@ log = logging.getLogger("diary_ws.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1012
+CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
 
 
 # What `Sink.try_write` reports.
@@ -245,7 +246,12 @@ class Hub:
             return
         # The socket is attached before the history is read, so nothing published meanwhile is lost;
         # what both paths deliver is sent once (the writer skips live ids it has replayed).
-        replay = await self.backend.replay(conn.user_id, since)
+        try:
+            replay = await self.backend.replay(conn.user_id, since)
+        except BrokerUnavailable:
+            conn.start([], None)
+            conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
+            return
         conn.start(replay.messages, {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)})
 
     def drop(self, conn: Connection) -> None:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from diary_ws.backends.redis import HEARTBEAT_TTL, PUBLISH_WAIT
+from diary_ws.backends.redis import HEARTBEAT_TTL, PUBLISH_WAIT, READ_BLOCK, READ_GRACE
 from tests.utils import RedisServer, Server, async_wait_until, next_frame, redis_server, run_server, wait_until
 
 
@@ -252,3 +252,23 @@ async def test_two_workers_share_the_port_and_both_serve() -> None:
                 assert (await next_frame(ws))["id"] == answer["id"]
         assert srv.terminate() < 10
         srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_a_stalled_reader_makes_the_node_not_ready() -> None:
+    """Redis stops answering (SIGSTOP) without closing anything: past its block timeout the reader is stalled."""
+    with cluster(nodes=1) as (redis, (a,)):
+        assert redis.proc is not None
+        async with listeners(a.listen_url("alice")) as (alice,):
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                wait_until(partial(readyz_is, a, 503), READ_BLOCK + READ_GRACE + 3, "readyz to say 503")
+                assert time.monotonic() - stopped > READ_GRACE * 0.9  # a quiet feed alone is no stall
+                assert a.post({"message": "x"}).status_code == 503
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+            wait_until(partial(readyz_is, a, 200), 15, "readyz to recover")
+            answer = a.post({"message": "after"}).json()
+            assert (await next_frame(alice))["id"] == answer["id"]
+        a.assert_clean_log()
