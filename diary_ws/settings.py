@@ -6,6 +6,7 @@ This is the only module that knows the variable names. Every value passes throug
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import urllib.parse
@@ -95,6 +96,8 @@ def check_combinations(s: Settings) -> None:
         raise SettingError(env_name("allowed_origins"), "is not supported yet: only '*' is built in this version")
     if s.console:
         raise SettingError(env_name("console"), "is not supported yet: the console page is not built in this version")
+    if s.broker_url.startswith("redis") and importlib.util.find_spec("redis") is None:
+        raise SettingError(env_name("broker_url"), "needs redis-py: pip install 'diary-ws[redis]'")
     if s.workers > 1 and s.broker_url.startswith("memory://"):
         raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
 
