@@ -47,8 +47,10 @@ PUBLISH_WAIT = 1.0  # the longest a publish waits for the other nodes' counts
 READ_BLOCK = 2.0  # XREAD BLOCK, seconds; a reader silent for longer than this plus READ_GRACE is stalled
 READ_GRACE = 1.0
 READ_COUNT = 500  # entries per XREAD
-REPORT_MAX_AGE_MS = 10_000  # entries older than this (a reader catching up) are delivered but not reported
-RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # the reconnect backoff of the reader and the presence writer, seconds
+REPORT_MAX_AGE_MS = 60_000  # entries older than this (a reader catching up) are delivered but not reported
+# The reconnect backoff of the reader and the presence writer, seconds. Capped at one heartbeat, so a node
+# rewrites its presence within about one heartbeat of Redis coming back.
+RETRY_FIRST, RETRY_MAX = 0.1, HEARTBEAT_INTERVAL
 COMMAND_TIMEOUT = 2.0  # socket timeout of ordinary commands
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 
@@ -243,7 +245,7 @@ class RedisBackend:
             self._reader.ok()
             if self._presence.up:
                 self._up.set()
-        # RESP2 with decode_responses: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
+        # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
             Any,
             await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=int(READ_BLOCK * 1000)),
