@@ -267,6 +267,19 @@ class Hub:
         self._count -= 1
         self.backend.left(conn.user_id)
 
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        """Close this process's sockets of `user_id` with `code`; how many there were (the backend calls it)."""
+        conns = list(self._users.get(user_id, ()))
+        for conn in conns:
+            conn.close(code, reason)
+        return len(conns)
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        """Close every socket of `user_id` on every node: (closed, nodes that did not report in time)."""
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: no connection was closed; retry later")
+        return await self.backend.close_user(user_id, code, reason)
+
     def connections(self) -> Iterable[Connection]:
         """Every registered socket."""
         for conns in self._users.values():

@@ -25,6 +25,7 @@ class RecordingNode:
     def __init__(self) -> None:
         self.users: dict[str, list[int]] = {}
         self.got: list[Message] = []
+        self.closed: list[tuple[str, int, str]] = []
 
     def deliver(self, message: Message, want_users: bool) -> Counts:
         self.got.append(message)
@@ -34,6 +35,10 @@ class RecordingNode:
 
     def presence(self) -> Mapping[str, Sized]:
         return self.users
+
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        self.closed.append((user_id, code, reason))
+        return len(self.users.pop(user_id, []))
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,32 @@ async def test_two_redis_nodes_share_one_feed_presence_and_counts(redis: RedisSe
             assert [m.id for m in replay.messages] == [only.id]
         # The second node left cleanly: its users are gone at once, not after the heartbeat TTL.
         assert await first.status() == (["alice"], 1)
+
+
+@pytest.mark.anyio
+async def test_close_user_reaches_every_node_and_stays_out_of_the_history(redis: RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    import redis as redis_client
+
+    redis_client.Redis(port=redis.port, db=0).flushdb()
+    one, two = RecordingNode(), RecordingNode()
+    async with started(url, one) as first, started(url, two) as second:
+        await join(first, one, "alice")
+        await join(second, two, "alice")
+        await join(second, two, "alice")
+        before = await first.publish(None, draft("before"))
+        assert await first.close_user("alice", 4003, "bye") == (3, 0)
+        assert one.closed == two.closed == [("alice", 4003, "bye")]
+        assert await second.close_user("nobody", 4003, "bye") == (0, 0)
+        # The control entries are not messages: a resume never sees them.
+        replay = await second.replay("alice", MessageId(0, 0))
+        assert [m.id for m in replay.messages] == [before.id]
+
+
+@pytest.mark.anyio
+async def test_close_user_in_memory() -> None:
+    node = RecordingNode()
+    async with started("memory://", node) as backend:
+        await join(backend, node, "alice")
+        assert await backend.close_user("alice", 4003, "bye") == (1, 0)
+        assert node.closed == [("alice", 4003, "bye")]

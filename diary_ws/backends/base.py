@@ -50,6 +50,9 @@ class Node(Protocol):
     def presence(self) -> Mapping[str, Sized]:
         """User id -> this process's sockets of that user (read only)."""
 
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        """Close this process's sockets of `user_id` with `code`; how many there were."""
+
 
 class Backend(Protocol):
     """The small interface the Hub talks to; `memory` is the embedded default, `redis` the scale-out one."""
@@ -81,3 +84,6 @@ class Backend(Protocol):
 
     async def status(self) -> tuple[list[str], int]:
         """Every connected user id on every live node, sorted, and the number of sockets."""
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        """Close every socket of `user_id` on every node (an operator's disconnect): (closed, nodes missing)."""

@@ -54,6 +54,10 @@ class MemoryBackend:
         users = self._node.presence()
         return sorted(users), sum(len(conns) for conns in users.values())
 
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        assert self._node is not None, "start() first"
+        return self._node.close_local(user_id, code, reason), 0
+
     def _append(self, targets: frozenset[str] | None, draft: Draft) -> Message:
         msg_id = self._clock.next()
         message = Message.build(msg_id, targets, draft.render(msg_id))

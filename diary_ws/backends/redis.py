@@ -195,39 +195,56 @@ class RedisBackend:
     # --- publish -----------------------------------------------------------------------------------------
 
     async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+        fields: dict[str, str] = {"k": draft.kind, "m": draft.message}
+        if draft.data is not None:
+            fields["d"] = orjson.dumps(draft.data).decode()
+        if targets is not None:
+            fields["t"] = ",".join(targets)  # user ids never contain a comma
+        msg_id, reports, missing = await self._gather(sorted(targets) if targets is not None else [], fields)
+        if msg_id is None:
+            raise NobodyListening(targeted=targets is not None)
+        users: set[str] = set()
+        sent = total = lost = 0
+        for counts in reports:
+            sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
+            users.update(counts.users or ())
+        return Published(msg_id, sent, total, lost, len(users), missing)
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        # A control entry on the same stream: every node closes its sockets of the user and reports how many.
+        # Replay skips it (it has no message kind), and it is ordered after every message before it.
+        fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
+        _id, reports, missing = await self._gather(None, fields)
+        return sum(counts.sent for counts in reports), missing
+
+    async def _gather(
+        self, targets: list[str] | None, fields: dict[str, str]
+    ) -> tuple[MessageId | None, list[Counts], int]:
+        """Add an entry unless no target is connected (targets None: add it anyway) and gather the counts.
+
+        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT; the
+        number of live nodes that did not report).
+        """
         token = secrets.token_hex(8)
         gather = self._pending[token] = _Gather()
         try:
-            msg_id, live = await self._append(token, targets, draft)
-            gather.expect(set(live))
+            head = [PREFIX, max(self._size, FEED_MIN), -1 if targets is None else len(targets), *(targets or ())]
+            entry = {"o": self.node_id, "r": token, **fields}
+            argv = [*head, *(x for kv in entry.items() for x in kv)]
+            answer = await self._run(scripts.PUBLISH, [self._keys[0], self._keys[1]], argv)
+            if not answer[0]:
+                return None, [], 0
+            msg_id = parse_id(answer[0])
+            assert msg_id is not None, answer
+            gather.expect(set(answer[1]))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(gather.done.wait(), PUBLISH_WAIT)
         finally:
             del self._pending[token]
         missing = sorted((gather.expected or set()) - gather.reports.keys())
         if missing:
-            log.warning("publish %s: no counts within %.1f s from node(s) %s", msg_id, PUBLISH_WAIT, ", ".join(missing))
-        users: set[str] = set()
-        sent = total = lost = 0
-        for counts in gather.reports.values():
-            sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
-            users.update(counts.users or ())
-        return Published(msg_id, sent, total, lost, len(users), len(missing))
-
-    async def _append(self, token: str, targets: frozenset[str] | None, draft: Draft) -> tuple[MessageId, list[str]]:
-        fields: dict[str, str] = {"o": self.node_id, "r": token, "k": draft.kind, "m": draft.message}
-        if draft.data is not None:
-            fields["d"] = orjson.dumps(draft.data).decode()
-        if targets is not None:
-            fields["t"] = ",".join(targets)  # user ids never contain a comma
-        names = sorted(targets) if targets is not None else []
-        argv = [PREFIX, max(self._size, FEED_MIN), len(names), *names, *(x for kv in fields.items() for x in kv)]
-        answer = await self._run(scripts.PUBLISH, [self._keys[0], self._keys[1]], argv)
-        if not answer[0]:
-            raise NobodyListening(targeted=targets is not None)
-        msg_id = parse_id(answer[0])
-        assert msg_id is not None, answer
-        return msg_id, list(answer[1])
+            log.warning("entry %s: no counts within %.1f s from node(s) %s", msg_id, PUBLISH_WAIT, ", ".join(missing))
+        return msg_id, list(gather.reports.values()), len(missing)
 
     # --- the reader ----------------------------------------------------------------------------------------
 
@@ -275,14 +292,18 @@ class RedisBackend:
     def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
         msg_id = parse_id(entry_id)
-        if msg_id is None or "k" not in fields:
-            log.warning("skipping stream entry %s: not a diary-ws message", entry_id)
-            return None
-        targets = frozenset(fields["t"].split(",")) if "t" in fields else None
-        data = orjson.loads(fields["d"]) if "d" in fields else None
-        message = Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id))
         assert self._node is not None
-        counts = self._node.deliver(message, True)
+        if msg_id is not None and fields.get("c") == "close":
+            closed = self._node.close_local(fields["u"], int(fields["code"]), fields["why"])
+            counts = Counts(closed, closed, 0, int(closed > 0), None)
+        elif msg_id is not None and "k" in fields:
+            targets = frozenset(fields["t"].split(",")) if "t" in fields else None
+            data = orjson.loads(fields["d"]) if "d" in fields else None
+            message = Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id))
+            counts = self._node.deliver(message, True)
+        else:
+            log.warning("skipping stream entry %s: not a diary-ws entry", entry_id)
+            return None
         origin, token = fields.get("o"), fields.get("r", "")
         if origin == self.node_id:
             gather = self._pending.get(token)

@@ -28,13 +28,16 @@ end
 
 # KEYS: nodes, feed. ARGV: prefix, maxlen, number of targets, the targets..., then field, value pairs.
 # Returns {id or false, {live nodes}}: the 404 decision and the XADD in one step, so no node can miss it.
+# A number of targets of -1 adds the entry whoever is connected (a control entry).
 PUBLISH = (
     _LIVE
     + """
 local prefix, maxlen, ntargets = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local live = live_nodes(KEYS[1], prefix)
-local anyone = false
+local anyone = ntargets < 0
+if anyone then ntargets = 0 end
 for _, n in ipairs(live) do
+  if anyone then break end
   local key = prefix .. 'presence:' .. n
   if ntargets == 0 then
     anyone = redis.call('HLEN', key) > 0
