@@ -27,6 +27,7 @@ log = logging.getLogger("diary_ws.hub")
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1012
 CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
+CLOSE_BY_OPERATOR = 4003
 
 
 # What `Sink.try_write` reports.
@@ -267,18 +268,22 @@ class Hub:
         self._count -= 1
         self.backend.left(conn.user_id)
 
+    async def disconnect_user(
+        self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
+    ) -> tuple[int, int]:
+        """Close every socket of `user_id` with `code`, on every node: (closed, nodes that did not report)."""
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: no connection was closed; retry later")
+        return await self.backend.close_user(user_id, code, reason)
+
     def close_local(self, user_id: str, code: int, reason: str) -> int:
         """Close this process's sockets of `user_id` with `code`; how many there were (the backend calls it)."""
         conns = list(self._users.get(user_id, ()))
         for conn in conns:
             conn.close(code, reason)
+        if conns:
+            log.info("closed %d connections of user %s with %d", len(conns), user_id, code)
         return len(conns)
-
-    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
-        """Close every socket of `user_id` on every node: (closed, nodes that did not report in time)."""
-        if not self.backend.ready():
-            raise BrokerUnavailable("broker unavailable: no connection was closed; retry later")
-        return await self.backend.close_user(user_id, code, reason)
 
     def connections(self) -> Iterable[Connection]:
         """Every registered socket."""

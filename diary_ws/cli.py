@@ -42,10 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in SPECS and value is not None}
     try:
         settings = from_env(os.environ, overrides)
+        return serve(settings)  # create_app reads the secret files: a SettingError can come from there too
     except SettingError as exc:
         print(f"diary-ws: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
-    return serve(settings)
 
 
 def raise_open_file_limit() -> None:
@@ -65,8 +65,10 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.workers == 1:
         return 0 if run_worker(settings) else 1
+    from diary_ws.app import create_app
     from diary_ws.server import supervise
 
+    create_app(settings)  # reads the secret files: a SettingError stops here, with exit 2, not in each worker
     # Bound once here and shared, so every worker accepts on the same port (settings forbid memory:// here).
     sock = uvicorn_config(settings, app=None).bind_socket()
     return supervise(settings.workers, sock, functools.partial(run_worker, settings))
@@ -88,9 +90,9 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=settings.per_message_deflate,
-        # uvicorn trusts 127.0.0.1 by default; DESIGN: nobody may set X-Forwarded-For unless listed.
-        forwarded_allow_ips=list(settings.trusted_proxies),
-        proxy_headers=bool(settings.trusted_proxies),
+        # X-Forwarded-For from TRUSTED_PROXIES only, through with_proxy_headers (which also records the
+        # direct peer for USER_HEADER); uvicorn's own wrapping, which trusts 127.0.0.1 by default, stays off.
+        proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         lifespan="on",
         log_config=None,
@@ -102,7 +104,7 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
     """One serving process: the app, uvicorn and DiaryServer; `sock` is the supervisor's shared socket."""
     from diary_ws import logs
     from diary_ws.app import create_app
-    from diary_ws.server import DiaryServer
+    from diary_ws.server import DiaryServer, with_proxy_headers
 
     if sock is not None:  # a spawned worker starts with a bare interpreter
         raise_open_file_limit()
@@ -112,6 +114,7 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
     def begin_drain() -> None:
         app.state.hub.draining = True
 
-    server = DiaryServer(uvicorn_config(settings, app), on_signal=begin_drain, drain_seconds=settings.drain_seconds)
+    config = uvicorn_config(settings, with_proxy_headers(app, settings.trusted_proxies))
+    server = DiaryServer(config, on_signal=begin_drain, drain_seconds=settings.drain_seconds)
     server.run(sockets=None if sock is None else [sock])
     return server.started
