@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from diary_ws.backends.redis import HEARTBEAT_TTL, PUBLISH_WAIT, READ_BLOCK, READ_GRACE
 from tests.utils import RedisServer, Server, async_wait_until, next_frame, redis_server, run_server, wait_until
@@ -272,3 +273,22 @@ async def test_a_stalled_reader_makes_the_node_not_ready() -> None:
             answer = a.post({"message": "after"}).json()
             assert (await next_frame(alice))["id"] == answer["id"]
         a.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_the_operator_disconnect_closes_the_users_sockets_on_every_node() -> None:
+    with cluster() as (_redis, (a, b)):
+        async with listeners(a.listen_url("alice"), b.listen_url("alice"), b.listen_url("bob")) as (a1, b1, bob):
+            async with httpx.AsyncClient(timeout=10) as http:
+                answer = await http.delete(f"{a.http}/api/v1/ws/users/alice/connections")
+            assert answer.json() == {"status": "success", "message": "Closed 2 connections of user alice", "closed": 2}
+            for ws in (a1, b1):
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 5)
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4003
+            wait_until(lambda: b.status()["active_user_ids"] == ["bob"], 5, "alice to leave the status")
+            assert a.post({"message": "bob stays"}).json()["sent_count"] == 1
+            assert (await next_frame(bob))["message"] == "bob stays"
+        for srv in (a, b):
+            srv.assert_clean_log()
