@@ -37,13 +37,13 @@ class Admission:
     expires_at: float | None = None
 
 
-def admit_listener(scope: Scope) -> Admission:
+async def admit_listener(scope: Scope) -> Admission:
     """Check a listener's handshake (WebSocket or SSE: any scope with a `user_id` path parameter)."""
     state = scope["app"].state
     security: Security = state.security
     limiter: RateLimiter | None = state.connect_limiter
     if limiter is not None:
-        limiter.enforce(client_address(scope), "connection attempts from this address")
+        await limiter.acquire(client_address(scope), "connection attempts from this address")
     user_id = check_user_id(scope["path_params"]["user_id"])
     query = parse_listen_query(scope["query_string"])
     headers = Headers(scope=scope)

@@ -44,7 +44,7 @@ async def notify(request: Request) -> Response:
     """POST /api/v1/ws/notification."""
     hub: Hub = request.app.state.hub
     settings: Settings = request.app.state.settings
-    limit_headers = check_sender(request, limited=True)
+    limit_headers = await check_sender(request, limited=True)
     key = request.headers.get(idempotency.HEADER)
     key = None if key is None else idempotency.check_key(key)
     check_content_type(request.headers.get("content-type"))
@@ -56,18 +56,18 @@ async def notify(request: Request) -> Response:
 
 
 async def publish_once(
-    cache: idempotency.IdempotencyCache, key: str, hub: Hub, note: Notification, headers: dict[str, str]
+    cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
 ) -> Response:
     """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
-    first = cache.begin(key, idempotency.fingerprint(note))
+    first = await cache.begin(key, idempotency.fingerprint(note))
     if first is not None:
         return Response(first.body, first.status, {**headers, "Idempotent-Replayed": "true"}, "application/json")
     try:
         response = await publish(hub, note, headers)
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
-        cache.abandon(key)
+        await cache.abandon(key)
         raise
-    cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
+    await cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
     return response
 
 
@@ -88,7 +88,7 @@ async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Resp
     return json_response(answer, headers=headers)
 
 
-def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
+async def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
     """401 without a valid API key (when keys are configured); with `limited`, 429 over RATE_LIMIT.
 
     Returns the `RateLimit-*` headers for the answer. The bucket is the API key's, or the client
@@ -99,7 +99,7 @@ def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
     limiter: RateLimiter | None = request.app.state.publish_limiter
     if not limited or limiter is None:
         return {}
-    return limiter.enforce(sender or client_address(request.scope), "notifications")
+    return await limiter.acquire(sender or client_address(request.scope), "notifications")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -122,7 +122,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def status(request: Request) -> Response:
     """GET /api/v1/ws/status."""
-    check_sender(request)
+    await check_sender(request)
     raw = request.query_params.get("limit")
     limit = None
     if raw is not None:
@@ -135,7 +135,7 @@ async def status(request: Request) -> Response:
 
 async def disconnect(request: Request) -> Response:
     """DELETE /api/v1/ws/users/{user_id}/connections: close every socket of a user with 4003 (log-out, ban)."""
-    check_sender(request)
+    await check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
     closed, missing = await hub.disconnect_user(user_id)
@@ -207,7 +207,7 @@ class Listen:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
         try:
-            admission = admit_listener(scope)
+            admission = await admit_listener(scope)
             conn = await hub.attach(
                 admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
             )

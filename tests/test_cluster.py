@@ -292,3 +292,34 @@ async def test_the_operator_disconnect_closes_the_users_sockets_on_every_node() 
             assert (await next_frame(bob))["message"] == "bob stays"
         for srv in (a, b):
             srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_rate_limits_and_idempotency_keys_hold_across_the_cluster() -> None:
+    with cluster(rate_limit="3/m", connect_rate_limit="3/m") as (_redis, (a, b)):
+        async with listeners(a.listen_url("alice"), b.listen_url("bob")) as (alice, bob):
+            key = {"Idempotency-Key": "order-42"}
+            first = a.post({"message": "once"}, headers=key)
+            assert first.status_code == 200, first.text
+            again = b.post({"message": "once"}, headers=key)  # the retry lands on the other node
+            assert (again.status_code, again.json()) == (200, first.json())
+            assert again.headers["Idempotent-Replayed"] == "true"
+            other = b.post({"message": "different"}, headers=key)
+            assert other.status_code == 422
+            # One bucket for the sender (this client address) across both nodes, 3 a minute: the first
+            # publish, the replay and the 422 took all three, so the next is over the limit, on either node.
+            refused = a.post({"message": "over"})
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["RateLimit-Remaining"] == "0"
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert b.post({"message": "over"}).status_code == 429
+            for ws in (alice, bob):  # the message went out once
+                assert (await next_frame(ws))["id"] == first.json()["id"]
+            # Handshakes from one address, 3 a minute over the cluster: two were made above.
+            async with connect(b.listen_url("carol")):
+                pass
+            with pytest.raises(Exception, match="429"):
+                async with connect(a.listen_url("dave")):
+                    pass
+        for srv in (a, b):
+            srv.assert_clean_log()

@@ -54,6 +54,15 @@ class Node(Protocol):
         """Close this process's sockets of `user_id` with `code`; how many there were."""
 
 
+class SharedState(Protocol):
+    """Rate-limit buckets and idempotency keys that every node shares (see ratelimit and idempotency)."""
+
+    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]: ...
+    async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]: ...
+    async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None: ...
+    async def idem_abandon(self, key: str) -> None: ...
+
+
 class Backend(Protocol):
     """The small interface the Hub talks to; `memory` is the embedded default, `redis` the scale-out one."""
 
@@ -87,3 +96,6 @@ class Backend(Protocol):
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
         """Close every socket of `user_id` on every node (an operator's disconnect): (closed, nodes missing)."""
+
+    def shared(self) -> SharedState | None:
+        """Where rate limits and idempotency keys live when the cluster shares them; None: in this process."""

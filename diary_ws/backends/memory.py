@@ -58,6 +58,10 @@ class MemoryBackend:
         assert self._node is not None, "start() first"
         return self._node.close_local(user_id, code, reason), 0
 
+    def shared(self) -> None:
+        """One process: limits and keys stay in it."""
+        return None
+
     def _append(self, targets: frozenset[str] | None, draft: Draft) -> Message:
         msg_id = self._clock.next()
         message = Message.build(msg_id, targets, draft.render(msg_id))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -473,6 +474,28 @@ class RedisBackend:
         top = parse_id(last) or MessageId(0, 0)
         return Replay(found, floor <= since <= top)
 
+    # --- state the cluster shares: rate-limit buckets and idempotency keys ---------------------------------
+
+    def shared(self) -> RedisBackend:
+        return self
+
+    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]:
+        ttl_ms = int((burst / per_second + 1) * 1000)  # a bucket idle this long is full: forgetting it is the same
+        taken, tokens = await self._run(scripts.RATE, [_hashed("rate", bucket)], [burst, per_second, ttl_ms])
+        return bool(taken), float(tokens)
+
+    async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
+        answer = await self._run(scripts.IDEM_BEGIN, [_hashed("idem", key)], [print_, int(busy_ttl * 1000)])
+        if answer[0] == "done":
+            return "done", int(answer[1]), answer[2]
+        return answer[0], 0, ""
+
+    async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None:
+        await self._run(scripts.IDEM_FINISH, [_hashed("idem", key)], [status, body, int(ttl * 1000)])
+
+    async def idem_abandon(self, key: str) -> None:
+        await self._run(scripts.IDEM_ABANDON, [_hashed("idem", key)], [])
+
     # --- plumbing -------------------------------------------------------------------------------------------
 
     async def _run(self, source: str, keys: list[str], argv: list[Any]) -> Any:
@@ -508,6 +531,11 @@ class RedisBackend:
                     state.up = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
+
+
+def _hashed(kind: str, key: str) -> str:
+    """A Redis key for an API key, address or Idempotency-Key: hashed, so no secret is ever a key name."""
+    return f"{PREFIX}{kind}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def _safe_url(url: str) -> str:

@@ -141,4 +141,51 @@ return {t[1], t[2], last, deleted, entries}
 """
 )
 
-ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY)
+# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms.
+# Returns {1 if a token was taken, the tokens left as a string}. Redis's clock, so nodes' clocks do not matter.
+RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'when')
+local tokens, when = tonumber(b[1]) or burst, tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - when) * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'when', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {taken, string.format('%.6f', tokens)}
+"""
+
+# Idempotency keys. KEYS: the key's hash. BEGIN ARGV: fingerprint, busy TTL in ms.
+# Returns {'first'} | {'other'} | {'busy'} | {'done', status, body}.
+IDEM_BEGIN = """
+local e = redis.call('HMGET', KEYS[1], 'fp', 'status', 'body')
+if not e[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'first'}
+end
+if e[1] ~= ARGV[1] then return {'other'} end
+if not e[2] then return {'busy'} end
+return {'done', e[2], e[3]}
+"""
+
+# FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
+IDEM_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'body', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 0
+"""
+
+IDEM_ABANDON = """
+if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
