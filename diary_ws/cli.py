@@ -78,13 +78,14 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
     import uvicorn
 
-    from diary_ws.server import DiaryWebSocketProtocol
+    from diary_ws.server import DiaryHttpProtocol, DiaryWebSocketProtocol
 
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
+        http=DiaryHttpProtocol,
         ws=DiaryWebSocketProtocol,
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,

@@ -117,6 +117,9 @@ def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: Message
     return orjson.dumps(frame)
 
 
+HEARTBEAT_FRAME = '{"type":"heartbeat"}'  # what `?heartbeat=` sends; never stored, never counted
+
+
 class Draft(NamedTuple):
     """A notification before it has an id: what a backend stores and renders once the id is known."""
 
