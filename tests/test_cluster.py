@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from diary_ws.backends.redis import HEARTBEAT_TTL, PUBLISH_WAIT, READ_BLOCK, READ_GRACE
+from tests.sse_client import open_stream
 from tests.utils import RedisServer, Server, async_wait_until, next_frame, redis_server, run_server, wait_until
 
 
@@ -323,3 +324,18 @@ async def test_rate_limits_and_idempotency_keys_hold_across_the_cluster() -> Non
                     pass
         for srv in (a, b):
             srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_sse_streams_are_part_of_the_cluster_too() -> None:
+    with cluster() as (_redis, (a, b)):
+        async with open_stream(f"{b.http}/api/v1/sse/alice") as events, connect(a.listen_url("alice")) as ws:
+            wait_until(lambda: a.status()["total_connections"] == 2, 5, "the stream in the cluster's status")
+            answer = a.post({"message": "both kinds"}).json()
+            assert (counts(answer), answer["message"]) == ((2, 2, 0), "Notification sent to 1 user")
+            assert (await events.next()).id == answer["id"]
+            assert (await next_frame(ws))["id"] == answer["id"]
+        async with open_stream(f"{a.http}/api/v1/sse/alice?since={answer['id']}") as events:
+            later = b.post({"message": "later"}).json()
+            assert (await events.next()).json()["type"] == "resume"
+            assert (await events.next()).id == later["id"]
