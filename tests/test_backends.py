@@ -61,7 +61,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def started(url: str, node: RecordingNode, **settings: int) -> AsyncIterator[Backend]:
+async def started(url: str, node: RecordingNode, **settings: float) -> AsyncIterator[Backend]:
     backend = backend_for(Settings(broker_url=url, **settings))  # type: ignore[arg-type]
     await backend.start(node)
     await async_wait_until(backend.ready, 10, "the backend to be ready")
@@ -233,3 +233,68 @@ async def test_close_user_in_memory() -> None:
         await join(backend, node, "alice")
         assert await backend.close_user("alice", 4003, "bye") == (1, 0)
         assert node.closed == [("alice", 4003, "bye")]
+
+
+@pytest.mark.anyio
+async def test_messages_past_the_ttl_are_not_replayed(broker_url: str) -> None:
+    node = RecordingNode()
+    async with started(broker_url, node, history_ttl=0.3) as backend:
+        await join(backend, node, "alice")
+        first = await backend.publish(None, draft("old"))
+        await backend.publish(None, draft("older"))
+
+        async def expired() -> bool:
+            return await backend.replay("alice", first.id) == ([], False)
+
+        await async_wait_until(expired, 5, "the history to expire")
+        fresh = await backend.publish(None, draft("fresh"))
+        replay = await backend.replay("alice", first.id)
+        assert ([m.id for m in replay.messages], replay.recovered) == ([fresh.id], False)
+
+
+@pytest.mark.anyio
+async def test_a_resume_that_meets_a_broker_outage_closes_with_1013() -> None:
+    """Redis goes away between the handshake and the history read: the socket is told to come back later."""
+    from diary_ws.broadcaster import CLOSE_TRY_AGAIN, Hub, Limits
+
+    with redis_server() as server:
+        hub = Hub(backend_for(Settings(broker_url=server.url)), Limits(100, 16, 256, 1 << 20))
+        await hub.start()
+        try:
+            await async_wait_until(hub.ready, 10, "the hub to be ready")
+            sink = ClosingSink()
+            conn = await hub.attach("alice", sink)
+            server.kill()
+            await hub.listen(conn, MessageId(1, 0))
+            await async_wait_until(lambda: sink.closed is not None, 5, "the close")
+            assert sink.closed is not None
+            assert sink.closed[0] == CLOSE_TRY_AGAIN
+            assert sink.texts == []  # no resume frame: nothing was read
+        finally:
+            await hub.stop()
+
+
+class ClosingSink:
+    """Records what the Hub sends one socket."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.closed: tuple[int, str] | None = None
+
+    def try_write(self, message: Message) -> int:
+        return 0  # LATER: everything goes through send_text
+
+    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
+        self.texts.append(text)
+
+    async def send_heartbeat(self) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def stalled(self) -> bool:
+        return False
+
+    def abort(self) -> bool:
+        return False
