@@ -500,6 +500,8 @@ class RedisBackend:
 
     async def _run(self, source: str, keys: list[str], argv: list[Any]) -> Any:
         """Run a script; any Redis failure becomes BrokerUnavailable for the caller."""
+        if self._cmd is None:
+            raise BrokerUnavailable("broker unavailable: the backend is not started (run the app's lifespan)")
         try:
             # EVALSHA; after a Redis restart forgot the script, redis-py loads it again.
             return await self._scripts[source](keys, argv)
