@@ -252,7 +252,14 @@ async def test_two_workers_share_the_port_and_both_serve() -> None:
             assert counts(answer) == (len(sockets), len(sockets), 0), answer
             for ws in sockets:
                 assert (await next_frame(ws))["id"] == answer["id"]
+        # A worker that dies is replaced: a new node joins.
+        found = re.search(r"started 2 workers: (\d+), (\d+)", srv.log())
+        assert found, srv.log()[-2000:]
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        wait_until(lambda: bool(set(client.smembers("diary-ws:nodes")) - set(nodes)), 15, "a new worker to join")
+        wait_until(lambda: srv.get("/readyz").status_code == 200, 10, "the service to stay ready")
         assert srv.terminate() < 10
+        assert "exited (-9); started" in srv.log()
         srv.assert_clean_log()
 
 
