@@ -252,7 +252,7 @@ class RedisBackend:
     async def _read_once(self) -> None:
         assert self._blocking is not None
         if not self._reader.up:
-            lost, last = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [])
+            lost, last = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
             if lost and self._last_id != "0-0":
                 log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
             elif lost:

@@ -102,9 +102,12 @@ local function last_and_deleted(stream)
 end
 """
 
-# KEYS: feed, epoch. Run by every reader when it (re)connects. Returns {1 if the data was lost, last id}.
+# KEYS: feed, epoch. ARGV: the last id this reader saw ("0-0" if none). Run by every reader when it
+# (re)connects. Returns {1 if the data was lost, last id}.
 # Without the epoch key this Redis has lost its data (a restart without persistence) or never had any: the
 # stream is marked "everything up to now was deleted", so a `since` from before reads `recovered: false`.
+# "Now" is the later of Redis's clock and the reader's last id, so new ids follow the old ones even if the
+# restarted Redis's clock is behind.
 REPAIR = (
     _INFO
     + """
@@ -118,10 +121,18 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'diary-ws-init', '$', 'MKSTREAM')
   redis.call('XGROUP', 'DESTROY', KEYS[1], 'diary-ws-init')
 end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function later(a, b)
+  local ams, aseq = parts(a)
+  local bms, bseq = parts(b)
+  if ams > bms or (ams == bms and aseq >= bseq) then return a end
+  return b
+end
 local last = last_and_deleted(KEYS[1])
-local ms = tonumber(string.match(last, '^(%d+)-'))
-local top = last
-if ms < now then top = string.format('%.0f', now) .. '-0' end
+local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
 redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
 redis.call('SET', KEYS[2], string.format('%.0f', now))
 return {1, top}
