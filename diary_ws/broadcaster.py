@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from diary_ws.backends import Backend, Counts
 from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
-from diary_ws.validation import Notification
+from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
@@ -65,6 +65,7 @@ class Limits:
     max_connections_per_user: int
     send_queue_size: int
     send_queue_bytes: int
+    max_message_chars: int = 65536  # what `notify` checks, as the POST does
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +343,17 @@ class Hub:
             done.id, note.type, done.sent, done.total, done.lost, (time.perf_counter() - started) * 1000,
         )  # fmt: skip
         return result
+
+    async def notify(
+        self,
+        message: str,
+        user_ids: Iterable[str] | None = None,
+        type: str = "notification",
+        data: Mapping[str, Any] | None = None,
+    ) -> PublishResult:
+        """Publish from Python in this process, checked like a POST body (the same ValidationError)."""
+        note = check_notification(message, user_ids, type, data, max_message_chars=self.limits.max_message_chars)
+        return await self.publish(note)
 
     def presence(self) -> Mapping[str, Sized]:
         """User id -> this process's sockets of that user; for the backend (read only)."""
