@@ -34,9 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from typing import Any
 import orjson
 
 from bench.loadgen import Http, Receipts, close_sockets, open_sockets
-from tests.utils import free_port, vm_rss_kib, wait_until
+from tests.utils import RedisServer, free_port, redis_server, vm_rss_kib, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -65,6 +63,7 @@ class Result:
     per_socket_ms_p99: float | None = None
     post_ms_p50: float | None = None
     cpu_us_per_delivery: float | None = None
+    redis_cpu_us_per_delivery: float | None = None  # redis-server's own CPU, Redis mode only
     burst_deliveries_per_s: float | None = None
     status_ms_p50_in_burst: float | None = None
     status_ms_p99_in_burst: float | None = None
@@ -105,23 +104,6 @@ def server_child() -> None:
     raise_nofile()
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free port, for `--broker redis`."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL, preexec_fn=server_child,
-        )  # fmt: skip
-        try:
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
 def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     if kind.startswith("diary-ws"):
@@ -153,8 +135,11 @@ def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[b
 class Bench:
     """One server, N sockets, and the measurements on them."""
 
-    def __init__(self, kind: str, sockets: int, rounds: int, burst: int, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, kind: str, sockets: int, rounds: int, burst: int, extra_env: dict[str, str], redis_pid: int | None = None
+    ) -> None:
         self.kind = kind
+        self.redis_pid = redis_pid
         self.n = sockets
         self.rounds = rounds
         self.burst = burst
@@ -217,6 +202,7 @@ class Bench:
         every: list[float] = []
         posts: list[float] = []
         cpu0, own0, wall0 = cpu_seconds(pid), time.process_time(), time.monotonic()
+        redis0 = cpu_seconds(self.redis_pid) if self.redis_pid else 0.0
         delivered = 0
         for _ in range(self.rounds):
             started, posted, stamps = await self._broadcast(http)
@@ -226,6 +212,8 @@ class Bench:
                 last.append(max(stamps) - started)
                 every.extend(t - started for t in stamps)
         r.cpu_us_per_delivery = (cpu_seconds(pid) - cpu0) / max(delivered, 1) * 1e6
+        if self.redis_pid:
+            r.redis_cpu_us_per_delivery = (cpu_seconds(self.redis_pid) - redis0) / max(delivered, 1) * 1e6
         r.loadgen_cpu_share = (time.process_time() - own0) / (time.monotonic() - wall0)
         r.last_socket_ms_p50 = statistics.median(last) * 1000 if last else float("nan")
         r.per_socket_ms_p50 = quantile(every, 0.5) * 1000
@@ -402,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--burst", type=int, default=20)
     parser.add_argument("--servers", nargs="+", default=["diary-ws", "fastapi-tutorial", "fastapi-tutorial+httptools"])
-    parser.add_argument("--broker", choices=["memory", "redis"], nargs="+", default=["memory"],
+    parser.add_argument("--broker", choices=["memory", "redis"], nargs="+", default=["memory", "redis"],
                         help="diary-ws broker(s) to measure; redis starts its own redis-server")  # fmt: skip
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
@@ -421,18 +409,24 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     # A fresh load generator's first run is slower whichever server it meets: throw a short one away.
     uvloop.run(Bench(args.servers[0], 200, 3, 3, {}).run())
+    brokers = list(args.broker)
+    if "redis" in brokers and shutil.which("redis-server") is None:
+        print("redis-server not found: Redis mode skipped (install Debian's redis-server package)")
+        brokers.remove("redis")
     for n in args.sockets:
         for kind in args.servers:
-            brokers = args.broker if kind == "diary-ws" else ["memory"]
-            for broker in brokers:
-                env: dict[str, str] = {}
+            for broker in brokers if kind == "diary-ws" else ["memory"]:
                 with contextlib.ExitStack() as stack:
-                    label = kind
-                    if kind == "diary-ws" and broker == "redis":
-                        env["DIARY_WS_BROKER_URL"] = stack.enter_context(redis_server())
-                        label = "diary-ws+redis"
-                    bench = Bench(label, n, args.rounds, args.burst, env)
-                    results.append(uvloop.run(bench.run()))
+                    env: dict[str, str] = {}
+                    label, redis_pid = kind, None
+                    if broker == "redis":
+                        redis: RedisServer = stack.enter_context(redis_server())
+                        assert redis.proc is not None
+                        # The server side shares core 0, as a co-located Redis would.
+                        os.sched_setaffinity(redis.proc.pid, {SERVER_CORE})
+                        env["DIARY_WS_BROKER_URL"] = redis.url
+                        label, redis_pid = "diary-ws+redis", redis.proc.pid
+                    results.append(uvloop.run(Bench(label, n, args.rounds, args.burst, env, redis_pid).run()))
                     print(table(results[-1:]), flush=True)
     if args.deflate:
         results.append(uvloop.run(deflate_run(1000, args.rounds)))
