@@ -25,6 +25,7 @@ from diary_ws.validation import Notification, check_notification
 log = logging.getLogger("diary_ws.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
+FANOUT_CHUNK = 256  # sockets per turn of the event loop in a fan-out: about 2-3 ms of work
 CLOSE_GOING_AWAY = 1012
 CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
 CLOSE_BY_OPERATOR = 4003
@@ -109,6 +110,8 @@ class Connection:
 
     def offer(self, message: Message) -> bool:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
+        if not self.active:
+            return False  # left the registry while a chunked fan-out was under way: nothing more goes out
         if self._writer is None and self._started:
             outcome = self.sink.try_write(message)
             if outcome == WROTE:
@@ -231,6 +234,9 @@ class Hub:
         self.backend = backend
         self.limits = limits
         self._users: dict[str, set[Connection]] = {}
+        # One fan-out at a time, first come first served (asyncio.Lock is FIFO): a chunked fan-out yields
+        # to the event loop, and the next message must not overtake it on any socket.
+        self._delivering = asyncio.Lock()
         self._count = 0
         self.draining = False  # SIGTERM seen: /readyz says 503 so the balancer sends nobody new
         self.started = False
@@ -365,26 +371,43 @@ class Hub:
         """User id -> this process's sockets of that user; for the backend (read only)."""
         return self._users
 
-    def deliver(self, message: Message, want_users: bool) -> Counts:
-        """Fan one message out to this process's sockets; the backend calls it once per message, in order."""
-        users = self._users
-        groups = users.items() if message.targets is None else ((u, users[u]) for u in message.targets if u in users)
-        sent = total = lost = reached = 0
-        names: list[str] | None = [] if want_users else None
-        for user_id, conns in list(groups):
-            handed = 0
-            for conn in list(conns):  # offer() may drop the socket from this set
-                total += 1
-                if conn.offer(message):
-                    handed += 1
-                else:
-                    lost += 1
-            sent += handed
-            if handed:
-                reached += 1
-                if names is not None:
-                    names.append(user_id)
-        return Counts(sent, total, lost, reached, names)
+    async def deliver(self, message: Message, want_users: bool) -> Counts:
+        """Fan one message out to this process's sockets; the backend calls it once per message, in order.
+
+        Every FANOUT_CHUNK sockets it yields to the event loop, so a broadcast to 10,000 sockets does not
+        hold a health check, a status call or a handshake for the whole fan-out. The sockets are the ones
+        registered when it starts; one that leaves meanwhile is skipped and counted as lost.
+        Before the first pause nothing else ran, so small fan-outs behave exactly as a plain loop.
+        """
+        async with self._delivering:
+            users = self._users
+            groups = (
+                users.items() if message.targets is None else [(u, users[u]) for u in message.targets if u in users]
+            )
+            sent = total = lost = reached = 0
+            names: list[str] | None = [] if want_users else None
+            budget = FANOUT_CHUNK
+            # The sockets registered now, copied: offer() may drop a socket from its set, and a socket that
+            # attaches during a pause between chunks gets this message from the history if it resumes, or
+            # not at all, never twice.
+            for user_id, conns in [(user_id, list(conns)) for user_id, conns in groups]:
+                handed = 0
+                for conn in conns:
+                    total += 1
+                    if conn.offer(message):
+                        handed += 1
+                    else:
+                        lost += 1
+                sent += handed
+                if handed:
+                    reached += 1
+                    if names is not None:
+                        names.append(user_id)
+                budget -= len(conns) or 1
+                if budget <= 0:
+                    budget = FANOUT_CHUNK
+                    await asyncio.sleep(0)
+            return Counts(sent, total, lost, reached, names)
 
     # --- status -------------------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ class RecordingNode:
         self.got: list[Message] = []
         self.closed: list[tuple[str, int, str]] = []
 
-    def deliver(self, message: Message, want_users: bool) -> Counts:
+    async def deliver(self, message: Message, want_users: bool) -> Counts:
         self.got.append(message)
         reached = [u for u in self.users if message.is_for(u)]
         sockets = sum(len(self.users[u]) for u in reached)

@@ -44,8 +44,12 @@ class Published(NamedTuple):
 class Node(Protocol):
     """This process's side, as a backend sees it (the Hub)."""
 
-    def deliver(self, message: Message, want_users: bool) -> Counts:
-        """Fan one message out to this process's sockets, now, without waiting on any of them."""
+    async def deliver(self, message: Message, want_users: bool) -> Counts:
+        """Fan one message out to this process's sockets, without waiting on any of them.
+
+        It yields to the event loop between chunks of sockets; call it right after the message got its id,
+        with no await in between, so deliveries keep id order (the Hub queues them first come, first served).
+        """
 
     def presence(self) -> Mapping[str, Sized]:
         """User id -> this process's sockets of that user (read only)."""

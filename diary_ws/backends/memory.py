@@ -39,7 +39,7 @@ class MemoryBackend:
         if node is None or not (users if targets is None else any(user_id in users for user_id in targets)):
             raise NobodyListening(targeted=targets is not None)
         message = self._append(targets, draft)
-        sent, total, lost, reached, _ = node.deliver(message, False)
+        sent, total, lost, reached, _ = await node.deliver(message, False)  # no await before: id order holds
         return Published(message.id, sent, total, lost, reached, 0)
 
     async def join(self, user_id: str, limit: int) -> None:

@@ -273,7 +273,7 @@ class RedisBackend:
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 try:
-                    report = self._deliver(entry_id, fields)
+                    report = await self._deliver(entry_id, fields)
                 except Exception:  # a bad entry must not stop the feed: skip it, loudly
                     log.exception("skipping stream entry %s", entry_id)
                     report = None
@@ -290,7 +290,7 @@ class RedisBackend:
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()
 
-    def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
+    async def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
         msg_id = parse_id(entry_id)
         assert self._node is not None
@@ -301,7 +301,7 @@ class RedisBackend:
             targets = frozenset(fields["t"].split(",")) if "t" in fields else None
             data = orjson.loads(fields["d"]) if "d" in fields else None
             message = Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id))
-            counts = self._node.deliver(message, True)
+            counts = await self._node.deliver(message, True)
         else:
             log.warning("skipping stream entry %s: not a diary-ws entry", entry_id)
             return None
