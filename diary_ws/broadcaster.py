@@ -112,6 +112,11 @@ class Connection:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
         if not self.active:
             return False  # left the registry while a chunked fan-out was under way: nothing more goes out
+        floor = self._floor
+        if floor is not None and message.id <= floor:
+            # Replayed already: this socket resumed while the message was on its way here (a paused fan-out
+            # here, or a Redis reader that had not reached it yet when the history was read). PITFALLS 8.
+            return True
         if self._writer is None and self._started:
             outcome = self.sink.try_write(message)
             if outcome == WROTE:
@@ -375,24 +380,25 @@ class Hub:
         """Fan one message out to this process's sockets; the backend calls it once per message, in order.
 
         Every FANOUT_CHUNK sockets it yields to the event loop, so a broadcast to 10,000 sockets does not
-        hold a health check, a status call or a handshake for the whole fan-out. The sockets are the ones
-        registered when it starts; one that leaves meanwhile is skipped and counted as lost.
-        Before the first pause nothing else ran, so small fan-outs behave exactly as a plain loop.
+        hold a health check, a status call or a handshake for the whole fan-out. A socket that attaches
+        during a pause may get this message live; if it resumed, its replay floor keeps it from getting it
+        twice (see `offer`). One that leaves before its turn is not counted. Before the first pause nothing
+        else runs, so a small fan-out is exactly a plain loop.
         """
         async with self._delivering:
             users = self._users
-            groups = (
-                users.items() if message.targets is None else [(u, users[u]) for u in message.targets if u in users]
-            )
+            # Only the user ids are copied, not a list per user: per-socket copies that outlive a pause
+            # would reach the older GC generations and make full collections, the longest pauses, frequent.
+            user_ids = list(users) if message.targets is None else [u for u in message.targets if u in users]
             sent = total = lost = reached = 0
             names: list[str] | None = [] if want_users else None
             budget = FANOUT_CHUNK
-            # The sockets registered now, copied: offer() may drop a socket from its set, and a socket that
-            # attaches during a pause between chunks gets this message from the history if it resumes, or
-            # not at all, never twice.
-            for user_id, conns in [(user_id, list(conns)) for user_id, conns in groups]:
+            for user_id in user_ids:
+                conns = users.get(user_id)
+                if conns is None:
+                    continue  # every socket of this user left during a pause
                 handed = 0
-                for conn in conns:
+                for conn in list(conns):  # offer() may drop the socket from this set
                     total += 1
                     if conn.offer(message):
                         handed += 1
