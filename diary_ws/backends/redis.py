@@ -133,6 +133,7 @@ class RedisBackend:
         self._last_read = 0.0  # monotonic time the reader last heard from Redis
         self._reader = _State("stream reader")
         self._presence = _State("presence")
+        self._replies = _State("count replies")
         self._pending: dict[str, _Gather] = {}
         self._dirty: set[str] = set()  # users whose count here changed since the last write
         self._joins: list[tuple[str, int, asyncio.Future[None]]] = []
@@ -159,7 +160,7 @@ class RedisBackend:
         self._tasks = [
             loop.create_task(self._guarded("stream reader", self._read_once, self._reader)),
             loop.create_task(self._guarded("presence", self._presence_once, self._presence)),
-            loop.create_task(self._guarded("count replies", self._replies_once, None)),
+            loop.create_task(self._guarded("count replies", self._replies_once, self._replies)),
         ]
         # Wait briefly for the first connection, so a healthy start is ready at once; a down Redis is not fatal.
         with contextlib.suppress(TimeoutError):
@@ -191,7 +192,9 @@ class RedisBackend:
         return self._reader.up and time.monotonic() - self._last_read < READ_BLOCK + READ_GRACE
 
     def ready(self) -> bool:
-        return self.reader_up and self._presence.up
+        # The replies reader too: a node whose reports from the others cannot arrive would answer its
+        # publishes with nodes_missing for nothing.
+        return self.reader_up and self._presence.up and self._replies.up
 
     # --- publish -----------------------------------------------------------------------------------------
 
@@ -259,16 +262,20 @@ class RedisBackend:
                 log.info("Redis holds no diary-ws data yet: history starts now")
             if self._last_id == "0-0":
                 self._last_id = last  # a fresh process starts at the end of the feed
-            self._last_read = time.monotonic()
+        # After a reconnect the first read barely blocks, and only once it has come back is the reader up:
+        # a blocking connection that went stale in a Redis restart fails on its first command (PITFALLS 7),
+        # and a node must not say ready while its reader is still in backoff.
+        first = not self._reader.up
+        block = 1 if first else int(READ_BLOCK * 1000)
+        # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
+            Any, await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=block)
+        )
+        self._last_read = time.monotonic()
+        if first:
             self._reader.ok()
             if self._presence.up:
                 self._up.set()
-        # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
-        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
-            Any,
-            await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=int(READ_BLOCK * 1000)),
-        )
-        self._last_read = time.monotonic()
         reports: list[tuple[str, bytes]] = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
@@ -317,7 +324,10 @@ class RedisBackend:
 
     async def _replies_once(self) -> None:
         assert self._blocking is not None
-        popped = await self._blocking.blpop([self._replies_key], timeout=READ_BLOCK)
+        first = not self._replies.up  # as for the stream reader: up once a command has come back
+        popped = await self._blocking.blpop([self._replies_key], timeout=0.01 if first else READ_BLOCK)
+        if first:
+            self._replies.ok()
         if popped is None:
             return
         report = orjson.loads(popped[1])
