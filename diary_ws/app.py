@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
 from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
+from diary_ws.metrics import Metrics, RequestMetrics
 from diary_ws.routes import API, error_response, json_response, routes
 from diary_ws.settings import Settings
 
@@ -41,8 +43,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         send_queue_size=settings.send_queue_size,
         send_queue_bytes=settings.send_queue_bytes,
     )
+    hub = Hub(backend_for(settings), limits)
+    metrics = Metrics(hub, per_worker=settings.workers > 1)
     app = Starlette(
         routes=routes(),
+        middleware=[Middleware(RequestMetrics, metrics=metrics)],
         lifespan=lifespan,
         exception_handlers={
             DiaryWSError: _diary_error,
@@ -52,7 +57,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
-    app.state.hub = Hub(backend_for(settings), limits)
+    app.state.hub = hub
+    app.state.metrics = metrics
     return app
 
 
@@ -64,9 +70,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     a mounted app's lifespan: `async with diary_ws.lifespan(diary_app): yield`.
     """
     hub: Hub = app.state.hub
+    metrics: Metrics = app.state.metrics
     await hub.start()
     try:
-        yield
+        async with metrics.lag_probe():
+            yield
     finally:
         await hub.stop()
 

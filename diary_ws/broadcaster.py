@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diary_ws.backends import Backend
@@ -72,6 +72,20 @@ class PublishResult:
     users_reached: int
 
 
+@dataclass(slots=True)
+class HubStats:
+    """Plain running totals the metrics collector reads at scrape time: int additions, no locks, no labels.
+
+    They count per publish or per failed socket, never per successful delivery, so the hot path stays cheap.
+    """
+
+    published: int = 0  # messages this node stored and fanned out
+    delivered: int = 0  # sockets a message was handed to (written or queued)
+    dropped_dead: int = 0  # targeted sockets found gone during a fan-out
+    slow_consumers: int = 0  # sockets closed (or aborted) because their backlog overflowed
+    observe_fanout: Callable[[float], None] = field(default=lambda seconds: None)  # set by diary_ws.metrics
+
+
 class Connection:
     """One socket of one user, and its backlog.
 
@@ -104,6 +118,7 @@ class Connection:
             if outcome == WROTE:
                 return True
             if outcome == DEAD:
+                self._hub.stats.dropped_dead += 1
                 self._hub.drop(self)
                 return False
         limits = self._hub.limits
@@ -143,9 +158,12 @@ class Connection:
             await asyncio.gather(task, return_exceptions=True)
 
     def _overflow(self) -> None:
+        self._hub.stats.slow_consumers += 1
         log.warning(
             "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
             self.user_id, len(self._backlog), self._bytes,
+            extra={"event": "slow_consumer", "user_id": self.user_id, "backlog": len(self._backlog),
+                   "backlog_bytes": self._bytes, "close_code": CLOSE_SLOW_CONSUMER},
         )  # fmt: skip
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
@@ -189,6 +207,7 @@ class Hub:
         self.limits = limits
         self._users: dict[str, set[Connection]] = {}
         self._count = 0
+        self.stats = HubStats()
         self.draining = False  # SIGTERM seen: /readyz says 503 so the balancer sends nobody new
         self.started = False
 
@@ -267,10 +286,16 @@ class Hub:
         started = time.perf_counter()
         message = await self.backend.append(targets, lambda msg_id: render(note.type, note.message, note.data, msg_id))
         result = self._fan_out(message)
+        seconds = time.perf_counter() - started
+        self.stats.published += 1
+        self.stats.observe_fanout(seconds)
         log.info(
             "published %s (%s) to %d of %d sockets, %d dropped, in %.2f ms",
             message.id, note.type, result.sent_count, result.total_connections, result.disconnected_users,
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
+            extra={"event": "publish", "id": str(message.id), "type": note.type, "sent_count": result.sent_count,
+                   "total_connections": result.total_connections, "dropped": result.disconnected_users,
+                   "duration_ms": round(seconds * 1000, 3)},
         )  # fmt: skip
         return result
 
@@ -293,9 +318,14 @@ class Hub:
                     lost += 1
             sent += handed
             reached += handed > 0
+        self.stats.delivered += sent
         return PublishResult(message.id, sent, total, lost, reached)
 
     # --- status -------------------------------------------------------------------------------------------
+
+    def sizes(self) -> tuple[int, int]:
+        """(distinct users, sockets) on this node, without sorting anything: for the metrics gauges."""
+        return len(self._users), self._count
 
     def status(self, limit: int | None = None) -> dict[str, Any]:
         """The guide's status fields plus `total_connections`."""
