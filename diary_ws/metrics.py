@@ -15,14 +15,14 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diary_ws.broadcaster import Hub
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST  # the text exposition format, version 0.0.4
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes (CONTENT_TYPE_LATEST names 1.0.0)
 
 # Seconds: a publish normally takes tens of microseconds to a few milliseconds; the top buckets catch stalls.
 FANOUT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
