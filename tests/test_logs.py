@@ -52,17 +52,20 @@ async def test_json_lines_parse_and_carry_the_fields() -> None:
         publish = [e for e in entries if e.get("event") == "publish" and e["id"] == answer["id"]]
         assert len(publish) == 1, "one line per publish"
         line = publish[0]
-        assert line["logger"] == "diary_ws.hub" and line["level"] == "info"
+        assert line["logger"] == "diary_ws.hub"
+        assert line["level"] == "info"
         assert (line["type"], line["sent_count"], line["total_connections"], line["dropped"]) == ("task.done", 1, 1, 0)
-        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+        assert isinstance(line["duration_ms"], float)
+        assert line["duration_ms"] >= 0
         assert answer["id"] in line["message"]  # the text is still there for people who read the message only
 
         slow = [e for e in entries if e.get("event") == "slow_consumer"]
         assert len(slow) == 1, "one line per slow-consumer close"
-        assert slow[0]["user_id"] == "log-slow" and slow[0]["close_code"] == 4008 and slow[0]["level"] == "warning"
+        assert (slow[0]["user_id"], slow[0]["close_code"], slow[0]["level"]) == ("log-slow", 4008, "warning")
 
         handshakes = [e for e in entries if "/api/v1/ws/log-a" in e["message"]]
-        assert handshakes and all("token=[redacted]" in e["message"] for e in handshakes)
+        assert handshakes
+        assert all("token=[redacted]" in e["message"] for e in handshakes)
         assert SECRET not in server.log()
         assert not [e for e in entries if e["level"] in ("error", "critical")]
 

@@ -13,7 +13,15 @@ from websockets.asyncio.client import connect
 from diary_ws import Settings, create_app
 from diary_ws.broadcaster import Hub
 from diary_ws.metrics import Metrics
-from tests.utils import Server, async_wait_until, drain_until_closed, next_frame, raw_handshake, run_server, serve_in_process
+from tests.utils import (
+    Server,
+    async_wait_until,
+    drain_until_closed,
+    next_frame,
+    raw_handshake,
+    run_server,
+    serve_in_process,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -110,19 +118,19 @@ async def test_a_slow_consumer_is_counted() -> None:
 async def test_event_loop_lag_is_measured() -> None:
     """Blocking the loop the app runs on shows up in the lag gauge."""
     app = create_app(Settings())
-    async with serve_in_process(app) as base:
-        async with httpx.AsyncClient(base_url=f"http://{base}") as client:
+    async with serve_in_process(app) as base, httpx.AsyncClient(base_url=f"http://{base}") as client:
 
-            async def lag() -> float:
-                return value(parse((await client.get("/metrics")).text), "diary_ws_event_loop_lag_seconds")
+        async def lag() -> float:
+            return value(parse((await client.get("/metrics")).text), "diary_ws_event_loop_lag_seconds")
 
-            assert await lag() < 0.25
-            time.sleep(1.0)  # longer than LAG_INTERVAL: a deliberate block of this very event loop, which the app shares
+        assert await lag() < 0.25
+        # Longer than LAG_INTERVAL: a deliberate block of this very event loop, which the app shares.
+        time.sleep(1.0)  # noqa: ASYNC251
 
-            async def blocked_seen() -> bool:
-                return await lag() >= 0.45  # the gauge holds the last probe's overshoot for LAG_INTERVAL
+        async def blocked_seen() -> bool:
+            return await lag() >= 0.45  # the gauge holds the last probe's overshoot for LAG_INTERVAL
 
-            await async_wait_until(blocked_seen, 5, "the probe to report the 1 s block")
+        await async_wait_until(blocked_seen, 5, "the probe to report the 1 s block")
 
 
 def test_two_apps_keep_separate_registries() -> None:
