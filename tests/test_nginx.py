@@ -195,3 +195,11 @@ async def test_no_token_in_either_log(proxied: tuple[Nginx, Server]) -> None:
     assert SECRET not in nginx.access_log()
     assert "token=" not in nginx.access_log()
     assert SECRET not in server.log()
+
+
+def test_the_readme_shows_the_recipe_the_test_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"```nginx\n(.*?)```", readme, re.DOTALL)
+    assert shown is not None
+    assert shown.group(1).strip() in RECIPE.read_text()
+    assert len(shown.group(1)) > 1000  # the whole http block, not a fragment
