@@ -289,15 +289,19 @@ class Hub:
         seconds = time.perf_counter() - started
         self.stats.published += 1
         self.stats.observe_fanout(seconds)
+        if log.isEnabledFor(logging.INFO):  # skip building the fields when nobody logs them
+            self._log_publish(note, result, seconds)
+        return result
+
+    def _log_publish(self, note: Notification, result: PublishResult, seconds: float) -> None:
         log.info(
             "published %s (%s) to %d of %d sockets, %d dropped, in %.2f ms",
-            message.id, note.type, result.sent_count, result.total_connections, result.disconnected_users,
+            result.id, note.type, result.sent_count, result.total_connections, result.disconnected_users,
             seconds * 1000,
-            extra={"event": "publish", "id": str(message.id), "type": note.type, "sent_count": result.sent_count,
+            extra={"event": "publish", "id": str(result.id), "type": note.type, "sent_count": result.sent_count,
                    "total_connections": result.total_connections, "dropped": result.disconnected_users,
                    "duration_ms": round(seconds * 1000, 3)},
         )  # fmt: skip
-        return result
 
     def _any_listening(self, targets: frozenset[str] | None) -> bool:
         if targets is None:
