@@ -105,6 +105,10 @@ class Metrics:
             "diary_ws_websocket_closes", "WebSocket connections ended, by close code (1005/1006: no close frame)",
             ["code", *names], registry=self.registry,
         )  # fmt: skip
+        self._refusals = Counter(
+            "diary_ws_websocket_refusals", "WebSocket handshakes refused before the upgrade, by HTTP status",
+            ["status", *names], registry=self.registry,
+        )  # fmt: skip
         lag = Gauge("diary_ws_event_loop_lag_seconds", f"how late a {LAG_INTERVAL} s timer fired, last probe",
                     names, registry=self.registry)  # fmt: skip
         self._lag = lag.labels(**values) if values else lag
@@ -118,6 +122,10 @@ class Metrics:
     def closed(self, code: int) -> None:
         """Count one WebSocket that ended, by the code it ended with."""
         self._closes.labels(code=str(code), **self._labels).inc()
+
+    def refused(self, status: int) -> None:
+        """Count one WebSocket handshake refused with `status` (400, 401, 403, 429, 503)."""
+        self._refusals.labels(status=str(status), **self._labels).inc()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -167,6 +167,7 @@ class Listen:
             conn = hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
+            scope["app"].state.metrics.refused(exc.status_code)
             return
         code = 1006  # the handler failed before the peer's disconnect reached it
         try:
@@ -212,6 +213,7 @@ async def unknown_socket(websocket: WebSocket) -> None:
     await websocket.send_denial_response(
         error_response(NotFound(f"no WebSocket endpoint at {where}; listen at {API}/{{user_id}}"))
     )
+    websocket.app.state.metrics.refused(404)
 
 
 class AnythingConvertor(Convertor[str]):

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from diary_ws import Settings, create_app
 from diary_ws.broadcaster import Hub
@@ -91,6 +92,14 @@ async def test_metrics_follow_real_traffic(server: Server) -> None:
     await b.close()
     await a2.close()
 
+    with pytest.raises(InvalidStatus):
+        await connect(server.listen_url("bad%20id"))
+    refused = scrape(server)
+    assert value(refused, "diary_ws_websocket_refusals_total", status="400") == 1
+    with pytest.raises(InvalidStatus):
+        await connect(f"{server.ws}/no/such/socket")
+    assert value(scrape(server), "diary_ws_websocket_refusals_total", status="404") == 1
+
 
 @pytest.mark.anyio
 async def test_a_slow_consumer_is_counted() -> None:
@@ -160,3 +169,12 @@ def test_every_metric_is_in_the_readme(shared_server: Server) -> None:
     assert len(families) >= 11
     for name in families - {f for f in families if f.endswith("_created")}:  # prometheus-client's own extras
         assert f"`{name}" in readme, name
+
+
+def test_the_core_knows_nothing_of_prometheus() -> None:
+    """metrics reads the hub; the hub and the backends never import metrics or prometheus-client."""
+    from tests.test_layers import importers_of
+
+    for target in ("prometheus_client", "diary_ws.metrics"):
+        assert not {m for m in importers_of(target) if m.startswith(("diary_ws.broadcaster", "diary_ws.backends"))}
+    assert importers_of("prometheus_client") == {"diary_ws.metrics"}
