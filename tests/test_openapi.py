@@ -116,7 +116,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(listened_server:
     with tempfile.TemporaryDirectory(prefix="diary-ws-schemathesis-") as reports:
         run = subprocess.run(
             [str(schemathesis), "run", f"{listened_server.http}/api/v1/ws/openapi.json",
-             "--url", listened_server.http, "--checks", CHECKS, "--max-examples", "40", "--max-time", "20",
+             "--url", listened_server.http, "--checks", CHECKS, "--max-examples", "150", "--max-time", "25",
              "--workers", "1", "--request-timeout", "5", "--report", "json", "--report-dir", reports],
             capture_output=True, text=True, timeout=90,
         )  # fmt: skip
