@@ -78,7 +78,9 @@ class HubCollector(Collector):
 def broker_up(hub: Hub) -> bool:
     """The backend's reader liveness: its `reader_up` attribute when it has one (Redis), else `ready()`."""
     backend = hub.backend
-    flag = getattr(backend, "reader_up", None)
+    flag = getattr(backend, "reader_up", None)  # a property or a method, where the backend has one
+    if callable(flag):
+        flag = flag()
     if isinstance(flag, bool):
         return flag
     return bool(backend.ready())

@@ -12,6 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from diary_ws import Settings, create_app
+from diary_ws.backends.memory import MemoryBackend
 from diary_ws.broadcaster import Hub
 from diary_ws.metrics import Metrics
 from tests.utils import (
@@ -178,3 +179,17 @@ def test_the_core_knows_nothing_of_prometheus() -> None:
     for target in ("prometheus_client", "diary_ws.metrics"):
         assert not {m for m in importers_of(target) if m.startswith(("diary_ws.broadcaster", "diary_ws.backends"))}
     assert importers_of("prometheus_client") == {"diary_ws.metrics"}
+
+
+def test_broker_reader_up_follows_the_backends_flag() -> None:
+    """A backend with a reader (Redis) exposes `reader_up`; the gauge reports it, not just `ready()`."""
+
+    class DeafBackend(MemoryBackend):
+        reader_up = False
+
+    app = create_app(Settings())
+    samples = parse(app.state.metrics.exposition().decode())
+    assert value(samples, "diary_ws_broker_reader_up") == 1
+    app.state.hub.backend = DeafBackend(history_size=10, history_ttl=60)
+    samples = parse(app.state.metrics.exposition().decode())
+    assert value(samples, "diary_ws_broker_reader_up") == 0
