@@ -13,10 +13,14 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from diary_ws import logs
+from diary_ws.auth import Security
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
 from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
+from diary_ws.idempotency import IdempotencyCache
 from diary_ws.metrics import Metrics, RequestMetrics
+from diary_ws.ratelimit import RateLimiter
 from diary_ws.routes import API, error_response, json_response, routes
 from diary_ws.settings import Settings
 
@@ -59,6 +63,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.hub = hub
     app.state.metrics = metrics
+    app.state.security = Security.from_settings(settings)  # reads the secrets: SettingError if unusable
+    app.state.publish_limiter = RateLimiter.from_setting(settings.rate_limit)
+    app.state.connect_limiter = RateLimiter.from_setting(settings.connect_rate_limit)
+    app.state.idempotency = IdempotencyCache(settings.idempotency_ttl)
+    logs.redact_tokens()  # here too, so an app embedded in another server never logs a token either
     return app
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger("diary_ws.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1012
+CLOSE_BY_OPERATOR = 4003
 
 
 # What `Sink.try_write` reports.
@@ -268,6 +269,17 @@ class Hub:
             if not conns:
                 del self._users[conn.user_id]
         self._count -= 1
+
+    def disconnect_user(
+        self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
+    ) -> int:
+        """Close every socket of `user_id` with `code`; how many there were."""
+        conns = list(self._users.get(user_id, ()))
+        for conn in conns:
+            conn.close(code, reason)
+        if conns:
+            log.info("closed %d connections of user %s with %d", len(conns), user_id, code)
+        return len(conns)
 
     def connections(self) -> Iterable[Connection]:
         """Every registered socket."""

@@ -36,10 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in SPECS and value is not None}
     try:
         settings = from_env(os.environ, overrides)
+        return serve(settings)  # create_app reads the secret files: a SettingError can come from there too
     except SettingError as exc:
         print(f"diary-ws: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
-    return serve(settings)
 
 
 def raise_open_file_limit() -> None:
@@ -57,13 +57,13 @@ def serve(settings: Settings) -> int:
 
     from diary_ws import logs
     from diary_ws.app import create_app
-    from diary_ws.server import DiaryServer, DiaryWebSocketProtocol
+    from diary_ws.server import DiaryServer, DiaryWebSocketProtocol, with_proxy_headers
 
     raise_open_file_limit()
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        with_proxy_headers(app, settings.trusted_proxies),
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
@@ -72,9 +72,9 @@ def serve(settings: Settings) -> int:
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=settings.per_message_deflate,
-        # uvicorn trusts 127.0.0.1 by default; DESIGN: nobody may set X-Forwarded-For unless listed.
-        forwarded_allow_ips=list(settings.trusted_proxies),
-        proxy_headers=bool(settings.trusted_proxies),
+        # X-Forwarded-For from TRUSTED_PROXIES only, through with_proxy_headers (which also records the
+        # direct peer for USER_HEADER); uvicorn's own wrapping, which trusts 127.0.0.1 by default, stays off.
+        proxy_headers=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         lifespan="on",
         log_config=None,

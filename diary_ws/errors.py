@@ -82,3 +82,31 @@ class NobodyListening(NotFound):
             f"No active connections: {who} connected, so the notification was not sent or stored; retry later",
             extra={"sent_count": 0, "total_connections": 0, "disconnected_users": 0},
         )
+
+
+class Unauthorized(DiaryWSError):
+    """No valid API key or token; `WWW-Authenticate` tells the client which scheme to use (RFC 6750)."""
+
+    status_code = 401
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        challenge = 'Bearer realm="diary-ws"' + (', error="invalid_token"' if invalid else "")
+        super().__init__(message, headers={"WWW-Authenticate": challenge})
+
+
+class Forbidden(DiaryWSError):
+    """Authenticated, but not for this: another user's token, or an Origin not allowed."""
+
+    status_code = 403
+
+
+class Conflict(DiaryWSError):
+    """A request with the same Idempotency-Key is still being processed."""
+
+    status_code = 409
+
+
+class RateLimited(DiaryWSError):
+    """Over RATE_LIMIT or CONNECT_RATE_LIMIT; carries `Retry-After` and the `RateLimit-*` headers."""
+
+    status_code = 429

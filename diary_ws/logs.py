@@ -7,6 +7,7 @@ import re
 import sys
 import time
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -16,18 +17,63 @@ TRACE = 5  # uvicorn's extra level below DEBUG
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message", "asctime", "taskName", "color_message",  # uvicorn adds a coloured copy of its message
 }  # fmt: skip
-# A `token=` query value (a listener JWT) in any line, uvicorn's WebSocket access lines included (PITFALLS 3).
-_TOKEN = re.compile(r"((?:^|[?&;\s])(?:access_)?token=)[^&\s\"']+", re.IGNORECASE)
+# Query parameters whose values are secrets (the listener's JWT).
+SECRET_PARAMS = frozenset({"token", "access_token"})
+REDACTED = "[redacted]"
+_PARAM = re.compile(r"(^|[?&;'\"\s(])([^=&;\s'\"#?()]+)=([^&;\s'\"#]*)")
+_HEADER_VALUE = re.compile(r"(?i)\b(authorization|x-api-key)(['\"]?\s*[:,]\s*(?-i:b)?['\"]?)[^'\"\r\n]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",]+")
+# Every secret the expressions below find contains one of these (a %-encoded parameter name included).
+_MARKS = ("token", "%", "authorization", "api-key", "bearer", "eyj")
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """`text` with every token and key replaced by [redacted]: query tokens, auth headers, JWT-shaped strings."""
+    lowered = text.lower()
+    if not any(mark in lowered for mark in _MARKS):
+        return text  # the common line: one scan instead of four regular expressions
+
+    def param(m: re.Match[str]) -> str:
+        if unquote_plus(m.group(2)).strip().lower() in SECRET_PARAMS:
+            return f"{m.group(1)}{m.group(2)}={REDACTED}"
+        return m.group(0)
+
+    text = _HEADER_VALUE.sub(rf"\1\2{REDACTED}", text)
+    text = _BEARER.sub(rf"\1{REDACTED}", text)
+    text = _PARAM.sub(param, text)
+    return _JWT.sub(REDACTED, text)
 
 
 class RedactTokens(logging.Filter):
-    """Replaces query-string tokens with `[redacted]` before any handler formats the line."""
+    """Takes tokens out of log records (PITFALLS 3: uvicorn logs the WebSocket path with its query string
+    through uvicorn.error as well as uvicorn.access, and at debug level the request headers too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "token=" in message.lower():
-            record.msg, record.args = _TOKEN.sub(r"\1[redacted]", message), None
+        # Each argument first, so the record keeps its shape (uvicorn's access formatter unpacks the args).
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a broken record: logging reports it itself
+        clean = redact(message)
+        if clean != message:  # a secret spread over arguments, such as ("Authorization", "Bearer x")
+            record.msg, record.args = clean, ()
         return True
+
+
+_REDACT = RedactTokens()
+
+
+def redact_tokens() -> None:
+    """Put the redaction filter on uvicorn's two loggers; safe to call more than once."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(_REDACT)
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,14 +98,15 @@ def configure(level: str, fmt: str) -> None:
     """Route every logger to stderr in `fmt` ("text" or "json") at `level`."""
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RedactTokens())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_REDACT)  # every record that reaches the output, whichever logger it came from
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(TRACE if level == "trace" else level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    redact_tokens()

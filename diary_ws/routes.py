@@ -13,13 +13,17 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from diary_ws import idempotency
+from diary_ws.admission import admit_listener, close_when_expired
+from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import LATER, Connection, Hub
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
 from diary_ws.messages import Message
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
+from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
-from diary_ws.validation import check_content_type, check_user_id, parse_listen_query, parse_notification
+from diary_ws.validation import Notification, check_content_type, check_user_id, parse_notification
 
 API = "/api/v1/ws"
 SOCKET_EXTENSION = "diary_ws.socket"  # offered by diary_ws.server's uvicorn protocol
@@ -42,9 +46,35 @@ async def notify(request: Request) -> Response:
     """POST /api/v1/ws/notification."""
     hub: Hub = request.app.state.hub
     settings: Settings = request.app.state.settings
+    limit_headers = check_sender(request, limited=True)
+    key = request.headers.get(idempotency.HEADER)
+    key = None if key is None else idempotency.check_key(key)
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, settings.max_body_bytes)
     note = parse_notification(body, settings.max_message_chars)
+    if key is None:
+        return await publish(hub, note, limit_headers)
+    return await publish_once(request.app.state.idempotency, key, hub, note, limit_headers)
+
+
+async def publish_once(
+    cache: idempotency.IdempotencyCache, key: str, hub: Hub, note: Notification, headers: dict[str, str]
+) -> Response:
+    """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
+    first = cache.begin(key, idempotency.fingerprint(note))
+    if first is not None:
+        return Response(first.body, first.status, {**headers, "Idempotent-Replayed": "true"}, "application/json")
+    try:
+        response = await publish(hub, note, headers)
+    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
+        cache.abandon(key)
+        raise
+    cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
+    return response
+
+
+async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Response:
+    """Publish and answer with the guide's fields plus `id`."""
     result = await hub.publish(note)
     noun = "user" if result.users_reached == 1 else "users"
     return json_response(
@@ -55,8 +85,23 @@ async def notify(request: Request) -> Response:
             "total_connections": result.total_connections,
             "disconnected_users": result.disconnected_users,
             "id": str(result.id),
-        }
+        },
+        headers=headers,
     )
+
+
+def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
+    """401 without a valid API key (when keys are configured); with `limited`, 429 over RATE_LIMIT.
+
+    Returns the `RateLimit-*` headers for the answer. The bucket is the API key's, or the client
+    address's when the service has no keys.
+    """
+    security: Security = request.app.state.security
+    sender = security.sender(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    limiter: RateLimiter | None = request.app.state.publish_limiter
+    if not limited or limiter is None:
+        return {}
+    return limiter.enforce(sender or client_address(request.scope), "notifications")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -79,6 +124,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def status(request: Request) -> Response:
     """GET /api/v1/ws/status."""
+    check_sender(request)
     raw = request.query_params.get("limit")
     limit = None
     if raw is not None:
@@ -99,6 +145,18 @@ async def metrics(request: Request) -> Response:
 async def openapi(request: Request) -> Response:
     """GET /api/v1/ws/openapi.json: the hand-written OpenAPI 3.1 document, packaged with the code."""
     return Response(openapi_document(request.scope.get("root_path", "")), media_type="application/json")
+
+
+async def disconnect(request: Request) -> Response:
+    """DELETE /api/v1/ws/users/{user_id}/connections: close every socket of a user with 4003 (log-out, ban)."""
+    check_sender(request)
+    user_id = check_user_id(request.path_params["user_id"])
+    hub: Hub = request.app.state.hub
+    closed = hub.disconnect_user(user_id)
+    noun = "connection" if closed == 1 else "connections"
+    return json_response(
+        {"status": "success", "message": f"Closed {closed} {noun} of user {user_id}", "closed": closed}
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -162,19 +220,21 @@ class Listen:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
         try:
-            user_id = check_user_id(websocket.path_params["user_id"])
-            query = parse_listen_query(scope["query_string"])
-            conn = hub.attach(user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
+            admission = admit_listener(scope)
+            conn = hub.attach(admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
             scope["app"].state.metrics.refused(exc.status_code)
             return
+        expiry = close_when_expired(conn, admission.expires_at)
         code = 1006  # the handler failed before the peer's disconnect reached it
         try:
             await websocket.accept()
-            await hub.listen(conn, query.since)
+            await hub.listen(conn, admission.query.since)
             code = await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
         finally:
+            if expiry is not None:
+                expiry.cancel()
             await conn.stop()
             metrics: Metrics = scope["app"].state.metrics
             metrics.closed(code)
@@ -236,6 +296,8 @@ def routes() -> list[BaseRoute]:
     return [
         Route(f"{API}/notification", notify, methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
+        # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
+        Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -18,9 +18,11 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from diary_ws.auth import PEER_SCOPE_KEY
 from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.routes import SOCKET_EXTENSION
 
@@ -143,6 +145,30 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.stall_timer is not None:
             self.stall_timer.cancel()
             self.stall_timer = None
+
+
+class RecordPeer:
+    """Keeps the direct peer's address in the scope before uvicorn's ProxyHeadersMiddleware replaces
+    scope["client"] with the X-Forwarded-For one: USER_HEADER is believed only from a trusted direct peer,
+    and after the rewrite the client address alone cannot tell who that was."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "lifespan":
+            scope[PEER_SCOPE_KEY] = scope.get("client")  # type: ignore[literal-required]
+        await self.app(scope, receive, send)
+
+
+def with_proxy_headers(app: Any, trusted_proxies: tuple[str, ...]) -> Any:
+    """The app behind uvicorn's proxy-headers middleware for `trusted_proxies`, recording the direct peer.
+
+    Run uvicorn with proxy_headers=False then: its own wrapping would sit outside RecordPeer.
+    """
+    if not trusted_proxies:
+        return app  # nobody may set X-Forwarded-For (uvicorn's own default would trust 127.0.0.1)
+    return RecordPeer(ProxyHeadersMiddleware(app, trusted_hosts=list(trusted_proxies)))
 
 
 class DiaryServer(uvicorn.Server):

@@ -45,7 +45,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ("*",)
     rate_limit: str | None = None
     connect_rate_limit: str | None = None
-    idempotency_ttl: float | None = None  # None: the documented default of 300 s, once the feature exists
+    idempotency_ttl: float = 300.0
     max_connections_per_user: int = 16
     max_connections: int | None = None  # None: the open-file limit minus a margin, decided at start
     max_message_chars: int = 65536
@@ -70,19 +70,7 @@ class Settings:
 
 
 # Settings whose feature is not built yet. DESIGN §2: refused at start, never accepted and ignored.
-NOT_BUILT_YET: dict[str, str] = {
-    "api_key": "sender API keys",
-    "api_key_file": "sender API keys",
-    "jwt_secret": "listener JWTs",
-    "jwt_secret_file": "listener JWTs",
-    "jwt_public_key_file": "listener JWTs",
-    "jwt_audience": "listener JWTs",
-    "jwt_issuer": "listener JWTs",
-    "user_header": "proxy-authenticated users",
-    "rate_limit": "rate limits",
-    "connect_rate_limit": "rate limits",
-    "idempotency_ttl": "idempotent publish",
-}
+NOT_BUILT_YET: dict[str, str] = {}
 
 
 def check_combinations(s: Settings) -> None:
@@ -90,8 +78,7 @@ def check_combinations(s: Settings) -> None:
     for name, feature in NOT_BUILT_YET.items():
         if getattr(s, name) is not None:
             raise SettingError(env_name(name), f"is not supported yet: {feature} are not built in this version")
-    if s.allowed_origins != ("*",):
-        raise SettingError(env_name("allowed_origins"), "is not supported yet: only '*' is built in this version")
+    check_security(s)
     if s.console:
         raise SettingError(env_name("console"), "is not supported yet: the console page is not built in this version")
     if not s.broker_url.startswith("memory://"):
@@ -100,6 +87,26 @@ def check_combinations(s: Settings) -> None:
         )
     if s.workers > 1:
         raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
+
+
+def check_security(s: Settings) -> None:
+    """Secrets come from one place each, and the JWT and user-header settings only make sense together."""
+    for plain, from_file in (("api_key", "api_key_file"), ("jwt_secret", "jwt_secret_file")):
+        if getattr(s, plain) is not None and getattr(s, from_file) is not None:
+            raise SettingError(env_name(from_file), f"and {env_name(plain)} are both set; set one of them")
+    has_secret = s.jwt_secret is not None or s.jwt_secret_file is not None
+    if has_secret and s.jwt_public_key_file is not None:
+        raise SettingError(
+            env_name("jwt_public_key_file"), "and a JWT secret are both set; tokens are HS256 or RS256/ES256, not both"
+        )
+    if not has_secret and s.jwt_public_key_file is None:
+        for name in ("jwt_audience", "jwt_issuer"):
+            if getattr(s, name) is not None:
+                raise SettingError(env_name(name), "needs DIARY_WS_JWT_SECRET(_FILE) or DIARY_WS_JWT_PUBLIC_KEY_FILE")
+    if s.user_header is not None and not s.trusted_proxies:
+        raise SettingError(
+            env_name("user_header"), "needs DIARY_WS_TRUSTED_PROXIES: the header is honoured only from those proxies"
+        )
 
 
 # --- parsers: str -> value, raising ValueError with the rule -------------------------------------------------
@@ -227,11 +234,65 @@ def _proxies(raw: str) -> tuple[str, ...]:
     return items
 
 
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
 def _origins(raw: str) -> tuple[str, ...]:
-    items = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
-    if not items:
-        raise ValueError("must be * or a comma list of origins such as https://app.example.com")
-    return items
+    items = tuple(item.strip().rstrip("/").lower() for item in raw.split(",") if item.strip())
+    rule = "must be * or a comma list of origins such as https://app.example.com (scheme, host, optional port)"
+    if not items or ("*" in items and len(items) > 1):
+        raise ValueError(rule)
+    if items == ("*",):
+        return items
+    origins = []
+    for item in items:
+        m = _ORIGIN.fullmatch(item)
+        if m is None:
+            raise ValueError(f"{rule}; {item!r} is not one")
+        # A browser leaves the default port out of Origin, so https://a:443 must compare equal to https://a.
+        port = m.group(3)
+        origins.append(
+            f"{m.group(1)}://{m.group(2)}" + (f":{port}" if port and port != _DEFAULT_PORTS[m.group(1)] else "")
+        )
+    return tuple(origins)
+
+
+_RATE = re.compile(r"(\d{1,9})\s*/\s*(s|m|h)(?:\s*:\s*(\d{1,9}))?")
+RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_parts(raw: str) -> tuple[int, float, int]:
+    """`100/s:200` -> (100 requests, per 1.0 s, burst 200); the burst defaults to the count."""
+    m = _RATE.fullmatch(raw.strip().lower())
+    if m is None or int(m.group(1)) < 1 or (m.group(3) is not None and int(m.group(3)) < 1):
+        raise ValueError(
+            "must be COUNT/PERIOD with PERIOD s, m or h and an optional :BURST, such as 100/s or 100/s:200"
+        )
+    count = int(m.group(1))
+    return count, RATE_PERIODS[m.group(2)], int(m.group(3)) if m.group(3) is not None else count
+
+
+def _rate(raw: str) -> str | None:
+    if not raw.strip():
+        return None
+    count, period, burst = rate_parts(raw)
+    unit = next(u for u, p in RATE_PERIODS.items() if p == period)
+    return f"{count}/{unit}:{burst}"
+
+
+# An HTTP header name (RFC 9110 token); the ones that already mean something else cannot carry a user id.
+_HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_RESERVED_HEADERS = {"authorization", "cookie", "host", "origin", "x-forwarded-for", "x-api-key", "content-type"}
+
+
+def _header_name(raw: str) -> str | None:
+    text = raw.strip()
+    if not text:
+        return None
+    if not _HEADER.fullmatch(text) or text.lower() in _RESERVED_HEADERS:
+        raise ValueError("must be an HTTP header name such as X-User-Id (not one with another meaning)")
+    return text
 
 
 # name -> (parser, help). Order is the order of --help and of the README table.
@@ -249,11 +310,11 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "jwt_public_key_file": (_optional_text, "PEM public key for RS256/ES256 listener tokens"),
     "jwt_audience": (_optional_text, "required aud claim of listener tokens"),
     "jwt_issuer": (_optional_text, "required iss claim of listener tokens"),
-    "user_header": (_optional_text, "user-id header set by a trusted proxy"),
+    "user_header": (_header_name, "user-id header set by a trusted proxy"),
     "trusted_proxies": (_proxies, "proxies allowed to set X-Forwarded-For (comma list of IPs/networks)"),
     "allowed_origins": (_origins, "allowed Origin values for browser handshakes, or *"),
-    "rate_limit": (_optional_text, "publish rate limit, e.g. 100/s or 100/s:200"),
-    "connect_rate_limit": (_optional_text, "handshake rate limit per client address"),
+    "rate_limit": (_rate, "publish rate limit per API key or client address, e.g. 100/s or 100/s:200"),
+    "connect_rate_limit": (_rate, "WebSocket handshake rate limit per client address, e.g. 10/s:20"),
     "idempotency_ttl": (_seconds(1, 86400), "how long an Idempotency-Key is remembered"),
     "max_connections_per_user": (_int_in(1), "open sockets allowed per user"),
     "max_connections": (_int_in(1), "open sockets allowed in all (default: open-file limit minus a margin)"),

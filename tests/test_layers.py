@@ -66,3 +66,10 @@ def test_public_surface() -> None:
     ]  # fmt: skip
     for name in diary_ws.__all__:
         assert hasattr(diary_ws, name)
+
+
+@pytest.mark.parametrize("leaf", ["diary_ws.auth", "diary_ws.ratelimit", "diary_ws.idempotency", "diary_ws.logs"])
+def test_security_helpers_are_leaves(leaf: str) -> None:
+    ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
+    assert ours <= {"diary_ws.errors", "diary_ws.settings", "diary_ws.validation", "diary_ws.messages"}, ours
+    assert not {d for d in MODULES[leaf] if d.split(".")[0] in ("starlette", "uvicorn")}

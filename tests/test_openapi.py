@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from starlette.routing import Route, WebSocketRoute
@@ -138,3 +139,11 @@ def test_limit_outside_the_documented_integer_is_a_400(shared_server: Server, li
     answer = shared_server.get("/api/v1/ws/status", params={"limit": limit})
     assert answer.status_code == 400
     assert answer.json()["status"] == "error"
+
+
+@pytest.mark.parametrize("user_id", ["a%2Fb", "a/b", "", "%20"])
+def test_delete_with_a_bad_user_id_is_the_documented_400(shared_server: Server, user_id: str) -> None:
+    """A / or an empty id used to miss the route and get a 404 that the document (and the README) did not list."""
+    answer = httpx.delete(f"{shared_server.http}/api/v1/ws/users/{user_id}/connections", timeout=10)
+    assert answer.status_code == 400
+    assert "is not valid" in answer.json()["message"]

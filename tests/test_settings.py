@@ -79,6 +79,7 @@ def test_defaults_are_the_design_table() -> None:
     assert s.allowed_origins == ("*",)
     assert s.rate_limit is None
     assert s.connect_rate_limit is None
+    assert s.idempotency_ttl == 300
     assert s.max_connections_per_user == 16
     assert s.max_message_chars == 65536
     assert s.max_body_bytes == 262144
@@ -140,6 +141,22 @@ def test_settings_are_frozen() -> None:
         ("trusted_proxies", "10.0.0.0/8, 127.0.0.1,", ("10.0.0.0/8", "127.0.0.1")),
         ("trusted_proxies", "*", ("*",)),
         ("allowed_origins", "*", ("*",)),
+        (
+            "allowed_origins",
+            "https://App.Example.com/, http://localhost:3000",
+            ("https://app.example.com", "http://localhost:3000"),
+        ),
+        ("allowed_origins", "https://a.example:443,http://b.example:80", ("https://a.example", "http://b.example")),
+        ("allowed_origins", "https://a.example:8443", ("https://a.example:8443",)),
+        ("rate_limit", "100/s", "100/s:100"),
+        ("rate_limit", "100/s:200", "100/s:200"),
+        ("rate_limit", " 10 / M ", "10/m:10"),
+        ("rate_limit", "", None),
+        ("connect_rate_limit", "1000/h:20", "1000/h:20"),
+        ("idempotency_ttl", "60", 60.0),
+        ("idempotency_ttl", "86400s", 86400.0),
+        ("user_header", "", None),
+        ("api_key", " k ", "k"),
     ],
 )
 def test_value_is_parsed(name: str, raw: str, expected: Any) -> None:
@@ -184,6 +201,19 @@ def test_value_is_parsed(name: str, raw: str, expected: Any) -> None:
         ("broker_url", "http://localhost"),
         ("trusted_proxies", "10.0.0.1,not-an-ip"),
         ("allowed_origins", " , "),
+        ("allowed_origins", "*,https://a.example"),
+        ("allowed_origins", "app.example.com"),
+        ("allowed_origins", "https://a.example/path"),
+        ("allowed_origins", "ftp://a.example"),
+        ("rate_limit", "100"),
+        ("rate_limit", "100/d"),
+        ("rate_limit", "0/s"),
+        ("rate_limit", "10/s:0"),
+        ("connect_rate_limit", "fast"),
+        ("idempotency_ttl", "0"),
+        ("idempotency_ttl", "86401"),
+        ("user_header", "X User"),
+        ("user_header", "Authorization"),
     ],
 )
 def test_bad_value_names_the_variable(name: str, raw: str) -> None:
@@ -198,18 +228,6 @@ def test_bad_value_names_the_variable(name: str, raw: str) -> None:
 @pytest.mark.parametrize(
     ("name", "raw"),
     [
-        ("api_key", "k1,k2"),
-        ("api_key_file", "/run/secrets/keys"),
-        ("jwt_secret", "s3cret"),
-        ("jwt_secret_file", "/run/secrets/jwt"),
-        ("jwt_public_key_file", "/etc/jwt.pem"),
-        ("jwt_audience", "diary"),
-        ("jwt_issuer", "https://auth.example"),
-        ("user_header", "X-User-Id"),
-        ("rate_limit", "100/s"),
-        ("connect_rate_limit", "10/s"),
-        ("idempotency_ttl", "300"),
-        ("allowed_origins", "https://app.example.com"),
         ("console", "on"),
         ("broker_url", "redis://x"),
         ("broker_url", "rediss://cache:6380/1"),
@@ -218,6 +236,30 @@ def test_bad_value_names_the_variable(name: str, raw: str) -> None:
 )
 def test_feature_not_built_yet_is_refused(name: str, raw: str) -> None:
     assert refused(env(**{name: raw})).name == f"DIARY_WS_{name.upper()}"
+
+
+# --- security settings that do not go together ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"api_key": "k" * 16, "api_key_file": "/run/secrets/keys"}, "DIARY_WS_API_KEY_FILE"),
+        ({"jwt_secret": "s" * 32, "jwt_secret_file": "/run/secrets/jwt"}, "DIARY_WS_JWT_SECRET_FILE"),
+        ({"jwt_secret": "s" * 32, "jwt_public_key_file": "/etc/jwt.pem"}, "DIARY_WS_JWT_PUBLIC_KEY_FILE"),
+        ({"jwt_secret_file": "/s", "jwt_public_key_file": "/etc/jwt.pem"}, "DIARY_WS_JWT_PUBLIC_KEY_FILE"),
+        ({"jwt_audience": "diary"}, "DIARY_WS_JWT_AUDIENCE"),
+        ({"jwt_issuer": "https://auth.example"}, "DIARY_WS_JWT_ISSUER"),
+        ({"user_header": "X-User-Id"}, "DIARY_WS_USER_HEADER"),
+    ],
+)
+def test_security_settings_that_clash_are_refused(values: dict[str, str], named: str) -> None:
+    assert refused(env(**values)).name == named
+
+
+def test_security_settings_that_go_together() -> None:
+    s = from_env(env(jwt_secret="s" * 32, jwt_audience="diary", user_header="X-User-Id", trusted_proxies="10.0.0.1"))
+    assert (s.jwt_audience, s.user_header, s.trusted_proxies) == ("diary", "X-User-Id", ("10.0.0.1",))
 
 
 def test_unknown_variable_is_refused() -> None:
@@ -271,7 +313,13 @@ def run_cli(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
         (("serve",), {"ping_interval": "-1"}, "DIARY_WS_PING_INTERVAL"),
         (("serve", "--workers", "2"), {}, "--workers"),
         (("serve",), {"broker_url": "redis://x"}, "DIARY_WS_BROKER_URL"),
-        (("serve",), {"api_key": "k"}, "DIARY_WS_API_KEY"),
+        (("serve",), {"api_key": "k"}, "DIARY_WS_API_KEY"),  # too short: refused when the app is made
+        (("serve",), {"api_key": "k" * 16, "api_key_file": "/nope"}, "DIARY_WS_API_KEY_FILE"),
+        (("serve",), {"api_key_file": "/nonexistent/keys"}, "DIARY_WS_API_KEY_FILE"),
+        (("serve",), {"jwt_secret": "short"}, "DIARY_WS_JWT_SECRET"),
+        (("serve",), {"jwt_secret_file": "/nonexistent/secret"}, "DIARY_WS_JWT_SECRET_FILE"),
+        (("serve",), {"jwt_public_key_file": "/etc/hostname"}, "DIARY_WS_JWT_PUBLIC_KEY_FILE"),
+        (("serve",), {"rate_limit": "lots"}, "DIARY_WS_RATE_LIMIT"),
         (("serve",), {"prot": "9000"}, "DIARY_WS_PROT"),
         (("serve", "--max-body-bytes", "1"), {"max_body_bytes": "1MiB"}, "--max-body-bytes"),
     ],

@@ -1,0 +1,65 @@
+"""Who may open a listener, decided before the upgrade; one function for the WebSocket and SSE handlers.
+
+`admit_listener(scope)` runs every check a handshake must pass, in this order, and raises the
+`DiaryWSError` the client gets as a denial response:
+
+1. CONNECT_RATE_LIMIT per client address (429): first, so a flood of handshakes costs one dict look-up;
+2. the user id (400) and the query (400);
+3. the Origin (403);
+4. the listener's credentials (401 missing or invalid, 403 another user's).
+
+The per-user and server-wide connection limits (429, 503) come after, when the Hub attaches the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.types import Scope
+
+from diary_ws.auth import Security, client_address, direct_peer, token_from
+from diary_ws.broadcaster import Connection
+from diary_ws.ratelimit import RateLimiter
+from diary_ws.validation import ListenQuery, check_user_id, parse_listen_query
+
+CLOSE_TOKEN_EXPIRED = 4001
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A handshake that passed: whose it is, its query, and when its token expires (None: no token)."""
+
+    user_id: str
+    query: ListenQuery
+    expires_at: float | None = None
+
+
+def admit_listener(scope: Scope) -> Admission:
+    """Check a listener's handshake (WebSocket or SSE: any scope with a `user_id` path parameter)."""
+    state = scope["app"].state
+    security: Security = state.security
+    limiter: RateLimiter | None = state.connect_limiter
+    if limiter is not None:
+        limiter.enforce(client_address(scope), "connection attempts from this address")
+    user_id = check_user_id(scope["path_params"]["user_id"])
+    query = parse_listen_query(scope["query_string"])
+    headers = Headers(scope=scope)
+    security.check_origin(headers.get("origin"))
+    token = token_from(scope["query_string"], headers.get("authorization")) if security.jwt is not None else None
+    header = None
+    if security.user_header is not None and security.proxies.trusts(direct_peer(scope)):
+        header = headers.get(security.user_header)
+    return Admission(user_id, query, security.listener_auth(user_id, token, header))
+
+
+def close_when_expired(conn: Connection, expires_at: float | None) -> asyncio.TimerHandle | None:
+    """Close `conn` with 4001 when its token expires; the caller cancels the timer when the socket ends."""
+    if expires_at is None:
+        return None
+    delay = max(0.0, expires_at - time.time())  # exp is wall-clock time
+    return asyncio.get_running_loop().call_later(
+        delay, conn.close, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a new token"
+    )
