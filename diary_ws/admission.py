@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -37,15 +38,23 @@ class Admission:
     expires_at: float | None = None
 
 
-def admit_listener(scope: Scope) -> Admission:
-    """Check a listener's handshake (WebSocket or SSE: any scope with a `user_id` path parameter)."""
+def websocket_query(scope: Scope) -> ListenQuery:
+    """The WebSocket's query string."""
+    return parse_listen_query(scope["query_string"])
+
+
+def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuery] = websocket_query) -> Admission:
+    """Check a listener's handshake (WebSocket or SSE: any scope with a `user_id` path parameter).
+
+    `parse_query` reads the listener's resume point and options: SSE also reads Last-Event-ID.
+    """
     state = scope["app"].state
     security: Security = state.security
     limiter: RateLimiter | None = state.connect_limiter
     if limiter is not None:
         limiter.enforce(client_address(scope), "connection attempts from this address")
     user_id = check_user_id(scope["path_params"]["user_id"])
-    query = parse_listen_query(scope["query_string"])
+    query = parse_query(scope)
     headers = Headers(scope=scope)
     security.check_origin(headers.get("origin"))
     token = token_from(scope["query_string"], headers.get("authorization")) if security.jwt is not None else None

@@ -34,13 +34,17 @@ WROTE, LATER, DEAD = 1, 0, -1
 
 
 class Sink(Protocol):
-    """What the Hub needs of one socket; `routes` adapts an ASGI WebSocket to it."""
+    """What the Hub needs of one socket or stream; `routes` adapts an ASGI WebSocket to it, `sse` an SSE stream."""
 
     def try_write(self, message: Message) -> int:
         """Write at once if the socket takes bytes now: WROTE; LATER if it cannot now; DEAD if it is gone."""
 
-    async def send_text(self, text: str) -> None:
-        """Send one text frame, waiting while the peer is slow; raises once the peer is gone."""
+    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
+        """Send one JSON frame (a message with its id, or a control frame with None), waiting while the peer
+        is slow; raises once the peer is gone."""
+
+    async def send_heartbeat(self) -> None:
+        """Tell the peer the line is alive: a heartbeat frame, or an SSE comment line."""
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame."""
@@ -97,7 +101,7 @@ class Connection:
     """
 
     __slots__ = ("user_id", "sink", "_hub", "_backlog", "_bytes", "_writer", "_close", "_replay", "_floor",
-                 "_started", "active")  # fmt: skip
+                 "_started", "active", "_beat", "_beat_due")  # fmt: skip
 
     def __init__(self, hub: Hub, user_id: str, sink: Sink) -> None:
         self.user_id = user_id
@@ -107,10 +111,12 @@ class Connection:
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._close: tuple[int, str] | None = None
-        self._replay: list[str] = []
+        self._replay: list[tuple[str, MessageId | None]] = []
         self._floor: MessageId | None = None  # live messages at or below it were replayed already
         self._started = False  # the handshake is done: frames may go out
         self.active = True  # in the registry and taking messages
+        self._beat: asyncio.TimerHandle | None = None
+        self._beat_due = False  # a heartbeat waits for the writer; at most one ever does
 
     def offer(self, message: Message) -> bool:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
@@ -134,15 +140,31 @@ class Connection:
     def start(self, replay: list[Message], resume: dict[str, Any] | None) -> None:
         """The handshake is done; a resume first sends `replay` and its control frame, before anything live."""
         if resume is not None:
-            self._replay = [m.text for m in replay] + [control_frame(**resume)]
+            self._replay = [(m.text, m.id) for m in replay] + [(control_frame(**resume), None)]
             if replay:
                 self._floor = replay[-1].id
         self._started = True
         if self._replay or self._backlog or self._close:
             self._ensure_writer()
 
+    def heartbeat_every(self, seconds: float) -> None:
+        """Send a heartbeat every `seconds` through the writer, in order: never between replayed frames.
+
+        A timer, not a task, per socket; it ends with the socket. Heartbeats are no messages: they are not
+        stored, not counted, and a heartbeat still waiting when the next is due is not doubled.
+        """
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self._beat = loop.call_later(seconds, tick)
+            self._beat_due = True
+            self._ensure_writer()
+
+        self._beat = loop.call_later(seconds, tick)
+
     def close(self, code: int, reason: str) -> None:
         """Leave the registry, drop what is unsent, and close with `code`."""
+        self._stop_beat()
         self._hub.drop(self)
         self._backlog.clear()
         self._bytes = 0
@@ -152,6 +174,7 @@ class Connection:
 
     async def stop(self) -> None:
         """Called when the handler ends: leave the registry and stop the writer."""
+        self._stop_beat()
         self._hub.drop(self)
         task = self._writer
         if task is not None and not task.done():
@@ -172,6 +195,12 @@ class Connection:
         if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
             self._writer.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
 
+    def _stop_beat(self) -> None:
+        self._beat_due = False
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
+
     def _ensure_writer(self) -> None:
         if self._writer is None and self._started:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
@@ -180,15 +209,19 @@ class Connection:
         send = self.sink.send_text
         backlog = self._backlog
         try:
-            for text in self._replay:
-                await send(text)
+            for text, msg_id in self._replay:
+                await send(text, msg_id)
             self._replay = []
-            while backlog:
+            while backlog or self._beat_due:
+                if self._beat_due:
+                    self._beat_due = False
+                    await self.sink.send_heartbeat()
+                    continue
                 message = backlog.popleft()
                 self._bytes -= message.size
                 if self._floor is not None and message.id <= self._floor:
                     continue  # came live while we were replaying it
-                await send(message.text)
+                await send(message.text, message.id)
             if self._close is not None:
                 await self.sink.close(*self._close)
         except asyncio.CancelledError:

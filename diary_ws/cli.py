@@ -57,7 +57,7 @@ def serve(settings: Settings) -> int:
 
     from diary_ws import logs
     from diary_ws.app import create_app
-    from diary_ws.server import DiaryServer, DiaryWebSocketProtocol, with_proxy_headers
+    from diary_ws.server import DiaryHttpProtocol, DiaryServer, DiaryWebSocketProtocol, with_proxy_headers
 
     raise_open_file_limit()
     logs.configure(settings.log_level, settings.log_format)
@@ -67,6 +67,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
+        http=DiaryHttpProtocol,
         ws=DiaryWebSocketProtocol,
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,

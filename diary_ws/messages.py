@@ -117,6 +117,9 @@ def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: Message
     return orjson.dumps(frame)
 
 
+HEARTBEAT_FRAME = '{"type":"heartbeat"}'  # what `?heartbeat=` sends; never stored, never counted
+
+
 def control_frame(**fields: Any) -> str:
     """A small frame of our own, such as `{"type": "resume", ...}`."""
     return orjson.dumps(fields).decode()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -162,6 +163,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._labels: dict[str, str] = {}  # one entry per route template, so it stays as small as the table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -179,4 +181,11 @@ class RequestMetrics:
             await self.app(scope, receive, record_status)
         finally:
             route = getattr(scope.get("route"), "path", None)
-            self.metrics.request(scope["method"], route if isinstance(route, str) else UNMATCHED, status)
+            self.metrics.request(scope["method"], self._label(route) if isinstance(route, str) else UNMATCHED, status)
+
+    def _label(self, path: str) -> str:
+        """`/api/v1/sse/{user_id:anything}` -> `/api/v1/sse/{user_id}`, worked out once per route."""
+        label = self._labels.get(path)
+        if label is None:
+            label = self._labels[path] = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+        return label

@@ -16,16 +16,26 @@ from starlette.websockets import WebSocket
 from diary_ws import idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
-from diary_ws.broadcaster import LATER, Connection, Hub
+from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
+from diary_ws.console import console
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
-from diary_ws.messages import Message
+from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
-from diary_ws.validation import Notification, check_content_type, check_user_id, parse_notification
+from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
+from diary_ws.validation import (
+    ListenQuery,
+    Notification,
+    check_content_type,
+    check_user_id,
+    parse_notification,
+    parse_stream_query,
+)
 
 API = "/api/v1/ws"
+SSE = "/api/v1/sse"
 SOCKET_EXTENSION = "diary_ws.socket"  # offered by diary_ws.server's uvicorn protocol
 
 
@@ -196,8 +206,11 @@ class AsgiSink:
     def try_write(self, message: Message) -> int:
         return LATER if self._control is None else self._control.try_write(message.wire)
 
-    async def send_text(self, text: str) -> None:
+    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._send({"type": "websocket.send", "text": text})
+
+    async def send_heartbeat(self) -> None:
+        await self._send({"type": "websocket.send", "text": HEARTBEAT_FRAME})
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -231,6 +244,8 @@ class Listen:
         try:
             await websocket.accept()
             await hub.listen(conn, admission.query.since)
+            if admission.query.heartbeat is not None:
+                conn.heartbeat_every(admission.query.heartbeat)
             code = await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
         finally:
             if expiry is not None:
@@ -267,6 +282,45 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
             closing = True
 
 
+# --- Server-Sent Events --------------------------------------------------------------------------------------
+
+
+def stream_query(scope: Scope) -> ListenQuery:
+    """The SSE stream's query string and Last-Event-ID header."""
+    last_event_id = next((v for k, v in scope["headers"] if k == b"last-event-id"), None)
+    return parse_stream_query(scope["query_string"], None if last_event_id is None else last_event_id.decode("latin-1"))
+
+
+class Stream:
+    """GET /api/v1/sse/{user_id}: the WebSocket's messages as Server-Sent Events. Raw ASGI, like `Listen`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub: Hub = scope["app"].state.hub
+        settings: Settings = scope["app"].state.settings
+        control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
+        sink = SseSink(send, control)
+        try:
+            admission = admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
+            conn = hub.attach(admission.user_id, sink)
+        except DiaryWSError as exc:
+            await error_response(exc)(scope, receive, send)  # before the stream starts: a plain JSON answer
+            return
+        expiry = close_when_expired(conn, admission.expires_at)
+        if control is not None:  # uvicorn would wait on an open stream at shutdown (PITFALLS 5): end it first
+            control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
+        try:
+            await sink.open()
+            await hub.listen(conn, admission.query.since)
+            conn.heartbeat_every(settings.ping_interval)
+            await until_ended(receive, sink)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            if control is not None:
+                control.on_shutdown(None)
+            await conn.stop()
+
+
 async def unknown_socket(websocket: WebSocket) -> None:
     """Any other WebSocket path: a JSON 404 refusal instead of Starlette's bare 403."""
     where = websocket.scope["path"]
@@ -298,12 +352,15 @@ def routes() -> list[BaseRoute]:
         Route(f"{API}/status", status, methods=["GET"]),
         # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
         Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
+        Route(f"{API}/console", console, methods=["GET"]),
+        Route(f"{API}/console/{{asset}}", console, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(f"{API}/openapi.json", openapi, methods=["GET"]),
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
+        Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
         WebSocketRoute(API + "/{user_id:anything}", Listen()),
         WebSocketRoute("/{path:anything}", unknown_socket),
     ]

@@ -15,16 +15,18 @@ import socket
 import struct
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from diary_ws.auth import PEER_SCOPE_KEY
 from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.routes import SOCKET_EXTENSION
+from diary_ws.sse import STREAM_EXTENSION
 
 log = logging.getLogger("diary_ws.server")
 
@@ -139,6 +141,85 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     def _stalled_too_long(self) -> None:
         self.stall_timer = None
         log.warning("aborting a WebSocket whose peer has read nothing for %.0f s", self.ping_timeout)
+        self._hard_abort()
+
+    def _cancel_stall_timer(self) -> None:
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+
+class StreamControl:
+    """The transport hooks an HTTP handler gets in `scope["extensions"]`, for streaming responses (SSE)."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: DiaryHttpProtocol) -> None:
+        self._protocol = protocol
+
+    def stalled(self) -> bool:
+        """The transport's buffer is over its high-water mark: the peer is not reading."""
+        return self._protocol.flow.write_paused
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, unsent bytes and all (see `hard_abort`)."""
+        hard_abort(self._protocol.transport)
+
+    def on_shutdown(self, callback: Callable[[], None] | None) -> None:
+        """What to call when the server shuts down while this response streams; None when it is over."""
+        self._protocol.on_shutdown = callback
+
+
+class DiaryHttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus hooks so that open streams end at shutdown and stalled readers are freed.
+
+    uvicorn's own shutdown only marks a streaming response not-keep-alive and then waits for it to finish,
+    which an SSE stream never does (PITFALLS 5).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_shutdown: Callable[[], None] | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
+        app = self.app
+
+        async def with_hooks(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+            plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
+            plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self)
+            await app(scope, receive, send)
+
+        self.app = with_hooks
+
+    def shutdown(self) -> None:
+        callback = self.on_shutdown
+        if callback is None or self.cycle is None or self.cycle.response_complete:
+            super().shutdown()
+            return
+        self.cycle.keep_alive = False  # the connection closes once the stream's last bytes are out
+        callback()
+        self.loop.call_later(CLOSE_GRACE, self._hard_abort)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # As for WebSockets: a stream whose reader has read nothing for the ping timeout is dropped.
+        timeout = self.config.ws_ping_timeout
+        if self.stall_timer is None and timeout and self.on_shutdown is not None:
+            self.stall_timer = self.loop.call_later(timeout, self._stalled_too_long)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_stall_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall_timer()
+        super().connection_lost(exc)
+
+    def _hard_abort(self) -> None:
+        hard_abort(self.transport)
+
+    def _stalled_too_long(self) -> None:
+        self.stall_timer = None
+        log.warning("aborting an event stream whose reader has read nothing for %.0f s", self.config.ws_ping_timeout)
         self._hard_abort()
 
     def _cancel_stall_timer(self) -> None:

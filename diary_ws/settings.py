@@ -79,8 +79,6 @@ def check_combinations(s: Settings) -> None:
         if getattr(s, name) is not None:
             raise SettingError(env_name(name), f"is not supported yet: {feature} are not built in this version")
     check_security(s)
-    if s.console:
-        raise SettingError(env_name("console"), "is not supported yet: the console page is not built in this version")
     if not s.broker_url.startswith("memory://"):
         raise SettingError(
             env_name("broker_url"), "is not supported yet: only memory:// is built in this version (Redis comes later)"
@@ -331,7 +329,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "per_message_deflate": (_bool, "negotiate per-message deflate"),
     "drain_seconds": (_seconds(0, 3600), "after SIGTERM, seconds /readyz answers 503 before shutdown"),
     "shutdown_timeout": (_seconds(0, 600, open_lo=True), "seconds to wait for connections at shutdown"),
-    "console": (_bool, "serve the console page"),
+    "console": (_bool, "serve the console page at /api/v1/ws/console"),
     "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
     "log_format": (_choice("text", "json"), "log line format"),
 }

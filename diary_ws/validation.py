@@ -35,9 +35,10 @@ class Notification:
 
 @dataclass(frozen=True, slots=True)
 class ListenQuery:
-    """A checked WebSocket query string."""
+    """A checked listener query string (WebSocket or SSE)."""
 
     since: MessageId | None = None
+    heartbeat: float | None = None  # seconds between {"type": "heartbeat"} frames; WebSocket only, opt-in
 
 
 def is_user_id(value: object) -> bool:
@@ -159,26 +160,66 @@ def _depth_over(value: object, limit: int) -> bool:
     return False
 
 
-# Query parameters that later versions give a meaning to: refused rather than silently ignored.
-_NOT_BUILT = {"heartbeat": "the heartbeat option is not built in this version"}
+HEARTBEAT_MIN, HEARTBEAT_MAX = 1, 300
 
 
 def parse_listen_query(query_string: bytes) -> ListenQuery:
     """The WebSocket query string -> ListenQuery, or BadRequest."""
+    pairs = _query_pairs(query_string)
+    return ListenQuery(since=_since(pairs), heartbeat=_heartbeat(pairs))
+
+
+def parse_stream_query(query_string: bytes, last_event_id: str | None) -> ListenQuery:
+    """The SSE query string and `Last-Event-ID` header -> ListenQuery, or BadRequest.
+
+    The header wins over `?since=`: an EventSource reconnecting by itself keeps the URL it was given
+    (with the `since` it started from) and sends the id of the last event it saw, which is newer.
+    """
+    pairs = _query_pairs(query_string)
+    if any(name == "heartbeat" for name, _ in pairs):
+        raise BadRequest(
+            "query parameter heartbeat is for WebSockets; an SSE stream sends a comment line every PING_INTERVAL"
+        )
+    since = _since(pairs)
+    if last_event_id:  # an empty header means none: EventSource sends an id of "" as no header at all
+        since = _parse_since(last_event_id, "header Last-Event-ID")
+    return ListenQuery(since=since)
+
+
+def _query_pairs(query_string: bytes) -> list[tuple[str, str]]:
     try:
-        pairs = parse_qsl(query_string.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        return parse_qsl(query_string.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
         raise BadRequest("query string is not valid UTF-8") from None
-    names = [name for name, _ in pairs]
-    for name in names:
-        if name in _NOT_BUILT:
-            raise BadRequest(f"query parameter {name}: {_NOT_BUILT[name]}")
-    if names.count("since") > 1:
-        raise BadRequest("query parameter since: give it once")
-    since = dict(pairs).get("since")
-    if since is None:
-        return ListenQuery()
-    parsed = parse_id(since)
+
+
+def _once(pairs: list[tuple[str, str]], name: str) -> str | None:
+    values = [value for key, value in pairs if key == name]
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {name}: give it once")
+    return values[0] if values else None
+
+
+def _since(pairs: list[tuple[str, str]]) -> MessageId | None:
+    since = _once(pairs, "since")
+    return None if since is None else _parse_since(since, "query parameter since")
+
+
+def _parse_since(text: str, where: str) -> MessageId:
+    parsed = parse_id(text)
     if parsed is None:
-        raise BadRequest(f"query parameter since: {_show(since)} is not a message id such as 1700000000000-0")
-    return ListenQuery(since=parsed)
+        raise BadRequest(f"{where}: {_show(text)} is not a message id such as 1700000000000-0")
+    return parsed
+
+
+def _heartbeat(pairs: list[tuple[str, str]]) -> float | None:
+    raw = _once(pairs, "heartbeat")
+    if raw is None:
+        return None
+    seconds = float(raw) if re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3})?", raw) else 0.0  # no nan, inf or 1e2
+    if not HEARTBEAT_MIN <= seconds <= HEARTBEAT_MAX:
+        raise BadRequest(
+            f"query parameter heartbeat: {_show(raw)} is not a number of seconds from {HEARTBEAT_MIN} to "
+            f"{HEARTBEAT_MAX}"
+        )
+    return seconds

@@ -81,6 +81,9 @@ async def test_metrics_follow_real_traffic(server: Server) -> None:
     assert value(after, "diary_ws_http_requests_total", method="POST", route=route, status="404") == 1
     assert value(after, "diary_ws_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert "12345" not in server.get("/metrics").text  # raw paths never become labels
+    assert server.get("/api/v1/sse/bad%20id").status_code == 400
+    sse = scrape(server)
+    assert value(sse, "diary_ws_http_requests_total", method="GET", route="/api/v1/sse/{user_id}", status="400") == 1
 
     await a1.close()  # 1000 from the client
     await a2.send("x" * 5000)  # over MAX_INCOMING_BYTES: the server closes with 1009

@@ -203,3 +203,18 @@ def test_the_readme_shows_the_recipe_the_test_runs() -> None:
     assert shown is not None
     assert shown.group(1).strip() in RECIPE.read_text()
     assert len(shown.group(1)) > 1000  # the whole http block, not a fragment
+
+
+def test_an_sse_stream_comes_through_unbuffered(proxied: tuple[Nginx, Server]) -> None:
+    """Each event reaches the client at once through the recipe (`proxy_buffering off`; the app's
+    `X-Accel-Buffering: no` would also turn buffering off for the stream, so this checks the pair)."""
+    nginx, server = proxied
+    with client() as http, http.stream("GET", f"{nginx.http}/api/v1/sse/nx-sse", timeout=10) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        wait_until(lambda: "nx-sse" in server.status()["active_user_ids"], 5, "the stream to be attached")
+        sent = httpx.post(f"{nginx.http}/api/v1/ws/notification", json={"message": "by sse", "user_ids": ["nx-sse"]})
+        assert sent.status_code == 200
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("id:")) == f"id: {sent.json()['id']}"
+        assert '"message":"by sse"' in next(lines)

@@ -127,6 +127,8 @@ def test_settings_are_frozen() -> None:
         ("shutdown_timeout", "600", 600.0),
         ("max_incoming_rate", "0.5", 0.5),
         ("per_message_deflate", "on", True),
+        ("console", "1", True),
+        ("console", "off", False),
         ("per_message_deflate", "YES", True),
         ("per_message_deflate", "1", True),
         ("per_message_deflate", "off", False),
@@ -228,7 +230,6 @@ def test_bad_value_names_the_variable(name: str, raw: str) -> None:
 @pytest.mark.parametrize(
     ("name", "raw"),
     [
-        ("console", "on"),
         ("broker_url", "redis://x"),
         ("broker_url", "rediss://cache:6380/1"),
         ("workers", "2"),

@@ -20,6 +20,7 @@ from diary_ws.validation import (
     check_user_id,
     parse_listen_query,
     parse_notification,
+    parse_stream_query,
 )
 
 LIMIT = 65536
@@ -219,6 +220,62 @@ def test_malformed_since_is_bad_request(query: bytes) -> None:
         parse_listen_query(query)
     assert caught.value.status_code == 400
     assert isinstance(caught.value, DiaryWSError)
+
+
+@pytest.mark.parametrize(
+    ("query", "seconds"),
+    [(b"heartbeat=1", 1.0), (b"heartbeat=300", 300.0), (b"heartbeat=2.5", 2.5), (b"since=1-0&heartbeat=30", 30.0)],
+)
+def test_heartbeat_is_parsed(query: bytes, seconds: float) -> None:
+    assert parse_listen_query(query).heartbeat == seconds
+
+
+def test_no_heartbeat_without_the_query() -> None:
+    assert parse_listen_query(b"since=1-0").heartbeat is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"heartbeat=0", b"heartbeat=0.5", b"heartbeat=301", b"heartbeat=-5", b"heartbeat=", b"heartbeat", b"heartbeat=abc",
+     b"heartbeat=nan", b"heartbeat=inf", b"heartbeat=1e2", b"heartbeat=%201", b"heartbeat=1&heartbeat=2",
+     b"heartbeat=%D9%A1"],
+)  # fmt: skip
+def test_bad_heartbeat_is_bad_request(query: bytes) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_listen_query(query)
+    assert "heartbeat" in caught.value.message
+    assert "1 to 300" in caught.value.message or "once" in caught.value.message
+
+
+# --- parse_stream_query (SSE) --------------------------------------------------------------------------------
+
+
+def test_stream_query_since_from_query_or_header() -> None:
+    assert parse_stream_query(b"", None) == ListenQuery()
+    assert parse_stream_query(b"since=5-1", None).since == MessageId(5, 1)
+    assert parse_stream_query(b"", "7-2").since == MessageId(7, 2)
+
+
+def test_last_event_id_wins_over_since() -> None:
+    """An EventSource keeps its URL (and its ?since=) on reconnect, and sends the newer id in the header."""
+    assert parse_stream_query(b"since=5-1", "9-0").since == MessageId(9, 0)
+
+
+def test_empty_last_event_id_is_no_header() -> None:
+    assert parse_stream_query(b"since=5-1", "").since == MessageId(5, 1)
+
+
+@pytest.mark.parametrize(("query", "header"), [(b"", "abc"), (b"", "1-"), (b"since=x", None), (b"since=1-0", "1.0")])
+def test_malformed_stream_resume_is_bad_request(query: bytes, header: str | None) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_stream_query(query, header)
+    assert "Last-Event-ID" in caught.value.message or "since" in caught.value.message
+
+
+def test_stream_refuses_heartbeat() -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_stream_query(b"heartbeat=10", None)
+    assert "PING_INTERVAL" in caught.value.message
 
 
 # --- messages: ids -----------------------------------------------------------------------------------------

@@ -117,9 +117,11 @@ def _ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
 
 
 @contextlib.contextmanager
-def run_server(settings: Mapping[str, str] | None = None, *, args: tuple[str, ...] = ()) -> Iterator[Server]:
-    """Start `python -m diary_ws serve` on a free port with DIARY_WS_* `settings`; stop it afterwards."""
-    port = free_port()
+def run_server(
+    settings: Mapping[str, str] | None = None, *, args: tuple[str, ...] = (), port: int | None = None
+) -> Iterator[Server]:
+    """Start `python -m diary_ws serve` on a free port (or `port`) with DIARY_WS_* `settings`; stop it afterwards."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     env.update({f"DIARY_WS_{k.upper()}": str(v) for k, v in (settings or {}).items()})
     env["DIARY_WS_PORT"] = str(port)
