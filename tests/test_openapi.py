@@ -23,6 +23,7 @@ from diary_ws import Settings, create_app
 from tests.utils import Server, run_server
 
 DOCUMENT: dict[str, Any] = orjson.loads(resources.files("diary_ws").joinpath("openapi.json").read_bytes())
+API_KEY = "fuzz-key-0123456789abcdef"
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # What schemathesis checks on every answer. Left out: positive_data_acceptance (a valid POST gets 404 when
 # none of its users listens, which the contract wants), and checks for auth and resources this API lacks.
@@ -91,7 +92,8 @@ def test_the_served_document_is_the_packaged_one(shared_server: Server) -> None:
 @pytest.fixture
 def listened_server() -> Iterator[Server]:
     """A server with one reading listener, so that broadcasts reach the 200 path and not only the 404."""
-    with run_server() as server:
+    # With an API key, as in production: the authenticated paths are what gets fuzzed (401s are tested elsewhere).
+    with run_server({"api_key": API_KEY, "console": "1"}) as server:
         with connect(server.listen_url("fuzz-listener"), max_size=None) as listener:
             reader = threading.Thread(target=_read_all, args=(listener,), daemon=True)
             reader.start()
@@ -119,6 +121,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_break(listened_server:
             [str(schemathesis), "run", f"{listened_server.http}/api/v1/ws/openapi.json",
              "--url", listened_server.http, "--checks", CHECKS, "--max-examples", "150", "--max-time", "25",
              "--workers", "1", "--request-timeout", "5", "--report", "json", "--report-dir", reports,
+             "--header", f"Authorization: Bearer {API_KEY}",
              # An accepted SSE stream never ends by itself, so every valid case would wait out the timeout.
              "--exclude-path-regex", "^/api/v1/sse/"],
             capture_output=True, text=True, timeout=90,
