@@ -6,7 +6,11 @@ __version__ = "0.1.0"
 
 from diary_ws.app import create_app, lifespan
 from diary_ws.broadcaster import Hub, PublishResult
+from diary_ws.errors import DiaryWSError, NobodyListening, ValidationError
 from diary_ws.settings import Settings
 from diary_ws.validation import Notification
 
-__all__ = ["Hub", "Notification", "PublishResult", "Settings", "__version__", "create_app", "lifespan"]
+__all__ = [
+    "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
+    "__version__", "create_app", "lifespan",
+]  # fmt: skip

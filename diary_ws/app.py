@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         max_connections_per_user=settings.max_connections_per_user,
         send_queue_size=settings.send_queue_size,
         send_queue_bytes=settings.send_queue_bytes,
+        max_message_chars=settings.max_message_chars,
     )
     hub = Hub(backend_for(settings), limits)
     metrics = Metrics(hub, per_worker=settings.workers > 1)
@@ -97,7 +98,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     where = f"{request.method} {request.url.path}"
     if exc.status_code == 404:
-        hint = ": WebSocket endpoints need a WebSocket client" if request.url.path.startswith(API + "/") else ""
+        # Match on the path below the prefix, so the hint survives a Mount or ROOT_PATH.
+        inside = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        hint = ": WebSocket endpoints need a WebSocket client" if inside.startswith(API + "/") else ""
         return error_response(NotFound(f"no route for {where}{hint}"))
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")

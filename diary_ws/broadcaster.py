@@ -13,14 +13,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diary_ws.backends import Backend
 from diary_ws.errors import BrokerUnavailable, NobodyListening, ServerFull, TooManyConnections
 from diary_ws.messages import Message, MessageId, control_frame, render
-from diary_ws.validation import Notification
+from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
@@ -64,6 +64,7 @@ class Limits:
     max_connections_per_user: int
     send_queue_size: int
     send_queue_bytes: int
+    max_message_chars: int = 65536  # what `notify` checks, as the POST does
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +348,17 @@ class Hub:
                    "total_connections": result.total_connections, "dropped": result.disconnected_users,
                    "duration_ms": round(seconds * 1000, 3)},
         )  # fmt: skip
+
+    async def notify(
+        self,
+        message: str,
+        user_ids: Iterable[str] | None = None,
+        type: str = "notification",
+        data: Mapping[str, Any] | None = None,
+    ) -> PublishResult:
+        """Publish from Python in this process, checked like a POST body (the same ValidationError)."""
+        note = check_notification(message, user_ids, type, data, max_message_chars=self.limits.max_message_chars)
+        return await self.publish(note)
 
     def _any_listening(self, targets: frozenset[str] | None) -> bool:
         if targets is None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from diary_ws import __version__
+from diary_ws import commands as client_commands
 from diary_ws.settings import SECRETS, SPECS, SettingError, Settings, env_name, flag_name, from_env
 
 EXIT_BAD_SETTING = 2
@@ -27,12 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
         caution = "; prefer the environment or the *_FILE setting" if name in SECRETS else ""
         serve.add_argument(flag_name(name), dest=name, metavar="VALUE", default=None,
                            help=f"{help_text} [{env_name(name)}]{caution}")  # fmt: skip
+    client_commands.add_parsers(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script."""
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        return client_commands.run(args)
     overrides = {name: value for name, value in vars(args).items() if name in SPECS and value is not None}
     try:
         settings = from_env(os.environ, overrides)

@@ -324,8 +324,9 @@ class Stream:
 async def unknown_socket(websocket: WebSocket) -> None:
     """Any other WebSocket path: a JSON 404 refusal instead of Starlette's bare 403."""
     where = websocket.scope["path"]
+    prefix = websocket.scope.get("root_path", "")  # under a Mount or ROOT_PATH the endpoint moves with it
     await websocket.send_denial_response(
-        error_response(NotFound(f"no WebSocket endpoint at {where}; listen at {API}/{{user_id}}"))
+        error_response(NotFound(f"no WebSocket endpoint at {where}; listen at {prefix}{API}/{{user_id}}"))
     )
     websocket.app.state.metrics.refused(404)
 

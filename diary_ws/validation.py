@@ -6,6 +6,7 @@ Sizes are checked before anything is parsed, and nothing downstream checks again
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -83,6 +84,34 @@ def parse_notification(body: bytes, max_message_chars: int) -> Notification:
         type=_type(doc["type"]) if "type" in doc else "notification",
         data=_data(doc["data"]) if "data" in doc else None,
     )
+
+
+def check_notification(
+    message: object,
+    user_ids: Iterable[str] | None = None,
+    type: str = "notification",
+    data: Mapping[str, Any] | None = None,
+    *,
+    max_message_chars: int,
+) -> Notification:
+    """The POST body's checks, in the same order, for Python callers: a Notification or the same error."""
+    if isinstance(user_ids, (str, bytes)):  # a lone id would otherwise be taken letter by letter
+        raise ValidationError("user_ids", f"must be a list of user ids, not {_json_kind(user_ids)}")
+    return Notification(
+        message=_message(message, True, max_message_chars),
+        user_ids=_user_ids(list(user_ids)) if user_ids is not None else None,
+        type=_type(type),
+        data=_serialisable(_data(dict(data) if isinstance(data, Mapping) else data)) if data is not None else None,
+    )
+
+
+def _serialisable(data: dict[str, Any]) -> dict[str, Any]:
+    # A POST body is JSON by construction; a Python dict may hold what JSON cannot (a set, a non-str key).
+    try:
+        orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:
+        raise ValidationError("data", f"must be JSON-serialisable: {exc}") from None
+    return data
 
 
 def _json_problem(body: bytes, exc: orjson.JSONDecodeError) -> str:

@@ -62,10 +62,34 @@ def test_leaf_helpers_import_no_other_layer() -> None:
 
 def test_public_surface() -> None:
     assert sorted(diary_ws.__all__) == [
-        "Hub", "Notification", "PublishResult", "Settings", "__version__", "create_app", "lifespan",
+        "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
+        "__version__", "create_app", "lifespan",
     ]  # fmt: skip
     for name in diary_ws.__all__:
         assert hasattr(diary_ws, name)
+
+
+def diary_imports(module: str) -> set[str]:
+    """`module` and every diary_ws module it imports, transitively (the package `__init__` aside)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(d for d in MODULES.get(current, ()) if d in MODULES and d != "diary_ws")
+    return seen
+
+
+def test_the_client_stands_alone() -> None:
+    # Usable from any program: no server stack in the client or in anything of ours it imports.
+    reached = diary_imports("diary_ws.client")
+    assert "diary_ws.client" in reached
+    for module in reached:
+        heavy = {d for d in MODULES[module] if d.split(".")[0] in {"uvicorn", "starlette"}}
+        assert not heavy, (module, heavy)
+    assert not reached & {"diary_ws.app", "diary_ws.routes", "diary_ws.server", "diary_ws.cli"}
 
 
 @pytest.mark.parametrize("leaf", ["diary_ws.auth", "diary_ws.ratelimit", "diary_ws.idempotency", "diary_ws.logs"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -131,3 +132,14 @@ async def test_resume_while_publishing_loses_and_duplicates_nothing(server: Serv
         assert got == sent[1:], "every id after since, once, in order"
         assert [as_pair(i) for i in got] == sorted({as_pair(i) for i in got})
         await keeper.close()
+
+
+@pytest.mark.anyio
+async def test_since_between_the_last_id_and_now_is_recovered(server: Server) -> None:
+    # A client that has seen nothing yet resumes from the time it connected: nothing after it was lost.
+    async with connect(server.listen_url("alice")):
+        sent = server.post({"message": "x", "user_ids": ["alice"]}).json()
+    now = f"{time.time_ns() // 1_000_000}-0"
+    assert as_pair(now) > as_pair(sent["id"])
+    async with connect(server.listen_url("alice", f"since={now}")) as ws:
+        assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 0}

@@ -43,7 +43,10 @@ class MemoryBackend:
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
         self._evict()
-        recovered = self._floor <= since <= self._clock.last
+        # Up to now, nothing newer than the last id was published, so a `since` in between misses nothing: a
+        # client that saw no message yet resumes from the time it connected (diary_ws.client does).
+        newest = max(self._clock.last, MessageId(time.time_ns() // 1_000_000, 2**64 - 1))
+        recovered = self._floor <= since <= newest
         # The ring is ordered by id: walk back from the newest to the first one at or before `since`.
         found: list[Message] = []
         for message in reversed(self._history):
