@@ -49,7 +49,7 @@ class HubCollector(Collector):
         users, sockets = hub.sizes()
         stats = hub.stats
         gauges = [
-            ("diary_ws_connections", "open WebSocket connections on this process", sockets),
+            ("diary_ws_connections", "open connections (WebSockets and SSE streams) on this process", sockets),
             ("diary_ws_users", "distinct users with at least one open connection on this process", users),
             ("diary_ws_broker_reader_up", "1 while the broker reader is alive (memory:// is always up)",
              int(broker_up(hub))),
