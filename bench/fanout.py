@@ -4,8 +4,11 @@ The server runs in its own process pinned to core 0; this process, the load gene
 core 1. For each server: N idle sockets, then ROUNDS broadcasts, each timed from just before the POST to
 each socket's receipt. Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux.
 
-    make bench                       # N = 1000, 20 rounds
-    python -m bench.fanout --sockets 5000 --rounds 20
+    make bench                       # N = 1000, 20 rounds, memory and Redis mode
+    python -m bench.fanout --sockets 5000 --rounds 20 --broker memory
+
+Redis mode starts its own redis-server (pinned to the server's core) and one diary-ws process on it: the
+same fan-out, plus the XADD and the reader's XREAD between the POST and the sockets.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +30,7 @@ import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.utils import free_port, vm_rss_kib, wait_until
+from tests.utils import RedisServer, free_port, redis_server, vm_rss_kib, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -44,6 +48,7 @@ class Result:
     post_ms_p50: float
     deliveries_per_s: float
     server_cpu_us_per_delivery: float
+    redis_cpu_us_per_delivery: float  # redis-server's own CPU, Redis mode only
     rss_kib_per_idle_socket: float
     lost: int
     loadgen_cpu_share: float  # the load generator's CPU over wall time: near 1.0 means it was the bottleneck
@@ -54,10 +59,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def start(kind: str, port: int) -> subprocess.Popen[bytes]:
+def start(kind: str, port: int, redis: RedisServer | None) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
-    if kind == "diary-ws":
+    if kind.startswith("diary-ws"):
         env.update(DIARY_WS_PORT=str(port), DIARY_WS_LOG_LEVEL="warning")
+        if kind == "diary-ws+redis":
+            assert redis is not None
+            env.update(DIARY_WS_BROKER_URL=redis.url)
         cmd = [sys.executable, "-m", "diary_ws", "serve"]
     else:
         cmd = [sys.executable, "-m", "uvicorn", "bench.naive:app", "--port", str(port), "--log-level", "warning",
@@ -93,9 +101,9 @@ async def receiver(ws: ClientConnection, rounds: list[Round]) -> None:
         rounds[-1].receipt()
 
 
-async def measure(kind: str, sockets: int, rounds: int) -> Result:
+async def measure(kind: str, sockets: int, rounds: int, redis: RedisServer | None = None) -> Result:
     port = free_port()
-    proc = start(kind, port)
+    proc = start(kind, port, redis)
     try:
         rss_before = vm_rss_kib(proc.pid)
         conns = [await connect(f"ws://127.0.0.1:{port}/api/v1/ws/u{i}", compression=None) for i in range(sockets)]
@@ -106,6 +114,8 @@ async def measure(kind: str, sockets: int, rounds: int) -> Result:
         posts: list[float] = []
         lost = 0
         readers = [asyncio.create_task(receiver(ws, stamps)) for ws in conns]
+        broker_pid = redis.proc.pid if redis is not None and redis.proc is not None and "redis" in kind else None
+        broker0 = cpu_seconds(broker_pid) if broker_pid else 0.0
         cpu0, own0, wall0 = cpu_seconds(proc.pid), time.process_time(), time.monotonic()
         async with httpx.AsyncClient(timeout=30) as http:
             for i in range(rounds):
@@ -121,6 +131,7 @@ async def measure(kind: str, sockets: int, rounds: int) -> Result:
                 if got:
                     last.append(max(got) - started)
         cpu = cpu_seconds(proc.pid) - cpu0
+        broker_cpu = cpu_seconds(broker_pid) - broker0 if broker_pid else 0.0
         wall = time.monotonic() - wall0
         own = time.process_time() - own0
         for task in readers:
@@ -140,6 +151,7 @@ async def measure(kind: str, sockets: int, rounds: int) -> Result:
             post_ms_p50=statistics.median(posts) * 1000,
             deliveries_per_s=deliveries / sum(last),
             server_cpu_us_per_delivery=cpu / max(deliveries, 1) * 1e6,
+            redis_cpu_us_per_delivery=broker_cpu / max(deliveries, 1) * 1e6,
             rss_kib_per_idle_socket=(rss_idle - rss_before) / sockets,
             lost=lost,
             loadgen_cpu_share=own / wall,
@@ -164,15 +176,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sockets", type=int, nargs="+", default=[1000])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--broker", choices=["memory", "redis", "both"], default="both")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {1 % (os.cpu_count() or 1)})
+    kinds = {"memory": ["diary-ws"], "redis": ["diary-ws+redis"], "both": ["diary-ws", "diary-ws+redis"]}[args.broker]
+    if "diary-ws+redis" in kinds and shutil.which("redis-server") is None:
+        print("redis-server not found: Redis mode skipped (install Debian's redis-server package)")
+        kinds.remove("diary-ws+redis")
     results: list[Result] = []
-    for n in args.sockets:
-        # The first run in a fresh load generator is about twice as slow whichever server it meets (its
-        # allocator and caches warm up), so a short run is thrown away before anything is measured.
-        asyncio.run(measure("naive", n, 3))
-        for kind in ("diary-ws", "naive"):
-            results.append(asyncio.run(measure(kind, n, args.rounds)))
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(redis_server()) if "diary-ws+redis" in kinds else None
+        if redis is not None and redis.proc is not None:
+            os.sched_setaffinity(redis.proc.pid, {0})  # the server side shares core 0, as a co-located Redis would
+        for n in args.sockets:
+            # The first run in a fresh load generator is about twice as slow whichever server it meets (its
+            # allocator and caches warm up), so a short run is thrown away before anything is measured.
+            asyncio.run(measure("naive", n, 3))
+            for kind in [*kinds, "naive"]:
+                results.append(asyncio.run(measure(kind, n, args.rounds, redis)))
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "results": [asdict(r) for r in results]}

@@ -43,7 +43,7 @@ def websocket_query(scope: Scope) -> ListenQuery:
     return parse_listen_query(scope["query_string"])
 
 
-def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuery] = websocket_query) -> Admission:
+async def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuery] = websocket_query) -> Admission:
     """Check a listener's handshake (WebSocket or SSE: any scope with a `user_id` path parameter).
 
     `parse_query` reads the listener's resume point and options: SSE also reads Last-Event-ID.
@@ -52,7 +52,7 @@ def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuery] = w
     security: Security = state.security
     limiter: RateLimiter | None = state.connect_limiter
     if limiter is not None:
-        limiter.enforce(client_address(scope), "connection attempts from this address")
+        await limiter.acquire(client_address(scope), "connection attempts from this address")
     user_id = check_user_id(scope["path_params"]["user_id"])
     query = parse_query(scope)
     headers = Headers(scope=scope)

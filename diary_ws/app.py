@@ -13,12 +13,11 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from diary_ws import logs
+from diary_ws import idempotency, logs
 from diary_ws.auth import Security
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
 from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
-from diary_ws.idempotency import IdempotencyCache
 from diary_ws.metrics import Metrics, RequestMetrics
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.routes import API, error_response, json_response, routes
@@ -65,9 +64,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.hub = hub
     app.state.metrics = metrics
     app.state.security = Security.from_settings(settings)  # reads the secrets: SettingError if unusable
-    app.state.publish_limiter = RateLimiter.from_setting(settings.rate_limit)
-    app.state.connect_limiter = RateLimiter.from_setting(settings.connect_rate_limit)
-    app.state.idempotency = IdempotencyCache(settings.idempotency_ttl)
+    shared = app.state.hub.backend.shared()  # with Redis, limits and keys hold across the cluster
+    app.state.publish_limiter = RateLimiter.from_setting(settings.rate_limit, "publish", shared)
+    app.state.connect_limiter = RateLimiter.from_setting(settings.connect_rate_limit, "connect", shared)
+    app.state.idempotency = idempotency.for_app(settings.idempotency_ttl, shared)
     logs.redact_tokens()  # here too, so an app embedded in another server never logs a token either
     return app
 

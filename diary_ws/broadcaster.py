@@ -13,19 +13,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diary_ws.backends import Backend
-from diary_ws.errors import BrokerUnavailable, NobodyListening, ServerFull, TooManyConnections
-from diary_ws.messages import Message, MessageId, control_frame, render
+from diary_ws.backends import Backend, Counts
+from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
+from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_GOING_AWAY = 1012
+CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
 CLOSE_BY_OPERATOR = 4003
 
 
@@ -69,13 +70,14 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """The counts of DESIGN §1, all in sockets, plus the distinct users reached."""
+    """The counts of DESIGN §1, all in sockets and summed over the cluster, plus the distinct users reached."""
 
     id: MessageId
     sent_count: int
     total_connections: int
     disconnected_users: int
     users_reached: int
+    nodes_missing: int = 0  # nodes that did not report their counts in time (Redis only)
 
 
 @dataclass(slots=True)
@@ -250,7 +252,7 @@ class Hub:
 
     async def start(self) -> None:
         """Start the backend; the app's lifespan calls this."""
-        await self.backend.start()
+        await self.backend.start(self)
         self.started = True
 
     async def stop(self) -> None:
@@ -267,8 +269,12 @@ class Hub:
 
     # --- listeners -------------------------------------------------------------------------------------
 
-    def attach(self, user_id: str, sink: Sink) -> Connection:
-        """Take a slot for a new socket, or raise 429/503; messages queue for it from now on."""
+    async def attach(self, user_id: str, sink: Sink) -> Connection:
+        """Take a slot for a new socket, or raise 429/503; messages queue for it from now on.
+
+        The per-user limit holds across the cluster: the backend records the socket and refuses it when the
+        user already has MAX_CONNECTIONS_PER_USER on all nodes together.
+        """
         conns = self._users.get(user_id)
         if conns is not None and len(conns) >= self.limits.max_connections_per_user:
             raise TooManyConnections(
@@ -280,6 +286,11 @@ class Hub:
         conn = Connection(self, user_id, sink)
         self._users.setdefault(user_id, set()).add(conn)
         self._count += 1
+        try:
+            await self.backend.join(user_id, self.limits.max_connections_per_user)
+        except BaseException:
+            self.drop(conn)
+            raise
         return conn
 
     async def listen(self, conn: Connection, since: MessageId | None) -> None:
@@ -289,7 +300,12 @@ class Hub:
             return
         # The socket is attached before the history is read, so nothing published meanwhile is lost;
         # what both paths deliver is sent once (the writer skips live ids it has replayed).
-        replay = await self.backend.replay(conn.user_id, since)
+        try:
+            replay = await self.backend.replay(conn.user_id, since)
+        except BrokerUnavailable:
+            conn.start([], None)
+            conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
+            return
         conn.start(replay.messages, {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)})
 
     def drop(self, conn: Connection) -> None:
@@ -303,11 +319,18 @@ class Hub:
             if not conns:
                 del self._users[conn.user_id]
         self._count -= 1
+        self.backend.left(conn.user_id)
 
-    def disconnect_user(
+    async def disconnect_user(
         self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
-    ) -> int:
-        """Close every socket of `user_id` with `code`; how many there were."""
+    ) -> tuple[int, int]:
+        """Close every socket of `user_id` with `code`, on every node: (closed, nodes that did not report)."""
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: no connection was closed; retry later")
+        return await self.backend.close_user(user_id, code, reason)
+
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        """Close this process's sockets of `user_id` with `code`; how many there were (the backend calls it)."""
         conns = list(self._users.get(user_id, ()))
         for conn in conns:
             conn.close(code, reason)
@@ -323,15 +346,17 @@ class Hub:
     # --- publishing -------------------------------------------------------------------------------------
 
     async def publish(self, note: Notification) -> PublishResult:
-        """Store and deliver one notification; NobodyListening (404) when no targeted user is here."""
+        """Store and deliver one notification on every node.
+
+        NobodyListening (404) when no targeted user is connected anywhere; BrokerUnavailable (503) when the
+        broker is down, checked first, so an outage never reads as "nobody there".
+        """
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
-        if not self._any_listening(targets):
-            raise NobodyListening(targeted=targets is not None)
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        message = await self.backend.append(targets, lambda msg_id: render(note.type, note.message, note.data, msg_id))
-        result = self._fan_out(message)
+        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
+        result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
         seconds = time.perf_counter() - started
         self.stats.published += 1
         self.stats.observe_fanout(seconds)
@@ -360,16 +385,17 @@ class Hub:
         note = check_notification(message, user_ids, type, data, max_message_chars=self.limits.max_message_chars)
         return await self.publish(note)
 
-    def _any_listening(self, targets: frozenset[str] | None) -> bool:
-        if targets is None:
-            return self._count > 0
-        return any(user_id in self._users for user_id in targets)
+    def presence(self) -> Mapping[str, Sized]:
+        """User id -> this process's sockets of that user; for the backend (read only)."""
+        return self._users
 
-    def _fan_out(self, message: Message) -> PublishResult:
+    def deliver(self, message: Message, want_users: bool) -> Counts:
+        """Fan one message out to this process's sockets; the backend calls it once per message, in order."""
         users = self._users
         groups = users.items() if message.targets is None else ((u, users[u]) for u in message.targets if u in users)
         sent = total = lost = reached = 0
-        for _user_id, conns in list(groups):
+        names: list[str] | None = [] if want_users else None
+        for user_id, conns in list(groups):
             handed = 0
             for conn in list(conns):  # offer() may drop the socket from this set
                 total += 1
@@ -378,9 +404,12 @@ class Hub:
                 else:
                     lost += 1
             sent += handed
-            reached += handed > 0
+            if handed:
+                reached += 1
+                if names is not None:
+                    names.append(user_id)
         self.stats.delivered += sent
-        return PublishResult(message.id, sent, total, lost, reached)
+        return Counts(sent, total, lost, reached, names)
 
     # --- status -------------------------------------------------------------------------------------------
 
@@ -388,12 +417,12 @@ class Hub:
         """(distinct users, sockets) on this node, without sorting anything: for the metrics gauges."""
         return len(self._users), self._count
 
-    def status(self, limit: int | None = None) -> dict[str, Any]:
-        """The guide's status fields plus `total_connections`."""
-        ids = sorted(self._users)
+    async def status(self, limit: int | None = None) -> dict[str, Any]:
+        """The guide's status fields plus `total_connections`, over every live node."""
+        ids, total = await self.backend.status()
         return {
             "connected_users": len(ids),
             "status": "active",
             "active_user_ids": ids if limit is None else ids[:limit],
-            "total_connections": self._count,
+            "total_connections": total,
         }

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import resource
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from diary_ws import __version__
 from diary_ws import commands as client_commands
 from diary_ws.settings import SECRETS, SPECS, SettingError, Settings, env_name, flag_name, from_env
+
+if TYPE_CHECKING:
+    import uvicorn
 
 EXIT_BAD_SETTING = 2
 
@@ -56,18 +62,30 @@ def raise_open_file_limit() -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT."""
-    import uvicorn
-
+    """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT; WORKERS processes share the port."""
     from diary_ws import logs
-    from diary_ws.app import create_app
-    from diary_ws.server import DiaryHttpProtocol, DiaryServer, DiaryWebSocketProtocol, with_proxy_headers
 
     raise_open_file_limit()
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    config = uvicorn.Config(
-        with_proxy_headers(app, settings.trusted_proxies),
+    if settings.workers == 1:
+        return 0 if run_worker(settings) else 1
+    from diary_ws.app import create_app
+    from diary_ws.server import supervise
+
+    create_app(settings)  # reads the secret files: a SettingError stops here, with exit 2, not in each worker
+    # Bound once here and shared, so every worker accepts on the same port (settings forbid memory:// here).
+    sock = uvicorn_config(settings, app=None).bind_socket()
+    return supervise(settings.workers, sock, functools.partial(run_worker, settings))
+
+
+def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
+    """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
+    import uvicorn
+
+    from diary_ws.server import DiaryHttpProtocol, DiaryWebSocketProtocol
+
+    return uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
@@ -86,9 +104,22 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
     )
 
+
+def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
+    """One serving process: the app, uvicorn and DiaryServer; `sock` is the supervisor's shared socket."""
+    from diary_ws import logs
+    from diary_ws.app import create_app
+    from diary_ws.server import DiaryServer, with_proxy_headers
+
+    if sock is not None:  # a spawned worker starts with a bare interpreter
+        raise_open_file_limit()
+        logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+
     def begin_drain() -> None:
         app.state.hub.draining = True
 
+    config = uvicorn_config(settings, with_proxy_headers(app, settings.trusted_proxies))
     server = DiaryServer(config, on_signal=begin_drain, drain_seconds=settings.drain_seconds)
-    server.run()
-    return 0 if server.started else 1
+    server.run(sockets=None if sock is None else [sock])
+    return server.started

@@ -120,6 +120,18 @@ def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: Message
 HEARTBEAT_FRAME = '{"type":"heartbeat"}'  # what `?heartbeat=` sends; never stored, never counted
 
 
+class Draft(NamedTuple):
+    """A notification before it has an id: what a backend stores and renders once the id is known."""
+
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+
+    def render(self, msg_id: MessageId) -> bytes:
+        """The JSON frame with `msg_id` in it."""
+        return render(self.kind, self.message, self.data, msg_id)
+
+
 def control_frame(**fields: Any) -> str:
     """A small frame of our own, such as `{"type": "resume", ...}`."""
     return orjson.dumps(fields).decode()

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from diary_ws.errors import RateLimited
 from diary_ws.settings import rate_parts
@@ -61,21 +62,49 @@ class Verdict:
         return found
 
 
+class SharedBuckets(Protocol):
+    """Buckets every node shares (the Redis backend): the same token bucket, kept in one place."""
+
+    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]:
+        """Take one token from `bucket` if there is one: (taken, whole and partial tokens left)."""
+        ...
+
+
 class RateLimiter:
-    """Buckets by key, for one Rate. Kept on `app.state`; one event loop uses it, so it needs no lock."""
+    """Buckets by key, for one Rate. Kept on `app.state`; one event loop uses it, so it needs no lock.
 
-    __slots__ = ("rate", "max_buckets", "_clock", "_buckets")
+    With `shared` (a cluster on Redis), `acquire` takes from buckets every node shares instead.
+    """
 
-    def __init__(self, rate: Rate, *, max_buckets: int = MAX_BUCKETS, clock: Callable[[], float] = time.monotonic):
+    __slots__ = ("rate", "max_buckets", "_clock", "_buckets", "name", "shared")
+
+    def __init__(
+        self,
+        rate: Rate,
+        *,
+        max_buckets: int = MAX_BUCKETS,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+        shared: SharedBuckets | None = None,
+    ) -> None:
         self.rate = rate
         self.max_buckets = max_buckets
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self.name = name  # keeps two limiters' shared buckets apart
+        self.shared = shared
 
     @classmethod
-    def from_setting(cls, text: str | None) -> RateLimiter | None:
+    def from_setting(cls, text: str | None, name: str = "", shared: SharedBuckets | None = None) -> RateLimiter | None:
         """A limiter for a RATE_LIMIT-style setting; None when the setting is unset."""
-        return None if text is None else cls(Rate.parse(text))
+        return None if text is None else cls(Rate.parse(text), name=name, shared=shared)
+
+    async def acquire(self, key: str, what: str) -> dict[str, str]:
+        """`enforce`, on the shared buckets when there are some (BrokerUnavailable, 503, if they are down)."""
+        if self.shared is None:
+            return self.enforce(key, what)
+        allowed, tokens = await self.shared.take_token(f"{self.name}:{key}", self.rate.burst, self.rate.per_second)
+        return self._answer(self._verdict(allowed, tokens), what)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -92,6 +121,10 @@ class RateLimiter:
         self._buckets[key] = (tokens, now)  # popped and put back: the most recently used is last
         if len(self._buckets) > self.max_buckets:
             self._buckets.popitem(last=False)
+        return self._verdict(allowed, tokens)
+
+    def _verdict(self, allowed: bool, tokens: float) -> Verdict:
+        rate = self.rate
         return Verdict(
             allowed=allowed,
             limit=rate.burst,
@@ -102,7 +135,9 @@ class RateLimiter:
 
     def enforce(self, key: str, what: str) -> dict[str, str]:
         """Take a token or raise RateLimited (429); the `RateLimit-*` headers for the answer."""
-        verdict = self.take(key)
+        return self._answer(self.take(key), what)
+
+    def _answer(self, verdict: Verdict, what: str) -> dict[str, str]:
         if not verdict.allowed:
             rate = self.rate
             raise RateLimited(

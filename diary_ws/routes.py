@@ -56,7 +56,7 @@ async def notify(request: Request) -> Response:
     """POST /api/v1/ws/notification."""
     hub: Hub = request.app.state.hub
     settings: Settings = request.app.state.settings
-    limit_headers = check_sender(request, limited=True)
+    limit_headers = await check_sender(request, limited=True)
     key = request.headers.get(idempotency.HEADER)
     key = None if key is None else idempotency.check_key(key)
     check_content_type(request.headers.get("content-type"))
@@ -68,18 +68,18 @@ async def notify(request: Request) -> Response:
 
 
 async def publish_once(
-    cache: idempotency.IdempotencyCache, key: str, hub: Hub, note: Notification, headers: dict[str, str]
+    cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
 ) -> Response:
     """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
-    first = cache.begin(key, idempotency.fingerprint(note))
+    first = await cache.begin(key, idempotency.fingerprint(note))
     if first is not None:
         return Response(first.body, first.status, {**headers, "Idempotent-Replayed": "true"}, "application/json")
     try:
         response = await publish(hub, note, headers)
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
-        cache.abandon(key)
+        await cache.abandon(key)
         raise
-    cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
+    await cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
     return response
 
 
@@ -87,20 +87,20 @@ async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Resp
     """Publish and answer with the guide's fields plus `id`."""
     result = await hub.publish(note)
     noun = "user" if result.users_reached == 1 else "users"
-    return json_response(
-        {
-            "status": "success",
-            "message": f"Notification sent to {result.users_reached} {noun}",
-            "sent_count": result.sent_count,
-            "total_connections": result.total_connections,
-            "disconnected_users": result.disconnected_users,
-            "id": str(result.id),
-        },
-        headers=headers,
-    )
+    answer = {
+        "status": "success",
+        "message": f"Notification sent to {result.users_reached} {noun}",
+        "sent_count": result.sent_count,
+        "total_connections": result.total_connections,
+        "disconnected_users": result.disconnected_users,
+        "id": str(result.id),
+    }
+    if result.nodes_missing:
+        answer["nodes_missing"] = result.nodes_missing  # DESIGN §1: the key appears only then
+    return json_response(answer, headers=headers)
 
 
-def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
+async def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
     """401 without a valid API key (when keys are configured); with `limited`, 429 over RATE_LIMIT.
 
     Returns the `RateLimit-*` headers for the answer. The bucket is the API key's, or the client
@@ -111,7 +111,7 @@ def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
     limiter: RateLimiter | None = request.app.state.publish_limiter
     if not limited or limiter is None:
         return {}
-    return limiter.enforce(sender or client_address(request.scope), "notifications")
+    return await limiter.acquire(sender or client_address(request.scope), "notifications")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -134,7 +134,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def status(request: Request) -> Response:
     """GET /api/v1/ws/status."""
-    check_sender(request)
+    await check_sender(request)
     raw = request.query_params.get("limit")
     limit = None
     if raw is not None:
@@ -143,7 +143,7 @@ async def status(request: Request) -> Response:
             raise BadRequest("query parameter limit must be a whole number of at least 0")
         limit = int(raw)
     hub: Hub = request.app.state.hub
-    return json_response(hub.status(limit))
+    return json_response(await hub.status(limit))
 
 
 async def metrics(request: Request) -> Response:
@@ -159,14 +159,15 @@ async def openapi(request: Request) -> Response:
 
 async def disconnect(request: Request) -> Response:
     """DELETE /api/v1/ws/users/{user_id}/connections: close every socket of a user with 4003 (log-out, ban)."""
-    check_sender(request)
+    await check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
-    closed = hub.disconnect_user(user_id)
+    closed, missing = await hub.disconnect_user(user_id)
     noun = "connection" if closed == 1 else "connections"
-    return json_response(
-        {"status": "success", "message": f"Closed {closed} {noun} of user {user_id}", "closed": closed}
-    )
+    answer = {"status": "success", "message": f"Closed {closed} {noun} of user {user_id}", "closed": closed}
+    if missing:
+        answer["nodes_missing"] = missing  # as for a publish: some nodes did not say how many they closed
+    return json_response(answer)
 
 
 async def healthz(request: Request) -> Response:
@@ -233,8 +234,10 @@ class Listen:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
         try:
-            admission = admit_listener(scope)
-            conn = hub.attach(admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION)))
+            admission = await admit_listener(scope)
+            conn = await hub.attach(
+                admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
+            )
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
             scope["app"].state.metrics.refused(exc.status_code)
@@ -300,8 +303,8 @@ class Stream:
         control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
         sink = SseSink(send, control)
         try:
-            admission = admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
-            conn = hub.attach(admission.user_id, sink)
+            admission = await admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
+            conn = await hub.attach(admission.user_id, sink)
         except DiaryWSError as exc:
             await error_response(exc)(scope, receive, send)  # before the stream starts: a plain JSON answer
             return

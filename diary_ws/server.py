@@ -1,4 +1,5 @@
-"""What diary-ws adds to uvicorn: transport hooks for the WebSocket protocol, and a draining Server.
+"""What diary-ws adds to uvicorn: transport hooks for the WebSocket protocol, a draining Server, and a
+supervisor for several workers that keeps both in each worker.
 
 Like `cli`, the only other module that imports uvicorn, this one is loaded only when diary-ws runs its own
 server; an app embedded elsewhere works without it and just lacks the hooks (see `routes.SocketControl`).
@@ -10,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import random
+import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, cast
 
@@ -276,3 +282,49 @@ class DiaryServer(uvicorn.Server):
         self._draining = True
         log.info("draining for %.1f s: /readyz answers 503, open sockets stay", self._drain_seconds)
         self._loop.call_soon_threadsafe(self._loop.call_later, self._drain_seconds, super().handle_exit, sig, None)
+
+
+WORKER_STARTUP_FAILURE = 3  # what uvicorn exits with when a worker cannot start; restarting would not help
+
+
+def supervise(workers: int, sock: socket.socket, target: Callable[[socket.socket], object]) -> int:
+    """Run `target(sock)` in `workers` processes sharing one listening socket, until SIGTERM or SIGINT.
+
+    uvicorn's own supervisor builds a plain `uvicorn.Server` in each worker, which would lose DiaryServer's
+    early /readyz flip and drain. This one only spawns, restarts a worker that dies, and passes a stop
+    signal on as SIGTERM; each worker runs the whole single-process path (DiaryServer included).
+    """
+    context = multiprocessing.get_context("spawn")  # no fork: each worker starts clean, as uvicorn's do
+    stop = threading.Event()
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def spawn() -> BaseProcess:
+        process = context.Process(target=target, args=(sock,), daemon=False)
+        process.start()
+        return process
+
+    processes = [spawn() for _ in range(workers)]
+    log.info("supervisor %d started %d workers: %s", os.getpid(), workers, ", ".join(str(p.pid) for p in processes))
+    status = 0
+    while not stop.wait(0.5):
+        for index, process in enumerate(processes):
+            if process.is_alive():
+                continue
+            if process.exitcode == WORKER_STARTUP_FAILURE:
+                log.error("worker %s could not start; stopping", process.pid)
+                stop.set()
+                status = 1
+                break
+            processes[index] = spawn()
+            log.warning("worker %s exited (%s); started %s", process.pid, process.exitcode, processes[index].pid)
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    for process in processes:
+        process.join()
+    return status

@@ -6,8 +6,10 @@ This is the only module that knows the variable names. Every value passes throug
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -79,11 +81,9 @@ def check_combinations(s: Settings) -> None:
         if getattr(s, name) is not None:
             raise SettingError(env_name(name), f"is not supported yet: {feature} are not built in this version")
     check_security(s)
-    if not s.broker_url.startswith("memory://"):
-        raise SettingError(
-            env_name("broker_url"), "is not supported yet: only memory:// is built in this version (Redis comes later)"
-        )
-    if s.workers > 1:
+    if s.broker_url.startswith("redis") and importlib.util.find_spec("redis") is None:
+        raise SettingError(env_name("broker_url"), "needs redis-py: pip install 'diary-ws[redis]'")
+    if s.workers > 1 and s.broker_url.startswith("memory://"):
         raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
 
 
@@ -215,8 +215,17 @@ def _host(raw: str) -> str:
 
 def _broker_url(raw: str) -> str:
     text = raw.strip()
-    if not re.fullmatch(r"(memory|redis|rediss)://.*", text):
-        raise ValueError("must be memory:// or a redis://host:port/db URL")
+    rule = "must be memory:// or a redis://[:password@]host[:port][/db] (or rediss://) URL"
+    if text.startswith("memory://"):
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _port = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(rule) from None
+    bad_path = not re.fullmatch(r"(/\d*)?", parts.path)
+    if parts.scheme not in ("redis", "rediss") or bad_path or any(c.isspace() for c in text):
+        raise ValueError(rule)
     return text
 
 
@@ -356,6 +365,8 @@ def parse_value(name: str, raw: str, label: str) -> Any:
     try:
         return parser(raw)
     except ValueError as exc:
+        if name == "broker_url":  # a Redis URL may carry a password: never echo it
+            raw = re.sub(r"(?<=://)[^@/]*@", "***@", raw)
         raise SettingError(label, f"{exc} (got {raw!r})") from None
 
 

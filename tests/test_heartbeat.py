@@ -121,12 +121,12 @@ def hub() -> Hub:
 async def test_a_heartbeat_never_lands_between_replayed_frames() -> None:
     h = hub()
     await h.start()
-    keeper = h.attach("u", RecordingSink())
+    keeper = await h.attach("u", RecordingSink())
     await h.listen(keeper, None)
     ids = [(await h.publish(Notification(message=f"m{i}", user_ids=("u",)))).id for i in range(5)]
     sink = RecordingSink()
     sink.gate.clear()  # a slow peer: the replay waits
-    conn = h.attach("u", sink)
+    conn = await h.attach("u", sink)
     await h.listen(conn, ids[0])
     conn.heartbeat_every(0.02)
     # Heartbeats fall due while the first replayed frame is held up by the peer.
@@ -147,7 +147,7 @@ async def test_the_heartbeat_timer_ends_with_the_connection() -> None:
     h = hub()
     await h.start()
     sink = RecordingSink()
-    conn = h.attach("u", sink)
+    conn = await h.attach("u", sink)
     await h.listen(conn, None)
     conn.heartbeat_every(0.01)
     await async_wait_until(lambda: len(sink.sent) >= 2, 2, "two heartbeats")

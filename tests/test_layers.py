@@ -39,6 +39,10 @@ def test_only_cli_and_server_import_uvicorn() -> None:
     assert importers_of("uvicorn") == {"diary_ws.cli", "diary_ws.server"}
 
 
+def test_only_the_redis_backend_imports_redis_py() -> None:
+    assert importers_of("redis") == {"diary_ws.backends.redis"}
+
+
 @pytest.mark.parametrize("module", ["diary_ws.broadcaster", "diary_ws.backends", "diary_ws.validation"])
 def test_the_core_never_imports_starlette(module: str) -> None:
     offenders = {m for m in importers_of("starlette") if m == module or m.startswith(module + ".")}

@@ -22,6 +22,7 @@ from tests.utils import (
     drain_until_closed,
     next_frame,
     raw_handshake,
+    redis_server,
     run_server,
     serve_in_process,
 )
@@ -196,3 +197,18 @@ def test_broker_reader_up_follows_the_backends_flag() -> None:
     app.state.hub.backend = DeafBackend(history_size=10, history_ttl=60)
     samples = parse(app.state.metrics.exposition().decode())
     assert value(samples, "diary_ws_broker_reader_up") == 0
+
+
+def test_real_workers_label_their_figures() -> None:
+    """WORKERS=2 over a real redis-server: each scrape is one worker's, and every series says which."""
+    with redis_server() as redis, run_server({"broker_url": redis.url, "workers": "2"}) as server:
+        seen: set[str] = set()
+        for _ in range(20):
+            samples = scrape(server)
+            workers = {value for _name, labels in samples for key, value in labels if key == "worker"}
+            assert len(workers) == 1, workers  # one worker answered, and labelled all of it
+            assert all(("worker", next(iter(workers))) in labels for _name, labels in samples)
+            assert value(samples, "diary_ws_broker_reader_up", worker=next(iter(workers))) == 1
+            seen |= workers
+        assert str(server.proc.pid) not in seen  # the supervisor serves nothing: these are the workers' pids
+        server.assert_clean_log()

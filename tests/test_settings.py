@@ -140,6 +140,8 @@ def test_settings_are_frozen() -> None:
         ("root_path", "/push/", "/push"),
         ("root_path", "", ""),
         ("broker_url", "memory://", "memory://"),
+        ("broker_url", "redis://x", "redis://x"),
+        ("broker_url", " rediss://:secret@cache:6380/1 ", "rediss://:secret@cache:6380/1"),
         ("trusted_proxies", "10.0.0.0/8, 127.0.0.1,", ("10.0.0.0/8", "127.0.0.1")),
         ("trusted_proxies", "*", ("*",)),
         ("allowed_origins", "*", ("*",)),
@@ -201,6 +203,8 @@ def test_value_is_parsed(name: str, raw: str, expected: Any) -> None:
         ("host", ""),
         ("host", "bad host"),
         ("broker_url", "http://localhost"),
+        ("broker_url", "redis://cache:port/0"),
+        ("broker_url", "redis://cache:6379/zero"),
         ("trusted_proxies", "10.0.0.1,not-an-ip"),
         ("allowed_origins", " , "),
         ("allowed_origins", "*,https://a.example"),
@@ -230,9 +234,7 @@ def test_bad_value_names_the_variable(name: str, raw: str) -> None:
 @pytest.mark.parametrize(
     ("name", "raw"),
     [
-        ("broker_url", "redis://x"),
-        ("broker_url", "rediss://cache:6380/1"),
-        ("workers", "2"),
+        ("workers", "2"),  # with memory://: several workers need redis://
     ],
 )
 def test_feature_not_built_yet_is_refused(name: str, raw: str) -> None:
@@ -265,6 +267,17 @@ def test_security_settings_that_go_together() -> None:
 
 def test_unknown_variable_is_refused() -> None:
     assert refused({"DIARY_WS_PROT": "9000", "DIARY_WS_PORT": "9000"}).name == "DIARY_WS_PROT"
+
+
+def test_a_bad_broker_url_is_named_without_its_password() -> None:
+    error = refused(env(broker_url="redis://:hunter2@cache:port/0"))
+    assert "hunter2" not in str(error)
+    assert "redis://***@cache:port/0" in str(error)
+
+
+def test_several_workers_need_redis() -> None:
+    assert refused(env(workers="2")).name == "DIARY_WS_WORKERS"
+    assert from_env(env(workers="2", broker_url="redis://cache:6379/0")).workers == 2
 
 
 def test_settings_built_in_code_are_checked_too() -> None:
@@ -313,7 +326,7 @@ def run_cli(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
         (("serve", "--port", "abc"), {}, "--port"),
         (("serve",), {"ping_interval": "-1"}, "DIARY_WS_PING_INTERVAL"),
         (("serve", "--workers", "2"), {}, "--workers"),
-        (("serve",), {"broker_url": "redis://x"}, "DIARY_WS_BROKER_URL"),
+        (("serve",), {"broker_url": "redis://x:y"}, "DIARY_WS_BROKER_URL"),
         (("serve",), {"api_key": "k"}, "DIARY_WS_API_KEY"),  # too short: refused when the app is made
         (("serve",), {"api_key": "k" * 16, "api_key_file": "/nope"}, "DIARY_WS_API_KEY_FILE"),
         (("serve",), {"api_key_file": "/nonexistent/keys"}, "DIARY_WS_API_KEY_FILE"),

@@ -324,7 +324,11 @@ def test_curl_n_prints_each_notification_as_it_arrives(server: Server) -> None:
 async def test_sse_works_under_a_plain_uvicorn_without_the_hooks() -> None:
     app = create_app(Settings())
     async with serve_in_process(app) as where, open_stream(f"http://{where}/api/v1/sse/judy") as events:
-        await async_wait_until(lambda: app.state.hub.status()["total_connections"] == 1, WAIT, "the stream")
+
+        async def one_stream() -> bool:
+            return bool((await app.state.hub.status())["total_connections"] == 1)  # cluster-wide, so awaited
+
+        await async_wait_until(one_stream, WAIT, "the stream")
         async with httpx.AsyncClient() as client:
             answer = (await client.post(f"http://{where}/api/v1/ws/notification", json={"message": "embedded"})).json()
         event = await events.next()

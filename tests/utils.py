@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,3 +226,56 @@ async def next_frame(ws: ClientConnection, limit: float = 5) -> dict[str, Any]:
     """The next JSON frame a listener gets, within `limit` seconds."""
     frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), limit))
     return frame
+
+
+@dataclass
+class RedisServer:
+    """A `redis-server` of our own on a free port: no persistence, so a restart loses everything."""
+
+    port: int
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it answers PING."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server not found: install Debian's redis-server package (.ci/run does)")
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        wait_until(self.pings, START_TIMEOUT, f"redis-server on port {self.port} to answer PING")
+
+    def pings(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: the data goes with it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server for a test (never the one on 6379); skips when the binary is missing."""
+    with tempfile.TemporaryDirectory(prefix="diary-ws-redis-") as workdir:
+        server = RedisServer(free_port(), Path(workdir))
+        try:
+            server.start()
+            yield server
+        finally:
+            server.kill()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from diary_ws.backends.base import Backend, Replay
+from diary_ws.backends.base import Backend, Counts, Node, Published, Replay
 from diary_ws.settings import Settings
 
 
 def backend_for(settings: Settings) -> Backend:
-    """The backend BROKER_URL names; imported lazily so `memory://` never loads a Redis client."""
+    """The backend BROKER_URL names; imported lazily so `memory://` never loads the Redis client."""
     scheme = settings.broker_url.split("://", 1)[0]
     if scheme == "memory":
         from diary_ws.backends.memory import MemoryBackend
 
         return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
+    if scheme in ("redis", "rediss"):
+        from diary_ws.backends.redis import RedisBackend
+
+        return RedisBackend(settings.broker_url, history_size=settings.history_size, history_ttl=settings.history_ttl)
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
 
 
-__all__ = ["Backend", "Replay", "backend_for"]
+__all__ = ["Backend", "Counts", "Node", "Published", "Replay", "backend_for"]

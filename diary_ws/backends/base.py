@@ -1,11 +1,16 @@
-"""What the broadcaster needs of a backend: ids, the retained history, and liveness."""
+"""What the broadcaster and a backend need of each other: the publish flow, history, presence, liveness.
+
+The Hub hands the backend a `Node` at start. The backend decides where a message goes first (memory: straight
+back into this process; Redis: a stream every node reads) and calls `Node.deliver` once for every message, on
+every node, in one order. `publish` returns the counts summed over every node that reported.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping, Sized
 from typing import NamedTuple, Protocol
 
-from diary_ws.messages import Message, MessageId
+from diary_ws.messages import Draft, Message, MessageId
 
 
 class Replay(NamedTuple):
@@ -15,20 +20,82 @@ class Replay(NamedTuple):
     recovered: bool
 
 
-class Backend(Protocol):
-    """The small interface the Hub talks to; `memory` is the embedded default."""
+class Counts(NamedTuple):
+    """One node's fan-out of one message, in sockets; `users` the users reached, when asked for."""
 
-    async def start(self) -> None:
+    sent: int
+    total: int
+    lost: int
+    reached: int
+    users: list[str] | None
+
+
+class Published(NamedTuple):
+    """A stored message and its counts over the cluster; `nodes_missing` nodes did not report in time."""
+
+    id: MessageId
+    sent: int
+    total: int
+    lost: int
+    reached: int  # distinct users
+    nodes_missing: int
+
+
+class Node(Protocol):
+    """This process's side, as a backend sees it (the Hub)."""
+
+    def deliver(self, message: Message, want_users: bool) -> Counts:
+        """Fan one message out to this process's sockets, now, without waiting on any of them."""
+
+    def presence(self) -> Mapping[str, Sized]:
+        """User id -> this process's sockets of that user (read only)."""
+
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        """Close this process's sockets of `user_id` with `code`; how many there were."""
+
+
+class SharedState(Protocol):
+    """Rate-limit buckets and idempotency keys that every node shares (see ratelimit and idempotency)."""
+
+    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]: ...
+    async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]: ...
+    async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None: ...
+    async def idem_abandon(self, key: str) -> None: ...
+
+
+class Backend(Protocol):
+    """The small interface the Hub talks to; `memory` is the embedded default, `redis` the scale-out one."""
+
+    async def start(self, node: Node) -> None:
         """Connect and start any reader; called once from the app's lifespan."""
 
     async def stop(self) -> None:
-        """Release everything `start` took."""
+        """Release everything `start` took, and leave the cluster's presence."""
 
     def ready(self) -> bool:
-        """Whether publishes can be stored now."""
+        """Whether publishes can be stored and delivered now."""
 
-    async def append(self, targets: frozenset[str] | None, render: Callable[[MessageId], bytes]) -> Message:
-        """Give the message its id, keep it in the history, and return it."""
+    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+        """Give the message its id, keep it in the history, deliver it everywhere, and count.
+
+        Raises NobodyListening (404) when none of `targets` (None: anyone) is connected on any node, and
+        BrokerUnavailable (503) when the message cannot be stored now.
+        """
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
         """The retained messages for `user_id` after `since`, oldest first."""
+
+    async def join(self, user_id: str, limit: int) -> None:
+        """A socket of `user_id` was added here: record it; TooManyConnections past `limit` cluster-wide."""
+
+    def left(self, user_id: str) -> None:
+        """A socket of `user_id` went away here; recorded in the background."""
+
+    async def status(self) -> tuple[list[str], int]:
+        """Every connected user id on every live node, sorted, and the number of sockets."""
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        """Close every socket of `user_id` on every node (an operator's disconnect): (closed, nodes missing)."""
+
+    def shared(self) -> SharedState | None:
+        """Where rate limits and idempotency keys live when the cluster shares them; None: in this process."""

@@ -1,13 +1,13 @@
-"""The embedded default: ids and one bounded, ordered history in this process's memory."""
+"""The embedded default: ids, one bounded, ordered history and presence, all in this process's memory."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 
-from diary_ws.backends.base import Replay
-from diary_ws.messages import IdClock, Message, MessageId
+from diary_ws.backends.base import Node, Published, Replay
+from diary_ws.errors import NobodyListening
+from diary_ws.messages import Draft, IdClock, Message, MessageId
 
 
 class MemoryBackend:
@@ -21,9 +21,11 @@ class MemoryBackend:
         # Every id up to `_floor` may have been lost (evicted, or from before this process started), so a
         # `since` below it cannot be resumed in full. Reserving an id at start puts every earlier run below it.
         self._floor = self._clock.next()
+        self._node: Node | None = None
 
-    async def start(self) -> None:
+    async def start(self, node: Node) -> None:
         """Nothing to connect to."""
+        self._node = node
 
     async def stop(self) -> None:
         self._history.clear()
@@ -31,9 +33,35 @@ class MemoryBackend:
     def ready(self) -> bool:
         return True
 
-    async def append(self, targets: frozenset[str] | None, render: Callable[[MessageId], bytes]) -> Message:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+        node = self._node
+        users = node.presence() if node is not None else {}  # not started: nobody can be listening
+        if node is None or not (users if targets is None else any(user_id in users for user_id in targets)):
+            raise NobodyListening(targeted=targets is not None)
+        message = self._append(targets, draft)
+        sent, total, lost, reached, _ = node.deliver(message, False)
+        return Published(message.id, sent, total, lost, reached, 0)
+
+    async def join(self, user_id: str, limit: int) -> None:
+        """One process: the Hub's own count is the whole count, and it has checked it."""
+
+    def left(self, user_id: str) -> None:
+        """Nothing to record."""
+
+    async def status(self) -> tuple[list[str], int]:
+        users = self._node.presence() if self._node is not None else {}
+        return sorted(users), sum(len(conns) for conns in users.values())
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        return (self._node.close_local(user_id, code, reason) if self._node is not None else 0), 0
+
+    def shared(self) -> None:
+        """One process: limits and keys stay in it."""
+        return None
+
+    def _append(self, targets: frozenset[str] | None, draft: Draft) -> Message:
         msg_id = self._clock.next()
-        message = Message.build(msg_id, targets, render(msg_id))
+        message = Message.build(msg_id, targets, draft.render(msg_id))
         if self._size:
             self._history.append(message)
         else:

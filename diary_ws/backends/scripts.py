@@ -1,0 +1,202 @@
+"""The Lua scripts the Redis backend runs: each decision that reads presence is one atomic round trip.
+
+Plain strings, so this module imports no Redis client. Key names are built from a prefix passed as ARGV[1]
+(KEYS lists the fixed keys; per-node keys are derived, which is fine on a single Redis, not on a Cluster).
+
+A node is live while its heartbeat key `<prefix>node:<id>` exists. A script that finds a node in the set
+`<prefix>nodes` without a heartbeat forgets it and deletes its presence hash, so a killed node's users leave
+`status` within one heartbeat TTL.
+"""
+
+from __future__ import annotations
+
+# The live nodes, pruning dead ones. Shared by the scripts below.
+_LIVE = """
+local function live_nodes(nodes_key, prefix)
+  local live = {}
+  for _, n in ipairs(redis.call('SMEMBERS', nodes_key)) do
+    if redis.call('EXISTS', prefix .. 'node:' .. n) == 1 then
+      table.insert(live, n)
+    else
+      redis.call('SREM', nodes_key, n)
+      redis.call('DEL', prefix .. 'presence:' .. n)
+    end
+  end
+  return live
+end
+"""
+
+# KEYS: nodes, feed. ARGV: prefix, maxlen, number of targets, the targets..., then field, value pairs.
+# Returns {id or false, {live nodes}}: the 404 decision and the XADD in one step, so no node can miss it.
+# A number of targets of -1 adds the entry whoever is connected (a control entry).
+PUBLISH = (
+    _LIVE
+    + """
+local prefix, maxlen, ntargets = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local live = live_nodes(KEYS[1], prefix)
+local anyone = ntargets < 0
+if anyone then ntargets = 0 end
+for _, n in ipairs(live) do
+  if anyone then break end
+  local key = prefix .. 'presence:' .. n
+  if ntargets == 0 then
+    anyone = redis.call('HLEN', key) > 0
+  else
+    for i = 4, 3 + ntargets do
+      if redis.call('HEXISTS', key, ARGV[i]) == 1 then anyone = true break end
+    end
+  end
+  if anyone then break end
+end
+if not anyone then return {false, live} end
+local fields = {}
+for i = 4 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+return {id, live}
+"""
+)
+
+# KEYS: nodes. ARGV: prefix, this node, user, this node's count of the user (the new socket included),
+# limit, presence TTL in ms. Returns {accepted 0/1, sockets of the user on other nodes, registered 0/1}.
+JOIN = (
+    _LIVE
+    + """
+local prefix, me, user, mine, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local others = 0
+for _, n in ipairs(live_nodes(KEYS[1], prefix)) do
+  if n ~= me then others = others + tonumber(redis.call('HGET', prefix .. 'presence:' .. n, user) or '0') end
+end
+local registered = redis.call('EXISTS', prefix .. 'node:' .. me)
+if others + mine > limit then return {0, others, registered} end
+local key = prefix .. 'presence:' .. me
+redis.call('HSET', key, user, mine)
+redis.call('PEXPIRE', key, ARGV[6])
+return {1, others, registered}
+"""
+)
+
+# KEYS: nodes. ARGV: prefix. Returns {node, {user, count, ...}, node, ...} over the live nodes.
+STATUS = (
+    _LIVE
+    + """
+local out = {}
+for _, n in ipairs(live_nodes(KEYS[1], ARGV[1])) do
+  table.insert(out, n)
+  table.insert(out, redis.call('HGETALL', ARGV[1] .. 'presence:' .. n))
+end
+return out
+"""
+)
+
+_INFO = """
+local function last_and_deleted(stream)
+  local last, deleted = '0-0', '0-0'
+  if redis.call('EXISTS', stream) == 1 then
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then last = info[i + 1] end
+      if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+    end
+  end
+  return last, deleted
+end
+"""
+
+# KEYS: feed, epoch. ARGV: the last id this reader saw ("0-0" if none). Run by every reader when it
+# (re)connects. Returns {1 if the data was lost, last id}.
+# Without the epoch key this Redis has lost its data (a restart without persistence) or never had any: the
+# stream is marked "everything up to now was deleted", so a `since` from before reads `recovered: false`.
+# "Now" is the later of Redis's clock and the reader's last id, so new ids follow the old ones even if the
+# restarted Redis's clock is behind.
+REPAIR = (
+    _INFO
+    + """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local last = last_and_deleted(KEYS[1])
+  return {0, last}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], 'diary-ws-init', '$', 'MKSTREAM')
+  redis.call('XGROUP', 'DESTROY', KEYS[1], 'diary-ws-init')
+end
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function later(a, b)
+  local ams, aseq = parts(a)
+  local bms, bseq = parts(b)
+  if ams > bms or (ams == bms and aseq >= bseq) then return a end
+  return b
+end
+local last = last_and_deleted(KEYS[1])
+local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
+redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
+redis.call('SET', KEYS[2], string.format('%.0f', now))
+return {1, top}
+"""
+)
+
+# KEYS: feed. ARGV: since (an id), count. Returns {seconds, microseconds, last id, max deleted id, entries
+# newest first}: the entries after `since`, at most `count`, read with the stream's state in one step.
+REPLAY = (
+    _INFO
+    + """
+local t = redis.call('TIME')
+local last, deleted = last_and_deleted(KEYS[1])
+local entries = redis.pcall('XREVRANGE', KEYS[1], '+', '(' .. ARGV[1], 'COUNT', ARGV[2])
+if type(entries) ~= 'table' or entries.err then entries = {} end
+return {t[1], t[2], last, deleted, entries}
+"""
+)
+
+# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms.
+# Returns {1 if a token was taken, the tokens left as a string}. Redis's clock, so nodes' clocks do not matter.
+RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'when')
+local tokens, when = tonumber(b[1]) or burst, tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - when) * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'when', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {taken, string.format('%.6f', tokens)}
+"""
+
+# Idempotency keys. KEYS: the key's hash. BEGIN ARGV: fingerprint, busy TTL in ms.
+# Returns {'first'} | {'other'} | {'busy'} | {'done', status, body}.
+IDEM_BEGIN = """
+local e = redis.call('HMGET', KEYS[1], 'fp', 'status', 'body')
+if not e[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'first'}
+end
+if e[1] ~= ARGV[1] then return {'other'} end
+if not e[2] then return {'busy'} end
+return {'done', e[2], e[3]}
+"""
+
+# FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
+IDEM_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'body', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 0
+"""
+
+IDEM_ABANDON = """
+if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
