@@ -122,7 +122,7 @@ def schemathesis_run(server: Server, seconds: int, *selection: str) -> tuple[dic
              "--url", server.http, "--checks", CHECKS, "--max-examples", "150", "--max-time", str(seconds),
              "--workers", "1", "--request-timeout", "5", "--report", "json", "--report-dir", reports,
              "--header", f"Authorization: Bearer {API_KEY}", *selection],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, cwd=reports,  # its .schemathesis cache goes there too
         )  # fmt: skip
         report: dict[str, Any] = orjson.loads(next(Path(reports).glob("*.json")).read_bytes())
     summary = f"{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
