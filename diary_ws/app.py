@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -17,6 +18,7 @@ from diary_ws.auth import Security
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
 from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
+from diary_ws.metrics import Metrics, RequestMetrics
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.routes import API, error_response, json_response, routes
 from diary_ws.settings import Settings
@@ -45,8 +47,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         send_queue_bytes=settings.send_queue_bytes,
         max_message_chars=settings.max_message_chars,
     )
+    hub = Hub(backend_for(settings), limits)
+    metrics = Metrics(hub, per_worker=settings.workers > 1)
     app = Starlette(
         routes=routes(),
+        middleware=[Middleware(RequestMetrics, metrics=metrics)],
         lifespan=lifespan,
         exception_handlers={
             DiaryWSError: _diary_error,
@@ -56,7 +61,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
     )
     app.state.settings = settings
-    app.state.hub = Hub(backend_for(settings), limits)
+    app.state.hub = hub
+    app.state.metrics = metrics
     app.state.security = Security.from_settings(settings)  # reads the secrets: SettingError if unusable
     shared = app.state.hub.backend.shared()  # with Redis, limits and keys hold across the cluster
     app.state.publish_limiter = RateLimiter.from_setting(settings.rate_limit, "publish", shared)
@@ -74,9 +80,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     a mounted app's lifespan: `async with diary_ws.lifespan(diary_app): yield`.
     """
     hub: Hub = app.state.hub
+    metrics: Metrics = app.state.metrics
     await hub.start()
     try:
-        yield
+        async with metrics.lag_probe():
+            yield
     finally:
         await hub.stop()
 

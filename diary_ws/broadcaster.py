@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sized
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sized
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diary_ws.backends import Backend, Counts
@@ -81,6 +81,20 @@ class PublishResult:
     nodes_missing: int = 0  # nodes that did not report their counts in time (Redis only)
 
 
+@dataclass(slots=True)
+class HubStats:
+    """Plain running totals the metrics collector reads at scrape time: int additions, no locks, no labels.
+
+    They count per publish or per failed socket, never per successful delivery, so the hot path stays cheap.
+    """
+
+    published: int = 0  # messages this node stored and fanned out
+    delivered: int = 0  # sockets a message was handed to (written or queued)
+    dropped_dead: int = 0  # targeted sockets found gone during a fan-out
+    slow_consumers: int = 0  # sockets closed (or aborted) because their backlog overflowed
+    observe_fanout: Callable[[float], None] = field(default=lambda seconds: None)  # set by diary_ws.metrics
+
+
 class Connection:
     """One socket of one user, and its backlog.
 
@@ -122,6 +136,7 @@ class Connection:
             if outcome == WROTE:
                 return True
             if outcome == DEAD:
+                self._hub.stats.dropped_dead += 1
                 self._hub.drop(self)
                 return False
         limits = self._hub.limits
@@ -181,9 +196,12 @@ class Connection:
             await asyncio.gather(task, return_exceptions=True)
 
     def _overflow(self) -> None:
+        self._hub.stats.slow_consumers += 1
         log.warning(
             "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
             self.user_id, len(self._backlog or ()), self._bytes,
+            extra={"event": "slow_consumer", "user_id": self.user_id, "backlog": len(self._backlog or ()),
+                   "backlog_bytes": self._bytes, "close_code": CLOSE_SLOW_CONSUMER},
         )  # fmt: skip
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
@@ -243,6 +261,7 @@ class Hub:
         # to the event loop, and the next message must not overtake it on any socket.
         self._delivering = asyncio.Lock()
         self._count = 0
+        self.stats = HubStats()
         self.draining = False  # SIGTERM seen: /readyz says 503 so the balancer sends nobody new
         self.started = False
 
@@ -355,11 +374,22 @@ class Hub:
         started = time.perf_counter()
         done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
         result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
+        seconds = time.perf_counter() - started
+        self.stats.published += 1
+        self.stats.observe_fanout(seconds)
+        if log.isEnabledFor(logging.INFO):  # skip building the fields when nobody logs them
+            self._log_publish(note, result, seconds)
+        return result
+
+    def _log_publish(self, note: Notification, result: PublishResult, seconds: float) -> None:
         log.info(
             "published %s (%s) to %d of %d sockets, %d dropped, in %.2f ms",
-            done.id, note.type, done.sent, done.total, done.lost, (time.perf_counter() - started) * 1000,
+            result.id, note.type, result.sent_count, result.total_connections, result.disconnected_users,
+            seconds * 1000,
+            extra={"event": "publish", "id": str(result.id), "type": note.type, "sent_count": result.sent_count,
+                   "total_connections": result.total_connections, "dropped": result.disconnected_users,
+                   "duration_ms": round(seconds * 1000, 3)},
         )  # fmt: skip
-        return result
 
     async def notify(
         self,
@@ -413,9 +443,14 @@ class Hub:
                 if budget <= 0:
                     budget = FANOUT_CHUNK
                     await asyncio.sleep(0)
+            self.stats.delivered += sent
             return Counts(sent, total, lost, reached, names)
 
     # --- status -------------------------------------------------------------------------------------------
+
+    def sizes(self) -> tuple[int, int]:
+        """(distinct users, sockets) on this node, without sorting anything: for the metrics gauges."""
+        return len(self._users), self._count
 
     async def status(self, limit: int | None = None) -> dict[str, Any]:
         """The guide's status fields plus `total_connections`, over every live node."""

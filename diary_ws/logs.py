@@ -6,12 +6,17 @@ import logging
 import re
 import sys
 import time
+from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
 
 TRACE = 5  # uvicorn's extra level below DEBUG
 
+# What every LogRecord has; anything else on a record came from `extra=` and becomes a JSON field.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "taskName", "color_message",  # uvicorn adds a coloured copy of its message
+}  # fmt: skip
 # Query parameters whose values are secrets (the listener's JWT).
 SECRET_PARAMS = frozenset({"token", "access_token"})
 REDACTED = "[redacted]"
@@ -72,18 +77,21 @@ def redact_tokens() -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, and the exception when there is one."""
+    """One JSON object a line: time, level, logger, message, the `extra=` fields, and any exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value  # e.g. a publish's id, counts and duration_ms
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
+        return orjson.dumps(entry, default=str).decode()
 
 
 def configure(level: str, fmt: str) -> None:

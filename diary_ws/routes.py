@@ -20,6 +20,8 @@ from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
 from diary_ws.console import console
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
+from diary_ws.metrics import CONTENT_TYPE, Metrics
+from diary_ws.openapi import openapi_document
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
 from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
@@ -116,7 +118,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` (Content-Length or not)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a whole number of bytes")
         if int(declared) > limit:
             raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES)")
@@ -136,11 +138,23 @@ async def status(request: Request) -> Response:
     raw = request.query_params.get("limit")
     limit = None
     if raw is not None:
-        if not raw.isdigit() or len(raw) > 9:
+        # isdigit() alone takes "²", which int() refuses: that was a 500.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             raise BadRequest("query parameter limit must be a whole number of at least 0")
         limit = int(raw)
     hub: Hub = request.app.state.hub
     return json_response(await hub.status(limit))
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: Prometheus text format; unauthenticated like /healthz (it names no user)."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.exposition(), media_type=CONTENT_TYPE)
+
+
+async def openapi(request: Request) -> Response:
+    """GET /api/v1/ws/openapi.json: the hand-written OpenAPI 3.1 document, packaged with the code."""
+    return Response(openapi_document(request.scope.get("root_path", "")), media_type="application/json")
 
 
 async def disconnect(request: Request) -> Response:
@@ -226,29 +240,37 @@ class Listen:
             )
         except DiaryWSError as exc:
             await websocket.send_denial_response(error_response(exc))
+            scope["app"].state.metrics.refused(exc.status_code)
             return
         expiry = close_when_expired(conn, admission.expires_at)
+        code = 1006  # the handler failed before the peer's disconnect reached it
         try:
             await websocket.accept()
             await hub.listen(conn, admission.query.since)
             if admission.query.heartbeat is not None:
                 conn.heartbeat_every(admission.query.heartbeat)
-            await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
+            code = await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
         finally:
             if expiry is not None:
                 expiry.cancel()
             await conn.stop()
+            metrics: Metrics = scope["app"].state.metrics
+            metrics.closed(code)
 
 
-async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, max_rate: float) -> None:
-    """Read the client's frames and drop them; police size (1009) and rate (1008); end on disconnect."""
+async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, max_rate: float) -> int:
+    """Read the client's frames and drop them; police size (1009) and rate (1008); end on disconnect.
+
+    Returns the close code the connection ended with (ours when we closed it, the peer's otherwise).
+    """
     clock = asyncio.get_running_loop().time
     tokens, last = max_rate, clock()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
     closing = False
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            return
+            code: int = message.get("code", 1005)
+            return code
         if closing or message["type"] != "websocket.receive":
             continue  # after our close frame we only wait for the disconnect
         size = len(message.get("bytes") or b"") or len((message.get("text") or "").encode())
@@ -309,6 +331,7 @@ async def unknown_socket(websocket: WebSocket) -> None:
     await websocket.send_denial_response(
         error_response(NotFound(f"no WebSocket endpoint at {where}; listen at {prefix}{API}/{{user_id}}"))
     )
+    websocket.app.state.metrics.refused(404)
 
 
 class AnythingConvertor(Convertor[str]):
@@ -331,11 +354,14 @@ def routes() -> list[BaseRoute]:
     return [
         Route(f"{API}/notification", notify, methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
-        Route(f"{API}/users/{{user_id}}/connections", disconnect, methods=["DELETE"]),
+        # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
+        Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
         Route(f"{API}/console", console, methods=["GET"]),
         Route(f"{API}/console/{{asset}}", console, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route(f"{API}/openapi.json", openapi, methods=["GET"]),
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
         Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
