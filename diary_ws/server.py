@@ -82,6 +82,35 @@ def hard_abort(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+class StallWatch:
+    """Aborts a connection whose peer reads nothing for `timeout` seconds while data waits for it.
+
+    Started from the protocol's `pause_writing`, cancelled by `resume_writing` and `connection_lost`: a peer
+    that stops reading is as dead as one that stops ponging, and holds buffers until it is reset.
+    """
+
+    __slots__ = ("_abort", "_timer", "_what")
+
+    def __init__(self, what: str, abort: Callable[[], None]) -> None:
+        self._what = what
+        self._abort = abort
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        if self._timer is None:
+            self._timer = loop.call_later(timeout, self._fire, timeout)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self, timeout: float) -> None:
+        self._timer = None
+        log.warning("aborting %s has read nothing for %.0f s", self._what, timeout)
+        self._abort()
+
+
 class ReceiveQueue:
     """The part of `asyncio.Queue` uvicorn uses for a socket's ASGI events, for the one reader there is.
 
@@ -153,7 +182,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stall_timer: asyncio.TimerHandle | None = None
+        self.stall = StallWatch("a WebSocket whose peer", self._hard_abort)
         self.queue = ReceiveQueue()  # type: ignore[assignment]
         self.writable = WritableGate()  # type: ignore[assignment]
 
@@ -177,15 +206,15 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         # A peer that stops reading for longer than the ping timeout is as dead as one that stops ponging.
-        if self.stall_timer is None and self.ping_timeout:
-            self.stall_timer = self.loop.call_later(self.ping_timeout, self._stalled_too_long)
+        if self.ping_timeout:
+            self.stall.start(self.loop, self.ping_timeout)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._cancel_stall_timer()
+        self.stall.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_stall_timer()
+        self.stall.cancel()
         super().connection_lost(exc)
 
     def keepalive_timeout(self) -> None:
@@ -230,16 +259,6 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             conn.parser = Protocol.parse(conn)
             next(conn.parser)
 
-    def _stalled_too_long(self) -> None:
-        self.stall_timer = None
-        log.warning("aborting a WebSocket whose peer has read nothing for %.0f s", self.ping_timeout)
-        self._hard_abort()
-
-    def _cancel_stall_timer(self) -> None:
-        if self.stall_timer is not None:
-            self.stall_timer.cancel()
-            self.stall_timer = None
-
 
 class StreamControl:
     """The transport hooks an HTTP handler gets in `scope["extensions"]`, for streaming responses (SSE)."""
@@ -274,7 +293,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_shutdown: Callable[[], None] | None = None
-        self.stall_timer: asyncio.TimerHandle | None = None
+        self.stall = StallWatch("an event stream whose reader", self._hard_abort)
         app = self.app
 
         async def with_hooks(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -297,29 +316,19 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         super().pause_writing()
         # As for WebSockets: a stream whose reader has read nothing for the ping timeout is dropped.
         timeout = self.config.ws_ping_timeout
-        if self.stall_timer is None and timeout and self.on_shutdown is not None:
-            self.stall_timer = self.loop.call_later(timeout, self._stalled_too_long)
+        if timeout and self.on_shutdown is not None:
+            self.stall.start(self.loop, timeout)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._cancel_stall_timer()
+        self.stall.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_stall_timer()
+        self.stall.cancel()
         super().connection_lost(exc)
 
     def _hard_abort(self) -> None:
         hard_abort(self.transport)
-
-    def _stalled_too_long(self) -> None:
-        self.stall_timer = None
-        log.warning("aborting an event stream whose reader has read nothing for %.0f s", self.config.ws_ping_timeout)
-        self._hard_abort()
-
-    def _cancel_stall_timer(self) -> None:
-        if self.stall_timer is not None:
-            self.stall_timer.cancel()
-            self.stall_timer = None
 
 
 class RecordPeer:
