@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -116,11 +117,19 @@ class Metrics:
                     names, registry=self.registry)  # fmt: skip
         self._lag = lag.labels(**values) if values else lag
         self._labels = values
+        # (method, route, status) -> its child counter: `labels()` costs a lock and a tuple build per call.
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
 
     def request(self, method: str, route: str, status: int) -> None:
         """Count one HTTP request."""
-        method = method if method in METHODS else "other"  # the method is client-chosen: keep it bounded
-        self._requests.labels(method=method, route=route, status=str(status), **self._labels).inc()
+        counter = self._request_counters.get((method, route, status))
+        if counter is None:
+            known = method if method in METHODS else "other"  # the method is client-chosen: keep it bounded
+            # Bounded too: route templates and statuses are ours, and every unknown method shares one entry.
+            counter = self._requests.labels(method=known, route=route, status=str(status), **self._labels)
+            if known == method:
+                self._request_counters[(method, route, status)] = counter
+        counter.inc()
 
     def closed(self, code: int) -> None:
         """Count one WebSocket that ended, by the code it ended with."""

@@ -52,38 +52,90 @@ def error_response(exc: DiaryWSError) -> Response:
 # --- HTTP ------------------------------------------------------------------------------------------------
 
 
-async def notify(request: Request) -> Response:
-    """POST /api/v1/ws/notification."""
-    hub: Hub = request.app.state.hub
-    settings: Settings = request.app.state.settings
-    limit_headers = await check_sender(request, limited=True)
-    key = request.headers.get(idempotency.HEADER)
-    key = None if key is None else idempotency.check_key(key)
-    check_content_type(request.headers.get("content-type"))
-    body = await read_body(request, settings.max_body_bytes)
-    note = parse_notification(body, settings.max_message_chars)
-    if key is None:
-        return await publish(hub, note, limit_headers)
-    return await publish_once(request.app.state.idempotency, key, hub, note, limit_headers)
+NOTIFY_ROUTE = f"{API}/notification"
+SERVER_ERROR = orjson.dumps({"status": "error", "message": "internal server error; the server log has the details"})
+_JSON_TYPE = (b"content-type", b"application/json")
+# The request headers the POST reads, picked out of the raw list in one pass (first one wins, as Starlette's).
+_WANTED = frozenset((b"authorization", b"x-api-key", b"idempotency-key", b"content-type", b"content-length"))
+
+
+class ClientGone(Exception):
+    """The sender hung up before its body was complete."""
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """One JSON answer as two ASGI messages, without building a Starlette Response."""
+    raw = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]
+    if headers:
+        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Notify:
+    """POST /api/v1/ws/notification, the route a busy back end calls thousands of times a second.
+
+    Raw ASGI: it skips Starlette's Request and Response objects and reads the five headers it needs in one
+    pass over the list. `app.DiaryApp` calls `respond` straight from the top of the app, past the router and
+    the middleware stack, when nothing but our own metrics middleware is in it.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.respond(scope, receive, send)
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one POST; returns the status sent. An exception that escapes has sent nothing."""
+        try:
+            status, body, headers = await self._handle(scope, receive)
+        except DiaryWSError as exc:
+            status, body, headers = exc.status_code, orjson.dumps(exc.body()), exc.headers
+        except ClientGone:
+            # Nobody reads this answer (uvicorn drops it); it is sent so the request counts as a 400, not a 500.
+            status, body, headers = 400, orjson.dumps({"status": "error", "message": "client disconnected"}), None
+        await send_json(send, status, body, headers)
+        return status
+
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+        state = scope["app"].state
+        settings: Settings = state.settings
+        found: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in _WANTED and name not in found:
+                found[name] = value.decode("latin-1")
+        security: Security = state.security
+        sender = security.sender(found.get(b"authorization"), found.get(b"x-api-key"))  # 401 before the body
+        limiter: RateLimiter | None = state.publish_limiter
+        limit_headers: dict[str, str] = {}
+        if limiter is not None:
+            limit_headers = await limiter.acquire(sender or client_address(scope), "notifications")
+        key = found.get(b"idempotency-key")
+        key = None if key is None else idempotency.check_key(key)
+        check_content_type(found.get(b"content-type"))
+        body = await read_body(receive, found.get(b"content-length"), settings.max_body_bytes)
+        note = parse_notification(body, settings.max_message_chars)
+        hub: Hub = state.hub
+        if key is None:
+            return await publish(hub, note, limit_headers)
+        return await publish_once(state.idempotency, key, hub, note, limit_headers)
 
 
 async def publish_once(
     cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
-) -> Response:
+) -> tuple[int, bytes, dict[str, str]]:
     """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
     first = await cache.begin(key, idempotency.fingerprint(note))
     if first is not None:
-        return Response(first.body, first.status, {**headers, "Idempotent-Replayed": "true"}, "application/json")
+        return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
     try:
-        response = await publish(hub, note, headers)
+        status, body, headers = await publish(hub, note, headers)
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
         await cache.abandon(key)
         raise
-    await cache.finish(key, idempotency.Answer(response.status_code, bytes(response.body)))
-    return response
+    await cache.finish(key, idempotency.Answer(status, body))
+    return status, body, headers
 
 
-async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Response:
+async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
     """Publish and answer with the guide's fields plus `id`."""
     result = await hub.publish(note)
     noun = "user" if result.users_reached == 1 else "users"
@@ -97,26 +149,17 @@ async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Resp
     }
     if result.nodes_missing:
         answer["nodes_missing"] = result.nodes_missing  # DESIGN §1: the key appears only then
-    return json_response(answer, headers=headers)
+    return 200, orjson.dumps(answer), headers
 
 
-async def check_sender(request: Request, *, limited: bool = False) -> dict[str, str]:
-    """401 without a valid API key (when keys are configured); with `limited`, 429 over RATE_LIMIT.
-
-    Returns the `RateLimit-*` headers for the answer. The bucket is the API key's, or the client
-    address's when the service has no keys.
-    """
+def check_sender(request: Request) -> None:
+    """401 without a valid API key, when keys are configured."""
     security: Security = request.app.state.security
-    sender = security.sender(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    limiter: RateLimiter | None = request.app.state.publish_limiter
-    if not limited or limiter is None:
-        return {}
-    return await limiter.acquire(sender or client_address(request.scope), "notifications")
+    security.sender(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     """The body, refused with 413 as soon as it passes `limit` (Content-Length or not)."""
-    declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a whole number of bytes")
@@ -124,17 +167,28 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        if not more and not chunks:
+            if len(chunk) > limit:
+                break
+            return chunk  # the usual case: the whole body in one message, nothing to join
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"body is over {limit} bytes, the limit (MAX_BODY_BYTES)")
+            break
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not more:
+            return b"".join(chunks)
+    raise PayloadTooLarge(f"body is over {limit} bytes, the limit (MAX_BODY_BYTES)")
 
 
 async def status(request: Request) -> Response:
     """GET /api/v1/ws/status."""
-    await check_sender(request)
+    check_sender(request)
     raw = request.query_params.get("limit")
     limit = None
     if raw is not None:
@@ -159,7 +213,7 @@ async def openapi(request: Request) -> Response:
 
 async def disconnect(request: Request) -> Response:
     """DELETE /api/v1/ws/users/{user_id}/connections: close every socket of a user with 4003 (log-out, ban)."""
-    await check_sender(request)
+    check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
     closed, missing = await hub.disconnect_user(user_id)
@@ -352,7 +406,7 @@ register_url_convertor("anything", AnythingConvertor())
 def routes() -> list[BaseRoute]:
     """Every route of the service, in match order."""
     return [
-        Route(f"{API}/notification", notify, methods=["POST"]),
+        Route(NOTIFY_ROUTE, Notify(), methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
         # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
         Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),

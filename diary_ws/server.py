@@ -281,6 +281,47 @@ class StreamControl:
         self._protocol.on_shutdown = callback
 
 
+class OneWrite:
+    """The transport uvicorn's request cycle writes to: it holds a response head back until the body, so that a
+    small answer leaves in one send() instead of two, saving a system call and a TCP segment per request.
+
+    Only a head with a Content-Length is held, and not for HEAD: uvicorn writes a body for every other
+    answer, and the app that declared the length has its body at hand. A stream's head (chunked, as SSE)
+    goes out at once, and so does an interim `100 Continue`.
+    """
+
+    __slots__ = ("_transport", "_held", "_first")
+
+    def __init__(self, transport: asyncio.Transport, can_hold: bool) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._first = can_hold
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif self._first and not data.startswith(b"HTTP/1.1 1"):
+            self._first = False
+            if b"\r\ncontent-length:" in data:
+                self._held = data
+            else:
+                self._transport.write(data)
+        else:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        held = self._held
+        if held is not None:  # the app failed between head and body: what was written still goes first
+            self._held = None
+            self._transport.write(held)
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class DiaryHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, plus hooks so that open streams end at shutdown and stalled readers are freed.
 
@@ -295,13 +336,21 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         self.on_shutdown: Callable[[], None] | None = None
         self.stall = StallWatch("an event stream whose reader", self._hard_abort)
         app = self.app
+        control = StreamControl(self)  # one per connection: it holds nothing of a request
 
         async def with_hooks(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
             plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
-            plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self)
+            plain.setdefault("extensions", {})[STREAM_EXTENSION] = control
             await app(scope, receive, send)
 
         self.app = with_hooks
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not before:  # a new request (an upgrade makes none): its answer goes out in one write
+            can_hold = self.scope["method"] != "HEAD"
+            self.cycle.transport = cast(asyncio.Transport, OneWrite(self.transport, can_hold))
 
     def shutdown(self) -> None:
         callback = self.on_shutdown

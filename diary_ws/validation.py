@@ -22,6 +22,7 @@ _USER_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 _TYPE = re.compile(r"[a-z0-9_.-]{1,64}")
 RESERVED_TYPES = frozenset({"resume", "heartbeat"})
 FIELDS = ("message", "user_ids", "type", "data")
+_FIELD_SET = frozenset(FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,8 @@ def parse_notification(body: bytes, max_message_chars: int) -> Notification:
         raise BadRequest(_json_problem(body, exc)) from None
     if not isinstance(doc, dict):
         raise ValidationError("body", f"must be a JSON object, not {_json_kind(doc)}")
-    unknown = sorted(set(doc) - set(FIELDS))
-    if unknown:
+    if not _FIELD_SET.issuperset(doc):
+        unknown = sorted(set(doc) - _FIELD_SET)
         raise ValidationError(unknown[0], f"is not a known field (allowed: {', '.join(FIELDS)})")
     return Notification(
         message=_message(doc.get("message"), "message" in doc, max_message_chars),

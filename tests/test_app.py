@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import connect
 
 from diary_ws import Settings, create_app
+from diary_ws.app import DiaryApp
 from tests.utils import serve_in_process
 
 
@@ -85,3 +88,79 @@ async def test_an_unexpected_error_still_answers_the_json_error_shape() -> None:
     assert answer.status_code == 500
     assert answer.json()["status"] == "error"
     assert "internal server error" in answer.json()["message"]
+
+
+@pytest.mark.anyio
+async def test_a_bug_behind_the_notification_shortcut_still_answers_the_json_500() -> None:
+    """The POST skips Starlette's error middleware (app.DiaryApp): the shortcut must answer as it would."""
+    app = create_app()
+
+    async def boom(note: object) -> None:
+        raise RuntimeError("a bug")
+
+    app.state.hub.publish = boom  # a stand-in for a bug of ours: no real publish raises this
+    async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+        answer = await http.post(f"http://{base}/api/v1/ws/notification", json={"message": "hi"})
+        exposition = (await http.get(f"http://{base}/metrics")).text
+    assert answer.status_code == 500
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"status": "error", "message": "internal server error; the server log has the details"}
+    assert 'method="POST",route="/api/v1/ws/notification",status="500"' in exposition
+
+
+class Recorder:
+    """A host's own middleware: it records what it sees and passes everything on."""
+
+    def __init__(self, app: ASGIApp, seen: list[tuple[str, str]]) -> None:
+        self.app = app
+        self.seen = seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.seen.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
+
+
+POSTS: list[tuple[dict[str, str], bytes]] = [
+    ({"content-type": "application/json"}, b'{"message": "to alice", "user_ids": ["alice"]}'),
+    ({"content-type": "application/json"}, b'{"message": "to nobody", "user_ids": ["zed"]}'),
+    ({"content-type": "application/json"}, b'{"message": "a typo", "usr_ids": ["alice"]}'),
+    ({"content-type": "application/json"}, b'{"message": '),
+    ({"content-type": "text/plain"}, b"hello"),
+    ({"content-type": "application/json", "idempotency-key": "k" * 256}, b'{"message": "hi"}'),
+    ({"content-type": "application/json"}, b'{"message": "' + b"x" * 300_000 + b'"}'),
+]
+
+
+@pytest.mark.anyio
+async def test_the_notification_shortcut_answers_exactly_as_the_whole_stack() -> None:
+    """One app takes the shortcut; the other has a host's middleware, so every POST goes through Starlette.
+
+    The answers must be the same, byte for byte but the message id, and the host's middleware sees the POSTs.
+    """
+    seen: list[tuple[str, str]] = []
+    plain, hosted = create_app(), create_app()
+    hosted.add_middleware(Recorder, seen=seen)
+    answers: list[list[tuple[int, dict[str, Any], str]]] = []
+    for app in (plain, hosted):
+        async with (
+            serve_in_process(app) as base,
+            httpx.AsyncClient(timeout=10) as http,
+            connect(f"ws://{base}/api/v1/ws/alice") as ws,
+        ):
+            got = []
+            for headers, body in POSTS:
+                answer = await http.post(f"http://{base}/api/v1/ws/notification", content=body, headers=headers)
+                doc = answer.json()
+                doc.pop("id", None)
+                kept = {k: v for k, v in answer.headers.items() if k not in ("date", "server")}
+                got.append((answer.status_code, kept, orjson.dumps(doc).decode()))
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "to alice"
+        answers.append(got)
+    assert [status for status, _, _ in answers[0]] == [200, 404, 422, 400, 415, 400, 413]
+    assert answers[0] == answers[1]
+    assert seen.count(("POST", "/api/v1/ws/notification")) == len(POSTS)
+    assert isinstance(plain, DiaryApp)
+    assert isinstance(hosted, DiaryApp)
+    assert plain._shortcut is not None  # the shortcut was on for the plain app, and off for the hosted one
+    assert hosted._shortcut is None

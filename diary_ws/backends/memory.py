@@ -36,7 +36,7 @@ class MemoryBackend:
     async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
         node = self._node
         users = node.presence() if node is not None else {}  # not started: nobody can be listening
-        if node is None or not (users if targets is None else any(user_id in users for user_id in targets)):
+        if node is None or not users or (targets is not None and users.keys().isdisjoint(targets)):
             raise NobodyListening(targeted=targets is not None)
         message = self._append(targets, draft)
         sent, total, lost, reached, _ = await node.deliver(message, False)  # no await before: id order holds
