@@ -241,8 +241,11 @@ class RedisBackend:
             msg_id = parse_id(answer[0])
             assert msg_id is not None, answer
             gather.expect(set(answer[1]))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(gather.done.wait(), PUBLISH_WAIT)
+            if not gather.done.is_set():
+                # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PUBLISH_WAIT):
+                        await gather.done.wait()
         finally:
             del self._pending[token]
         missing = sorted((gather.expected or set()) - gather.reports.keys())
