@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -66,6 +66,9 @@ class Message:
     created: float  # time.monotonic() when it was stored, for the history's TTL
     wire: bytes  # the whole WebSocket text frame, header and JSON, as it goes on an uncompressed socket
     offset: int  # where the JSON starts in `wire`
+    # The same message as one chunk of an SSE response, built by `diary_ws.sse` for the first stream that gets
+    # it and shared by the rest, as `wire` is by the sockets.
+    sse: bytes | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, msg_id: MessageId, targets: frozenset[str] | None, payload: bytes) -> Message:

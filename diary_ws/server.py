@@ -26,7 +26,7 @@ from typing import Any, cast
 import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import OPEN, Protocol
 
@@ -263,10 +263,26 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
 class StreamControl:
     """The transport hooks an HTTP handler gets in `scope["extensions"]`, for streaming responses (SSE)."""
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_protocol", "_cycle")
 
-    def __init__(self, protocol: DiaryHttpProtocol) -> None:
+    def __init__(self, protocol: DiaryHttpProtocol, cycle: RequestResponseCycle | None) -> None:
         self._protocol = protocol
+        self._cycle = cycle  # this request's, which is not always the protocol's latest (pipelining)
+
+    def try_write(self, chunk: bytes) -> int:
+        """Write one ready-made body chunk if the response streams and the socket takes bytes now.
+
+        WROTE, LATER (not now, or not a chunked response under way: the ASGI path sends it) or DEAD.
+        """
+        cycle = self._cycle
+        if cycle is None:
+            return LATER
+        if cycle.disconnected or cycle.response_complete or cycle.transport.is_closing():
+            return DEAD
+        if not cycle.response_started or not cycle.chunked_encoding or self._protocol.flow.write_paused:
+            return LATER
+        cycle.transport.write(chunk)
+        return WROTE
 
     def stalled(self) -> bool:
         """The transport's buffer is over its high-water mark: the peer is not reading."""
@@ -336,11 +352,12 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         self.on_shutdown: Callable[[], None] | None = None
         self.stall = StallWatch("an event stream whose reader", self._hard_abort)
         app = self.app
-        control = StreamControl(self)  # one per connection: it holds nothing of a request
 
         async def with_hooks(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
             plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
-            plain.setdefault("extensions", {})[STREAM_EXTENSION] = control
+            cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
+            own = cycle if isinstance(cycle, RequestResponseCycle) else None
+            plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self, own)
             await app(scope, receive, send)
 
         self.app = with_hooks

@@ -29,6 +29,7 @@ PING = b": ping\n\n"
 class StreamControl(Protocol):
     """The transport hooks `diary_ws.server` puts in an HTTP scope; other ASGI servers have none."""
 
+    def try_write(self, chunk: bytes) -> int: ...
     def stalled(self) -> bool: ...
     def abort(self) -> None: ...
     def on_shutdown(self, callback: Callable[[], None] | None) -> None: ...
@@ -38,6 +39,16 @@ def event(text: str, msg_id: MessageId | None) -> bytes:
     """One SSE event. The JSON never holds a raw newline (orjson escapes them), so one `data:` line is enough."""
     data = b"data: " + text.encode() + b"\n\n"
     return data if msg_id is None else b"id: " + str(msg_id).encode() + b"\n" + data
+
+
+def chunk_of(message: Message) -> bytes:
+    """The message's event as one chunk of a chunked response, built once per message for every stream."""
+    chunk = message.sse
+    if chunk is None:
+        data = event(message.text, message.id)
+        chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        object.__setattr__(message, "sse", chunk)  # a cache on a frozen dataclass: it never changes what it means
+    return chunk
 
 
 def farewell(code: int, reason: str) -> bytes:
@@ -67,8 +78,10 @@ class SseSink:
         await self._send({"type": "http.response.start", "status": 200, "headers": HEADERS})
 
     def try_write(self, message: Message) -> int:
-        # No raw transport for an HTTP body (it is chunked by the server): the Hub's writer task sends it.
-        return LATER
+        # As a WebSocket frame is: straight onto the transport when it takes bytes now. Without diary-ws's
+        # own server there is no raw transport, and the Hub's writer task sends it through ASGI.
+        control = self._control
+        return LATER if control is None else control.try_write(chunk_of(message))
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._body(event(text, msg_id))
