@@ -19,15 +19,19 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from http import HTTPStatus
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any, cast
 
+import orjson
 import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 from websockets.protocol import OPEN, Protocol
 
 from diary_ws.auth import PEER_SCOPE_KEY
@@ -189,6 +193,38 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         self.scope["extensions"][SOCKET_EXTENSION] = SocketControl(self)  # type: ignore[assignment]
         await super().run_asgi()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        failed = self.conn.handshake_exc
+        if failed is not None and not self.handshake_initiated and not self.transport.is_closing():
+            self._refuse_unparsable(failed)
+
+    def _refuse_unparsable(self, failed: Exception) -> None:
+        """Answer an upgrade request that websockets could not parse, instead of leaving the client hanging.
+
+        httptools took the request and handed it over for the upgrade, but websockets parses it again with
+        its own limits (by default 8,192 bytes a line and 128 headers). It then queues a 414 or 431, or only
+        an EOF, and uvicorn never writes either: the client waited for its own timeout. A long `?token=` is the usual
+        cause, so the answer says where a token fits instead.
+        """
+        if isinstance(failed, RequestLineTooLong):
+            why = f"the request line is over {MAX_LINE_LENGTH} bytes; send a long token in the Authorization header"
+            status = 414
+        elif isinstance(failed, HeaderLineTooLong | TooManyHeaders):
+            status, why = (
+                431,
+                f"a header line is over {MAX_LINE_LENGTH} bytes, or there are over {MAX_NUM_HEADERS} headers",
+            )
+        else:
+            status, why = 400, "the WebSocket handshake is not a valid HTTP request"
+        body = orjson.dumps({"status": "error", "message": why})
+        phrase = HTTPStatus(status).phrase.encode()
+        head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        self.transport.write(head % (status, phrase, len(body)) + body)
+        self.handshake_complete = self.close_sent = True
+        self.transport.close()
+        log.info("refused a WebSocket handshake from %s with %d: %s", self.client, status, why)
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -624,3 +624,35 @@ async def test_server_still_delivers_after_the_abuse(shared_server: Server) -> N
         assert frame["id"] == answer["id"]
     health = await asyncio.wait_for(asyncio.to_thread(shared_server.get, "/healthz"), TIMEOUT)
     assert health.status_code == 200
+
+
+def upgrade_head(server: Server, target: str, extra: bytes = b"") -> bytes:
+    return (
+        (
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "status", "words"),
+    [
+        pytest.param(f"{API}/alice?token={'x' * 9000}", b"", 414, ("request line", "Authorization"), id="long-token"),
+        pytest.param(f"{API}/alice", b"X-Big: " + b"y" * 9000 + b"\r\n", 431, ("header",), id="long-header"),
+        pytest.param(
+            f"{API}/alice", b"".join(b"X-%d: 1\r\n" % i for i in range(200)), 431, ("headers",), id="200-headers"
+        ),
+    ],
+)
+def test_an_upgrade_too_big_for_the_websocket_parser_is_answered_not_left_hanging(
+    shared_server: Server, target: str, extra: bytes, status: int, words: tuple[str, ...]
+) -> None:
+    """httptools hands these over for the upgrade; websockets' own limits refuse them. Before the fix the
+    client got no answer at all and waited for its own timeout."""
+    got, headers, body = raw_request(shared_server, upgrade_head(shared_server, target, extra), b"")
+    assert got == status, body
+    message = error_message(got, headers.get("content-type"), body)
+    assert all(word in message for word in words), message
