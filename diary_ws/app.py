@@ -22,7 +22,18 @@ from diary_ws.broadcaster import Hub, Limits
 from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
 from diary_ws.metrics import Metrics, RequestMetrics
 from diary_ws.ratelimit import RateLimiter
-from diary_ws.routes import API, NOTIFY_ROUTE, SERVER_ERROR, Notify, error_response, json_response, routes, send_json
+from diary_ws.routes import (
+    API,
+    LISTEN_PREFIX,
+    NOTIFY_ROUTE,
+    SERVER_ERROR,
+    Listen,
+    Notify,
+    error_response,
+    json_response,
+    routes,
+    send_json,
+)
 from diary_ws.settings import Settings
 
 log = logging.getLogger("diary_ws.app")
@@ -40,28 +51,44 @@ def default_max_connections() -> int:
 
 
 class DiaryApp(Starlette):
-    """Starlette, with one shortcut: a POST to the notification route goes straight to its handler.
+    """Starlette, with two shortcuts past its middleware stack and router, to the two hottest handlers.
 
-    That route is the one a busy back end calls thousands of times a second, and Starlette's three
-    middleware layers, its router and the request wrapper cost a third of its time (py-spy). The shortcut does
-    what they would have done for it: counts the request in the metrics, and answers an unexpected exception
-    with the JSON 500 before it re-raises it for the server to log. It is taken only while the middleware
-    stack is the one `create_app` built: middleware that an embedding host adds sees every request.
+    - A POST to the notification route, the one a busy back end calls thousands of times a second:
+      Starlette's three middleware layers, its router and the request wrapper cost a third of its time
+      (py-spy). The shortcut does what they would have done for it: counts the request in the metrics, and
+      answers an unexpected exception with the JSON 500 before it re-raises it for the server to log.
+    - A WebSocket under /api/v1/ws/: through the stack, every open socket keeps about 40 more objects alive
+      for its whole life (the await chain of every layer, their closures and a second WebSocket wrapper).
+      Python's full garbage collections walk every one of them: at 10,000 sockets each took about 0.3 s.
+      The stack does nothing else for a WebSocket (our metrics middleware counts HTTP only, and `Listen`
+      answers its own refusals).
+
+    Both are taken only while the middleware stack is the one `create_app` built: middleware that an
+    embedding host adds sees every request.
     """
 
-    _shortcut: Notify | None = None
+    _shortcuts: tuple[Notify, Listen] | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         if [m.cls for m in self.user_middleware] == [cast(Any, RequestMetrics)]:
-            self._shortcut = Notify()
+            self._shortcuts = Notify(), Listen()
         return super().build_middleware_stack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._shortcut is not None and scope["type"] == "http" and scope["method"] == "POST":
+        shortcuts = self._shortcuts
+        kind = scope["type"]
+        if shortcuts is not None and (kind == "websocket" or (kind == "http" and scope["method"] == "POST")):
             path: str = scope["path"]
             root: str = scope.get("root_path", "")
-            if (path[len(root) :] if root and path.startswith(root) else path) == NOTIFY_ROUTE:
-                await self._notify(self._shortcut, scope, receive, send)
+            inside = path[len(root) :] if root and path.startswith(root) else path  # as Starlette's router sees it
+            if kind == "http":
+                if inside == NOTIFY_ROUTE:
+                    await self._notify(shortcuts[0], scope, receive, send)
+                    return
+            elif inside.startswith(LISTEN_PREFIX):
+                scope["app"] = self
+                scope["path_params"] = {"user_id": inside[len(LISTEN_PREFIX) :]}  # what the route would match
+                await shortcuts[1](scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 

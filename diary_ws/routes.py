@@ -53,6 +53,7 @@ def error_response(exc: DiaryWSError) -> Response:
 
 
 NOTIFY_ROUTE = f"{API}/notification"
+LISTEN_PREFIX = f"{API}/"  # every WebSocket path under it is a listener's, valid user id or not
 SERVER_ERROR = orjson.dumps({"status": "error", "message": "internal server error; the server log has the details"})
 _JSON_TYPE = (b"content-type", b"application/json")
 # The request headers the POST reads, picked out of the raw list in one pass (first one wins, as Starlette's).
@@ -419,6 +420,6 @@ def routes() -> list[BaseRoute]:
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
         Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
-        WebSocketRoute(API + "/{user_id:anything}", Listen()),
+        WebSocketRoute(LISTEN_PREFIX + "{user_id:anything}", Listen()),
         WebSocketRoute("/{path:anything}", unknown_socket),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from diary_ws import Settings, create_app
 from diary_ws.app import DiaryApp
@@ -116,8 +118,8 @@ class Recorder:
         self.seen = seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.seen.append((scope["method"], scope["path"]))
+        if scope["type"] in ("http", "websocket"):
+            self.seen.append((scope.get("method", "WS"), scope["path"]))
         await self.app(scope, receive, send)
 
 
@@ -162,5 +164,42 @@ async def test_the_notification_shortcut_answers_exactly_as_the_whole_stack() ->
     assert seen.count(("POST", "/api/v1/ws/notification")) == len(POSTS)
     assert isinstance(plain, DiaryApp)
     assert isinstance(hosted, DiaryApp)
-    assert plain._shortcut is not None  # the shortcut was on for the plain app, and off for the hosted one
-    assert hosted._shortcut is None
+    assert plain._shortcuts is not None  # the shortcuts were on for the plain app, and off for the hosted one
+    assert hosted._shortcuts is None
+
+
+LISTENS = [
+    ("alice", ""),  # accepted
+    ("a%20b", ""),  # bad user id: 400
+    ("", ""),  # empty user id: 400
+    ("alice", "?since=abc"),  # bad since: 400
+    ("alice", "?heartbeat=0"),  # bad heartbeat: 400
+    ("alice", "?since=0-0"),  # accepted, with a resume frame
+]
+
+
+@pytest.mark.anyio
+async def test_the_websocket_shortcut_refuses_and_accepts_exactly_as_the_whole_stack() -> None:
+    """As for the POST: one app takes the WebSocket shortcut, the other goes through a host's middleware."""
+    seen: list[tuple[str, str]] = []
+    plain, hosted = create_app(), create_app()
+    hosted.add_middleware(Recorder, seen=seen)
+    outcomes: list[list[object]] = []
+    for app in (plain, hosted):
+        got: list[object] = []
+        async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+            for user, query in LISTENS:
+                try:
+                    async with connect(f"ws://{base}/api/v1/ws/{user}{query}", open_timeout=5) as ws:
+                        note = {"message": f"to {user}", "user_ids": [user]}
+                        assert (await http.post(f"http://{base}/api/v1/ws/notification", json=note)).status_code == 200
+                        frames = [
+                            orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(1 + ("since" in query))
+                        ]
+                        got.append([{k: v for k, v in f.items() if k not in ("id", "sent_at")} for f in frames])
+                except InvalidStatus as refused:
+                    got.append((refused.response.status_code, orjson.loads(refused.response.body or b"{}")))
+        outcomes.append(got)
+    assert [type(o).__name__ for o in outcomes[0]] == ["list", "tuple", "tuple", "tuple", "tuple", "list"]
+    assert outcomes[0] == outcomes[1]
+    assert [p for m, p in seen if m == "WS"] == [f"/api/v1/ws/{unquote(user)}" for user, _ in LISTENS]
