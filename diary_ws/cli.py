@@ -110,6 +110,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         log_level=settings.log_level,
+        # uvicorn builds each access line's arguments before the logger drops it: off when it would be dropped.
+        access_log=settings.log_level in ("info", "debug", "trace"),
     )
 
 

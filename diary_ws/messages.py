@@ -6,6 +6,7 @@ increasing, across restarts too (the wall clock moves on), so a `since` from an 
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import time
@@ -108,8 +109,14 @@ def text_frame(payload: bytes) -> bytes:
 
 def rfc3339(epoch_ms: int) -> str:
     """Milliseconds since the epoch -> `2026-11-25T18:11:45.123Z`."""
-    stamp = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    seconds, ms = divmod(epoch_ms, 1000)
+    return f"{_second(seconds)}{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(epoch_seconds: int) -> str:
+    # strftime is most of rfc3339's cost, and a busy second has thousands of messages: once per second.
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: MessageId) -> bytes:

@@ -390,13 +390,48 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         app = self.app
 
         async def with_hooks(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-            plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
-            cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
-            own = cycle if isinstance(cycle, RequestResponseCycle) else None
-            plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self, own)
+            if scope.get("method") == "GET":  # only an event stream (a GET) uses them: spare every POST the object
+                plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
+                cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
+                own = cycle if isinstance(cycle, RequestResponseCycle) else None
+                plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self, own)
             await app(scope, receive, send)
 
         self.app = with_hooks
+
+    # Keep-alive: uvicorn arms a fresh timer after every answer and cancels it on the next request's bytes,
+    # a timer-heap push and a cancel per request. One timer per connection that re-arms itself for the time
+    # still left does the same job: it closes a connection idle for `timeout_keep_alive` after its answer.
+    _idle_since: float | None = None
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None  # busy: the timer, if it fires now, only re-arms on the next answer
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, except for the keep-alive timer (pinned uvicorn 0.54; see the module docstring).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._idle_since = None
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        idle = self._idle_since
+        if idle is None:
+            return  # a request is under way; its answer arms the timer again
+        left = idle + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def on_headers_complete(self) -> None:
         before = self.cycle

@@ -1,15 +1,20 @@
-"""`server.OneWrite`: a small answer leaves in one write, and nothing else is held back."""
+"""diary-ws's HTTP protocol: a small answer leaves in one write (`OneWrite`), nothing else is held back, and
+keep-alive still closes idle connections, and only those."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
+import uvicorn
 
-from diary_ws.server import OneWrite
-from tests.utils import Server
+from diary_ws import create_app
+from diary_ws.server import DiaryHttpProtocol, OneWrite
+from tests.utils import Server, async_wait_until, free_port
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n"
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -92,3 +97,50 @@ async def test_head_and_a_sized_get_are_answered_by_the_real_server(server: Serv
 
     data = await asyncio.to_thread(exchange)
     assert data.count(b'{"status":"ok"}') == 1  # the HEAD answer had its head only
+
+
+# --- keep-alive: one timer per connection, re-armed for the time left --------------------------------------
+
+KEEP_ALIVE = 1  # seconds; uvicorn's default is 5, shortened so the test is quick
+
+
+@contextlib.asynccontextmanager
+async def keep_alive_server() -> AsyncIterator[int]:
+    """diary-ws's HTTP protocol in real uvicorn, with a short keep-alive; yields the port."""
+    config = uvicorn.Config(
+        create_app(), port=free_port(), http=DiaryHttpProtocol, timeout_keep_alive=KEEP_ALIVE, log_config=None
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        await async_wait_until(lambda: server.started or task.done(), 10, "uvicorn to start")
+        assert server.started, "uvicorn did not start"
+        yield config.port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+@pytest.mark.anyio
+async def test_a_connection_in_use_stays_open_and_an_idle_one_is_closed() -> None:
+    async with keep_alive_server() as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = asyncio.get_running_loop().time()
+        # Requests 0.6 s apart for longer than two keep-alive periods: each gap is shorter than the
+        # keep-alive, so the connection must stay open although the first timer fires meanwhile.
+        while asyncio.get_running_loop().time() - started < 2.5 * KEEP_ALIVE:
+            await healthz(reader, writer)
+            await asyncio.sleep(0.6 * KEEP_ALIVE)  # the client's pace, not a wait for the server
+        await healthz(reader, writer)
+        idle_from = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5 * KEEP_ALIVE) == b""  # the server closes it
+        assert asyncio.get_running_loop().time() - idle_from >= 0.9 * KEEP_ALIVE  # and not before its time
+        writer.close()
