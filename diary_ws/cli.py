@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import gc
 import os
 import resource
 import socket
@@ -21,13 +20,6 @@ if TYPE_CHECKING:
     import uvicorn
 
 EXIT_BAD_SETTING = 2
-# The garbage collector's thresholds in a serving process (Python's default is 700, 10, 10). Every open socket
-# keeps about 55 objects alive, and a full collection walks all of them: about 0.35 s at 10,000 sockets, a
-# stall of the whole event loop. Full collections come every ten young-generation ones or so, and with the
-# default first threshold, 13,000 POSTs a second ran one every few seconds (objects in flight when a young
-# collection runs reach the old generation). At 5,000 they come about four times less often, and a young
-# collection still takes under 15 ms.
-GC_THRESHOLDS = (5000, 10, 10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +117,6 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
         raise_open_file_limit()
         logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
-    gc.set_threshold(*GC_THRESHOLDS)  # the process is ours: an app embedded elsewhere leaves its host's alone
 
     def begin_drain() -> None:
         app.state.hub.draining = True
