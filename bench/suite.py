@@ -107,7 +107,7 @@ def server_child() -> None:
 def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     if kind.startswith("diary-ws"):
-        env.update(DIARY_WS_PORT=str(port), DIARY_WS_LOG_LEVEL="warning", **extra_env)
+        env.update({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning", **extra_env})  # extra_env may override
         cmd = [PROJECT_PYTHON, "-m", "diary_ws", "serve"]
     else:
         # The tutorial on uvicorn's own default install (h11), and once more on httptools, the parser diary-ws
