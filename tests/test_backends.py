@@ -7,6 +7,7 @@ what the backend delivers and holds a presence the test sets.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sized
 
 import orjson
@@ -155,6 +156,19 @@ async def test_since_older_than_the_history_is_not_recovered(broker_url: str) ->
         future = await backend.replay("alice", MessageId(ids[-1].ms + 10**6, 0))
         assert future == ([], False)
         assert (await backend.replay("alice", MessageId(0, 0))).recovered is False
+
+
+@pytest.mark.anyio
+async def test_since_between_the_last_id_and_now_is_recovered_in_both_backends(broker_url: str) -> None:
+    """diary_ws.client resumes from its connect time when it has seen nothing: that must not read as a loss."""
+    node = RecordingNode()
+    async with started(broker_url, node) as backend:
+        await join(backend, node, "alice")
+        last = (await backend.publish(None, draft("m"))).id
+        after = MessageId(last.ms, last.seq + 1)  # newer than anything published, not newer than now
+        assert await backend.replay("alice", after) == ([], True)
+        hour_ahead = MessageId(time.time_ns() // 1_000_000 + 3_600_000, 0)
+        assert await backend.replay("alice", hour_ahead) == ([], False)  # a since from the future is unknown
 
 
 @pytest.mark.anyio

@@ -484,7 +484,9 @@ class RedisBackend:
                 continue
             data = orjson.loads(fields["d"]) if "d" in fields else None
             found.append(Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id)))
-        top = parse_id(last) or MessageId(0, 0)
+        # As in memory mode: up to Redis's "now", nothing newer than the last id was added, so a `since` in
+        # between misses nothing (a client that saw no message yet resumes from the time it connected).
+        top = max(parse_id(last) or MessageId(0, 0), MessageId(now_ms, 2**64 - 1))
         return Replay(found, floor <= since <= top)
 
     # --- state the cluster shares: rate-limit buckets and idempotency keys ---------------------------------
