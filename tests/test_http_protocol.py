@@ -142,5 +142,5 @@ async def test_a_connection_in_use_stays_open_and_an_idle_one_is_closed() -> Non
         await healthz(reader, writer)
         idle_from = asyncio.get_running_loop().time()
         assert await asyncio.wait_for(reader.read(), 5 * KEEP_ALIVE) == b""  # the server closes it
-        assert asyncio.get_running_loop().time() - idle_from >= 0.9 * KEEP_ALIVE  # and not before its time
+        assert asyncio.get_running_loop().time() - idle_from >= 0.5 * KEEP_ALIVE  # and not long before its time
         writer.close()

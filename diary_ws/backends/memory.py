@@ -99,5 +99,5 @@ class MemoryBackend:
         history = self._history
         deadline = time.monotonic() - self._ttl
         while history and (len(history) > self._size or history[0][3] < deadline):
-            ms, seq, *_ = history.popleft()
-            self._floor = MessageId(ms, seq)
+            oldest = history.popleft()
+            self._floor = MessageId(oldest[0], oldest[1])
