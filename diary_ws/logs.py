@@ -25,13 +25,13 @@ _HEADER_VALUE = re.compile(r"(?i)\b(authorization|x-api-key)(['\"]?\s*[:,]\s*(?-
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s'\",]+")
 # Every secret the expressions below find contains one of these (a %-encoded parameter name included).
 _MARKS = ("token", "%", "authorization", "api-key", "bearer", "eyj")
+_MARK = re.compile("|".join(re.escape(mark) for mark in _MARKS), re.IGNORECASE)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 def redact(text: str) -> str:
     """`text` with every token and key replaced by [redacted]: query tokens, auth headers, JWT-shaped strings."""
-    lowered = text.lower()
-    if not any(mark in lowered for mark in _MARKS):
+    if not _MARK.search(text):
         return text  # the common line: one scan instead of four regular expressions
 
     def param(m: re.Match[str]) -> str:
@@ -50,6 +50,13 @@ class RedactTokens(logging.Filter):
     through uvicorn.error as well as uvicorn.access, and at debug level the request headers too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            if not _MARK.search(record.getMessage()):
+                # The common line, such as every access and publish line: each argument is part of the
+                # message, so none holds a secret either. One scan, where the passes below cost ~10 us.
+                return True
+        except (TypeError, ValueError):
+            pass  # a broken record: logging reports it itself, with its arguments, so they are cleaned too
         # Each argument first, so the record keeps its shape (uvicorn's access formatter unpacks the args).
         if isinstance(record.args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
@@ -58,7 +65,7 @@ class RedactTokens(logging.Filter):
         try:
             message = record.getMessage()
         except (TypeError, ValueError):
-            return True  # a broken record: logging reports it itself
+            return True
         clean = redact(message)
         if clean != message:  # a secret spread over arguments, such as ("Authorization", "Bearer x")
             record.msg, record.args = clean, ()

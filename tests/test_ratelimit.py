@@ -246,3 +246,22 @@ def test_filter_catches_a_secret_split_over_arguments() -> None:
     )
     RedactTokens().filter(record)
     assert "s3cr3t-value" not in record.getMessage()
+
+
+def test_filter_cleans_the_arguments_of_a_broken_record() -> None:
+    """A record whose arguments do not fit its format is printed by logging with its raw arguments."""
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "%d %s", ("not a number", "/api/v1/ws/u?token=abc.def"), None
+    )
+    assert RedactTokens().filter(record)
+    assert record.args == ("not a number", "/api/v1/ws/u?token=[redacted]")
+
+
+def test_filter_leaves_an_ordinary_record_untouched() -> None:
+    args = ("1795644937368-3", "notification", 1, 1, 0, 0.02)
+    record = logging.LogRecord(
+        "diary_ws.hub", logging.INFO, __file__, 1, "published %s (%s) to %d of %d sockets, %d dropped, in %.2f ms",
+        args, None,
+    )  # fmt: skip
+    assert RedactTokens().filter(record)
+    assert record.args is args  # the fast path: nothing rebuilt
