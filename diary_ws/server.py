@@ -462,6 +462,9 @@ class DiaryHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stall.cancel()
+        if self.timeout_keep_alive_task is not None:  # uvicorn's own cancel went through the override above
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
 
     def _hard_abort(self) -> None:
