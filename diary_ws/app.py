@@ -11,7 +11,7 @@ from typing import Any, cast
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -125,7 +125,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             DiaryWSError: _diary_error,
             HTTPException: _http_error,
-            ClientDisconnect: _client_gone,
             500: _server_error,
         },
     )
@@ -182,8 +181,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     # A bug of ours: Starlette logs the traceback; the client still gets the JSON error shape, not plain text.
     return Response(SERVER_ERROR, 500, media_type="application/json")
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    # The sender hung up mid-body: nobody reads this answer, and it is no server error worth a traceback.
-    return Response(status_code=400)

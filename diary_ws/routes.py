@@ -60,6 +60,10 @@ _JSON_TYPE = (b"content-type", b"application/json")
 _WANTED = frozenset((b"authorization", b"x-api-key", b"idempotency-key", b"content-type", b"content-length"))
 
 
+# An answer before it is sent: status, JSON body, extra headers.
+Answer = tuple[int, bytes, dict[str, str]]
+
+
 class ClientGone(Exception):
     """The sender hung up before its body was complete."""
 
@@ -96,7 +100,7 @@ class Notify:
         await send_json(send, status, body, headers)
         return status
 
-    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+    async def _handle(self, scope: Scope, receive: Receive) -> Answer:
         state = scope["app"].state
         settings: Settings = state.settings
         found: dict[bytes, str] = {}
@@ -122,13 +126,13 @@ class Notify:
 
 async def publish_once(
     cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
-) -> tuple[int, bytes, dict[str, str]]:
+) -> Answer:
     """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
     first = await cache.begin(key, idempotency.fingerprint(note))
     if first is not None:
         return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
     try:
-        status, body, headers = await publish(hub, note, headers)
+        status, body, _ = await publish(hub, note, headers)
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
         await cache.abandon(key)
         raise
@@ -136,7 +140,7 @@ async def publish_once(
     return status, body, headers
 
 
-async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Answer:
     """Publish and answer with the guide's fields plus `id`."""
     result = await hub.publish(note)
     noun = "user" if result.users_reached == 1 else "users"
