@@ -79,6 +79,19 @@ def with_fd_budget(settings: Settings) -> Settings:
     return dataclasses.replace(settings, max_http_connections=http, max_connections=listeners)
 
 
+def warn_if_stock_protocols() -> None:
+    """One line at start when the installed uvicorn or websockets is one the edge was not checked against."""
+    import logging
+
+    from diary_ws.edge.internals import STOCK_LOSES, unsupported
+
+    problem = unsupported()
+    if problem is not None:
+        logging.getLogger("diary_ws.server").warning(
+            "%s: running uvicorn's stock protocols, without the edge's %s", problem, STOCK_LOSES
+        )
+
+
 def serve(settings: Settings) -> int:
     """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT; WORKERS processes share the port."""
     from diary_ws import logs
@@ -86,6 +99,7 @@ def serve(settings: Settings) -> int:
     raise_open_file_limit()
     settings = with_fd_budget(settings)
     logs.configure(settings.log_level, settings.log_format)
+    warn_if_stock_protocols()
     if settings.workers == 1:
         return 0 if run_worker(settings) else 1
     from diary_ws.app import create_app
@@ -101,17 +115,24 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
     import uvicorn
 
-    from diary_ws.edge import DiaryHttpProtocol, DiaryWebSocketProtocol
+    from diary_ws.edge.internals import unsupported
     from diary_ws.edge.limits import EdgeLimits, install
     from diary_ws.edge.serve import ACCEPT_BATCH
 
+    http: Any = "httptools"
+    ws: Any = "websockets-sansio"
+    if unsupported() is None:
+        from diary_ws.edge.http import DiaryHttpProtocol
+        from diary_ws.edge.websocket import DiaryWebSocketProtocol
+
+        http, ws = DiaryHttpProtocol, DiaryWebSocketProtocol
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
-        http=DiaryHttpProtocol,
-        ws=DiaryWebSocketProtocol,
+        http=http,
+        ws=ws,
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
