@@ -153,19 +153,20 @@ async def endless_header(target: Target) -> str:
     if opened is None:
         return "could not connect"
     reader, writer = opened
+    answer = asyncio.create_task(reader.read(200))  # read while writing, as a careful client would
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
     block, total, sent = b"z" * 65536, int(50_000_000 * target.scale), 0
     with contextlib.suppress(OSError, TimeoutError):
-        while sent < total and target.left() > 0:
+        while sent < total and target.left() > 0 and not answer.done():
             writer.write(block)
             await asyncio.wait_for(writer.drain(), max(0.1, target.left()))
             sent += len(block)
-    answer = b""
+    got = b""
     with contextlib.suppress(OSError, TimeoutError):
-        answer = await asyncio.wait_for(reader.read(200), max(0.1, target.left()))
+        got = await asyncio.wait_for(answer, max(0.1, target.left()))
     await asyncio.sleep(max(0.0, target.left()))
     writer.close()
-    status = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "no answer"
+    status = got.split(b"\r\n", 1)[0].decode(errors="replace") or "no answer"
     return f"{sent / 1e6:.1f} MB sent; {status}"
 
 
