@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diary_ws.backends import Backend, Counts
+from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
@@ -151,12 +151,18 @@ class Connection:
         self._ensure_writer()
         return True
 
-    def start(self, replay: list[Message], resume: dict[str, Any] | None) -> None:
-        """The handshake is done; a resume first sends `replay` and its control frame, before anything live."""
+    def start(self, replay: list[Message], resume: dict[str, Any] | None, since: MessageId | None = None) -> None:
+        """The handshake is done; a resume first sends `replay` and its control frame, before anything live.
+
+        Nothing at or below `since` (the client has it) or the last replayed id goes out live: a node whose
+        stream reader is behind the history it just read would otherwise send those again, out of order.
+        """
         if resume is not None:
             self._replay = [(m.text, m.id) for m in replay] + [(control_frame(**resume), None)]
-            if replay:
-                self._floor = replay[-1].id
+            floor = replay[-1].id if replay else since
+            if since is not None and floor is not None:
+                floor = max(floor, since)
+            self._floor = floor
         self._started = True
         if self._replay or self._backlog or self._close:
             self._ensure_writer()
@@ -323,7 +329,10 @@ class Hub:
             conn.start([], None)
             conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
             return
-        conn.start(replay.messages, {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)})
+        resume = {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)}
+        # A `since` the history does not know (recovered: false) is no floor: from the future, it would
+        # hold back every live message.
+        conn.start(replay.messages, resume, since if replay.recovered else None)
 
     def drop(self, conn: Connection) -> None:
         """Forget a socket; safe to call more than once."""
@@ -362,17 +371,18 @@ class Hub:
 
     # --- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, note: Notification) -> PublishResult:
+    async def publish(self, note: Notification, claim: Claim | None = None) -> PublishResult:
         """Store and deliver one notification on every node.
 
         NobodyListening (404) when no targeted user is connected anywhere; BrokerUnavailable (503) when the
-        broker is down, checked first, so an outage never reads as "nobody there".
+        broker is down, checked first, so an outage never reads as "nobody there"; OutcomeUnknown (504) when
+        the broker did not answer in time. `claim`: the request's Idempotency-Key, for the backend to record.
         """
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
+        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
         seconds = time.perf_counter() - started
         self.stats.published += 1
