@@ -17,6 +17,7 @@ from diary_ws import idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
+from diary_ws.browser_client import client_script
 from diary_ws.console import console
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
@@ -421,6 +422,7 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(f"{API}/openapi.json", openapi, methods=["GET"]),
+        Route(f"{API}/client.js", client_script, methods=["GET"]),  # HTTP only: a WebSocket here is user client.js
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
         Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
