@@ -19,7 +19,6 @@ const CLOSE_OPERATOR = 4003;
 const CLOSE_SLOW_CONSUMER = 4008;
 const CLOSE_RESTARTING = 1012;
 const MAX_HINT_MS = 60000; // a 1012 hint is honoured above the backoff's cap, but not without bound
-const SSE_STICKY_MS = 5 * 60000; // after the fallback worked, WebSockets are tried again only this much later
 const TOKEN_MARGIN_MS = 5000; // a token this close to its `exp` is fetched anew before a handshake
 
 const DEFAULTS = Object.freeze({
@@ -130,7 +129,6 @@ export class DiaryWebSocketClient extends EventTarget {
     this._es = null;
     this._timers = new Set();
     this._watchdog = null;
-    this._sseUntil = 0;
     this._generation = 0; // bumped on every teardown, so callbacks of an old transport do nothing
     this._waiters = [];
     this._online = () => this._wakeUp();
@@ -206,13 +204,15 @@ export class DiaryWebSocketClient extends EventTarget {
       this._stop(CLOSE_TOKEN_EXPIRED, "the token has expired: pass a function that fetches a fresh one", false);
       return;
     }
-    if (Date.now() < this._sseUntil && this.options.fallback) this._openStream(token, generation);
-    else this._openSocket(token, generation);
+    // Every connection tries a WebSocket first, even after the fallback worked: a server that was down
+    // looks like one whose WebSockets are blocked, and a page should not stay on the stream for that.
+    this._openSocket(token, generation);
   }
 
   _query(token, heartbeat) {
     const query = new URLSearchParams();
     const since = this._lastText ?? this._origin;
+    this._askedSince = since; // the resume frame answers for this one, whatever the replay moves on to
     if (since) query.set("since", since);
     if (heartbeat) query.set("heartbeat", String(heartbeat));
     if (token) query.set("token", token); // a browser cannot set headers on a WebSocket or an EventSource
@@ -263,19 +263,27 @@ export class DiaryWebSocketClient extends EventTarget {
     // A refusal (401, 403, 429) and a proxy that does not pass WebSockets look the same to a page: no
     // status, a 1006. The token may be the reason, so it is fetched anew next time; the stream may work.
     this._tokenStale = true;
-    if (this.options.fallback && typeof EventSource === "function") this._openStream(token, ++this._generation, true);
+    if (this.options.fallback && typeof EventSource === "function") this._openStream(token, ++this._generation);
     else this._retry(null);
   }
 
-  _openStream(token, generation, fallingBack = false) {
+  _openStream(token, generation) {
     const url = `${this._bases.http}${STREAM}${encodeURIComponent(this.userId)}${this._query(token, 0)}`;
     const es = new EventSource(url);
     this._es = es;
     let opened = false;
+    const failed = () => {
+      if (generation !== this._generation) return;
+      es.close();
+      this._detach();
+      this._tokenStale = true;
+      this._retry(null);
+    };
+    const timeout = this._after(this.options.openTimeout, failed); // EventSource itself waits for ever
     es.onopen = () => {
       if (generation !== this._generation) return;
       opened = true;
-      if (fallingBack) this._sseUntil = Date.now() + SSE_STICKY_MS;
+      this._clear(timeout);
       this._opened("sse", 0);
     };
     es.onmessage = (event) => {
@@ -285,14 +293,12 @@ export class DiaryWebSocketClient extends EventTarget {
       if (generation !== this._generation) return;
       // EventSource would retry by itself, but with its own timing and the old URL (token, since):
       // the client's backoff takes over. SSE carries no close code; the server ends a stream with a comment.
-      es.close();
-      this._detach();
-      if (opened) this._closed(null, "the event stream ended");
-      else {
-        this._sseUntil = 0;
-        this._tokenStale = true;
-        this._retry(null);
+      this._clear(timeout);
+      if (!opened) {
+        failed();
+        return;
       }
+      this._closed(null, "the event stream ended"); // it closes `es`
     };
   }
 
@@ -339,7 +345,7 @@ export class DiaryWebSocketClient extends EventTarget {
 
   _resumed(recovered, replayed) {
     this.recovered = recovered;
-    const detail = { recovered, replayed, since: this._lastText ?? this._origin };
+    const detail = { recovered, replayed, since: this._askedSince };
     this._emit("resume", detail);
     if (!recovered) {
       this._log("warn", "the server no longer holds everything since", detail.since, "; some messages were missed");
