@@ -2,8 +2,9 @@
 
 A module script is fetched in CORS mode, so a page on another origin can `import` it only when the answer
 carries `Access-Control-Allow-Origin`: `*` under the default ALLOWED_ORIGINS, the page's own origin when
-it is in the list. The file is small and changes only with the server, so browsers keep it a few minutes
-and then revalidate it with its ETag (a 304 without the body).
+it is in the list. The SSE stream answers the same way (`cors_send`), so that the client's EventSource
+fallback works from another origin too. The file is small and changes only with the server, so browsers
+keep it a few minutes and then revalidate it with its ETag (a 304 without the body).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import hashlib
 from functools import cache
 from importlib.resources import files
 
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Scope, Send
 
 from diary_ws.auth import Security, normalise_origin
 
@@ -50,3 +53,26 @@ async def client_script(request: Request) -> Response:
     if etag in request.headers.get("if-none-match", "").replace("W/", "").split(", "):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=MEDIA_TYPE, headers=headers)
+
+
+def cors_send(scope: Scope, send: Send) -> Send:
+    """`send`, with the CORS header added to the response head when a page on another origin asks.
+
+    For the SSE stream: an EventSource on another origin is refused by its own browser without it. The
+    handshake has already checked the origin against ALLOWED_ORIGINS (403 otherwise), so an answer that
+    starts streaming is one for an allowed origin.
+    """
+    origin = Headers(scope=scope).get("origin")
+    if origin is None:
+        return send  # same-origin, or not a browser: nothing to add, and no wrapper on the stream's path
+    extra = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in cors_headers(scope["app"].state.security, origin).items()
+    ]
+
+    async def with_cors(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return with_cors

@@ -17,7 +17,7 @@ from diary_ws import idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
-from diary_ws.browser_client import client_script
+from diary_ws.browser_client import client_script, cors_send
 from diary_ws.console import console
 from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
@@ -360,6 +360,7 @@ class Stream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
+        send = cors_send(scope, send)  # the browser client's fallback may stream to a page on another origin
         control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
         sink = SseSink(send, control)
         try:
