@@ -103,7 +103,8 @@ export class DiaryWebSocketClient extends EventTarget {
     }
     this.userId = userId;
     this.baseUrl = baseUrl ?? defaultBase();
-    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff || {}) } };
+    const given = Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined));
+    this.options = { ...DEFAULTS, ...given, backoff: { ...DEFAULTS.backoff, ...(given.backoff || {}) } };
     this._bases = bases(this.baseUrl);
     const beat = this.options.heartbeat;
     if (beat !== 0 && beat !== null && !(Number.isInteger(beat) && beat >= 1 && beat <= 300)) {
