@@ -14,7 +14,8 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,20 @@ def present(server: Server, user_id: str, token: str | None = None) -> Iterator[
         yield ws
 
 
+@contextlib.contextmanager
+def servers(*configs: tuple[Mapping[str, str], int | None]) -> Iterator[list[Server]]:
+    """Start several servers at once, (settings, port) each: a start is mostly waiting, and this file's time
+    is mostly starts. All stop at the end; if one fails to start, the others stop too."""
+    with contextlib.ExitStack() as running:
+        managers = [run_server(settings, port=port) for settings, port in configs]
+        with ThreadPoolExecutor(len(managers)) as pool:
+            futures = [pool.submit(manager.__enter__) for manager in managers]
+        for manager, future in zip(managers, futures, strict=True):
+            if future.exception() is None:
+                running.push(manager.__exit__)
+        yield [future.result() for future in futures]
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     # Per-message deflate makes every frame wait in the socket's backlog, so a message over SEND_QUEUE_BYTES
@@ -180,7 +195,10 @@ def test_only_an_allowed_origin_may_import_it_from_another_origin(page: Page) ->
     # localhost and 127.0.0.1 are two origins on one server: the page lives on one and imports from the other.
     port = free_port()
     page_base = f"http://localhost:{port}"
-    with run_server({"allowed_origins": page_base}, port=port) as server:
+    with servers(({"allowed_origins": page_base}, port), ({"allowed_origins": "http://app.example"}, None)) as (
+        server,
+        elsewhere,
+    ):
         headers = httpx.get(f"{server.http}{SCRIPT}", headers={"Origin": "http://evil.example"}).headers
         assert "access-control-allow-origin" not in headers
         assert headers["vary"] == "Origin"
@@ -194,9 +212,9 @@ def test_only_an_allowed_origin_may_import_it_from_another_origin(page: Page) ->
         exactly(page, [first])
         stop(page)
         connections(server, 0)
-    with run_server({"allowed_origins": "http://app.example"}) as server:  # another port: not the cached copy
-        page.goto(f"http://localhost:{server.port}/healthz")
-        failure = page.evaluate("(url) => import(url).then(() => 'imported', String)", f"{server.http}{SCRIPT}")
+        # A server that allows only another origin (on another port, so not the copy the browser has cached).
+        page.goto(f"http://localhost:{elsewhere.port}/healthz")
+        failure = page.evaluate("(url) => import(url).then(() => 'imported', String)", f"{elsewhere.http}{SCRIPT}")
         assert "Failed to fetch dynamically imported module" in failure
 
 
@@ -392,8 +410,8 @@ def test_a_restart_in_redis_mode_loses_and_doubles_nothing(page: Page) -> None:
     with redis_server() as redis:
         settings = {**BEHIND_NGINX, "broker_url": redis.url}
         # A second node on the same Redis keeps the user present (and takes the sends) while the first restarts.
-        with run_server(settings) as other, present(other, user):
-            with run_server(settings, port=port) as node, run_nginx(f"127.0.0.1:{port}") as nginx:
+        with servers((settings, None), (settings, port)) as (other, node), present(other, user):
+            with run_nginx(f"127.0.0.1:{port}") as nginx:
                 start(page, nginx.http, user)
                 connections(other, 2)  # cluster-wide
                 first = send(other, user)

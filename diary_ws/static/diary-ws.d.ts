@@ -100,6 +100,8 @@ export class DiaryWebSocketClient extends EventTarget {
   readonly options: Required<DiaryClientOptions>;
   readonly messageHandlers: Map<string, (message: DiaryMessage) => void>;
   readonly isConnected: boolean;
+  /** The open WebSocket (the guide's field); null on the fallback stream and between connections. */
+  readonly ws: WebSocket | null;
   readonly transport: Transport | null;
   readonly state: ClientState;
   /** What the latest resume frame said; null before any. */

@@ -135,6 +135,11 @@ export class DiaryWebSocketClient extends EventTarget {
     this._online = () => this._wakeUp();
   }
 
+  /** The open WebSocket, as the guide's `ws` field (null on the fallback stream and between connections). */
+  get ws() {
+    return this.transport === "websocket" ? this._ws : null;
+  }
+
   /** The id of the last message delivered (or the `since` given): where a reconnect resumes. */
   get lastId() {
     return this._lastText;
