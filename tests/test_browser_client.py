@@ -304,6 +304,25 @@ def test_an_operators_disconnect_stops_the_client(stack: Stack, page: Page) -> N
     assert stack.server.post({"message": "anyone?", "user_ids": [user]}).status_code == 404
 
 
+def test_what_cannot_work_is_refused_at_once(stack: Stack, page: Page) -> None:
+    """A fixed token past its exp stops the client (connect() rejects) instead of retrying for ever; a bad user
+    id or heartbeat is a TypeError in the constructor, before anything is sent."""
+    expired = sign(claims(sub="bc-old", ttl=-60), SECRET, "HS256")
+    page.goto(f"{stack.nginx.http}/healthz")
+    outcome = page.evaluate(
+        """async ({script, token}) => {
+            const { DiaryWebSocketClient } = await import(script);
+            const refused = (...args) => { try { new DiaryWebSocketClient(...args); } catch (e) { return e.name; } };
+            const client = new DiaryWebSocketClient("bc-old", undefined, { token });
+            const stopped = await client.connect().then(() => "connected", (error) => [error.code, client.state]);
+            return [stopped, refused("a/b"), refused(""), refused("ok", undefined, { heartbeat: 301 })];
+        }""",
+        {"script": stack.nginx.http + SCRIPT, "token": expired},
+    )
+    assert outcome == [[4001, "stopped"], "TypeError", "TypeError", "TypeError"]
+    assert stack.server.status()["total_connections"] == 0
+
+
 def test_a_slow_consumer_close_resumes_and_loses_nothing(stack: Stack, page: Page) -> None:
     user = "bc-slow"
     start(page, stack.nginx.http, user, heartbeat=0)
