@@ -17,6 +17,7 @@ from diary_ws import deadline, idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
+from diary_ws.browser_client import client_script, cors_send
 from diary_ws.console import console
 from diary_ws.errors import (
     BadRequest,
@@ -394,6 +395,7 @@ class Stream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
+        send = cors_send(scope, send)  # the browser client's fallback may stream to a page on another origin
         control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
         sink = SseSink(send, control)
         try:
@@ -456,6 +458,7 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(f"{API}/openapi.json", openapi, methods=["GET"]),
+        Route(f"{API}/client.js", client_script, methods=["GET"]),  # HTTP only: a WebSocket here is user client.js
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
         Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),

@@ -68,14 +68,15 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def run_nginx(upstream: str) -> Iterator[Nginx]:
+def run_nginx(upstream: str, recipe: str | None = None) -> Iterator[Nginx]:
+    """nginx running the recipe (or a variant of its text, `recipe`) in front of `upstream`."""
     binary = nginx_binary()
     with tempfile.TemporaryDirectory(prefix="diary-ws-nginx-") as name:
         tmp = Path(name)
         tmp.chmod(0o755)  # nginx's workers drop root and must still reach their temp dirs
         port = free_port()
         conf = tmp / "nginx.conf"
-        conf.write_text(render(RECIPE.read_text(), port, upstream, tmp))
+        conf.write_text(render(RECIPE.read_text() if recipe is None else recipe, port, upstream, tmp))
         proc = subprocess.Popen(
             [binary, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
