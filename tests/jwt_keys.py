@@ -35,7 +35,7 @@ def write_public_key(path: Path, key: rsa.RSAPrivateKey | ec.EllipticCurvePrivat
     return str(path)
 
 
-def claims(sub: str = "alice", ttl: float = 300, **extra: Any) -> dict[str, Any]:
+def claims(sub: str = "alice", ttl: float = 3600, **extra: Any) -> dict[str, Any]:
     """Claims valid for `ttl` seconds from now; `extra` adds or overrides (None removes)."""
     found: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl), **extra}
     return {k: v for k, v in found.items() if v is not None}

@@ -23,7 +23,7 @@ def secured() -> Iterator[Server]:
         srv.assert_clean_log()
 
 
-def token(sub: str, ttl: float = 300) -> str:
+def token(sub: str, ttl: float = 3600) -> str:
     return sign(claims(sub=sub, ttl=ttl), SECRET, "HS256")
 
 
@@ -31,19 +31,23 @@ def sse(server: Server, user_id: str, query: str = "") -> str:
     return f"{server.http}/api/v1/sse/{user_id}" + (f"?{query}" if query else "")
 
 
+# Tokens are signed when the test runs, not when the suite is collected: a long suite outlived them (401, not 403).
 @pytest.mark.parametrize(
     ("query", "headers", "status", "words"),
     [
         ("", {}, 401, "token"),
         ("token=not-a-jwt", {}, 401, "token"),
-        (f"token={token('mallory')}", {}, 403, ""),
-        ("", {"Authorization": f"Bearer {token('mallory')}"}, 403, ""),
-        (f"token={token('alice')}", {"Origin": "https://evil.example"}, 403, "ALLOWED_ORIGINS"),
+        ("token={mallory}", {}, 403, ""),
+        ("", {"Authorization": "Bearer {mallory}"}, 403, ""),
+        ("token={alice}", {"Origin": "https://evil.example"}, 403, "ALLOWED_ORIGINS"),
     ],
 )
 def test_bad_credentials_are_refused_before_the_stream(
     secured: Server, query: str, headers: dict[str, str], status: int, words: str
 ) -> None:
+    fresh = {"mallory": token("mallory"), "alice": token("alice")}
+    query = query.format(**fresh)
+    headers = {name: value.format(**fresh) for name, value in headers.items()}
     answer = httpx.get(sse(secured, "alice", query), headers=headers, timeout=10)
     assert answer.status_code == status
     assert answer.headers["content-type"] == "application/json"
