@@ -204,6 +204,7 @@ class Metrics:
         self.accepted = 0  # handshakes accepted and refused, as plain totals for the console's rates ring
         self.refusals = 0
         self.ring: deque[Sample] = deque(maxlen=RING_SIZE)
+        self.lag = 0.0  # the lag gauge's last value, for the console
         fanout = Histogram(
             "diary_ws_fanout_seconds", "time from a publish's start to every local socket having its copy",
             names, buckets=FANOUT_BUCKETS, registry=self.registry,
@@ -294,7 +295,8 @@ class Metrics:
         while True:
             started = clock()
             await asyncio.sleep(LAG_INTERVAL)
-            self._lag.set(max(0.0, clock() - started - LAG_INTERVAL))
+            self.lag = max(0.0, clock() - started - LAG_INTERVAL)
+            self._lag.set(self.lag)
             turns += 1
             if turns % SAMPLE_EVERY == 0:
                 self.ring.append(self.sample())
