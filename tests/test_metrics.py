@@ -355,3 +355,29 @@ def test_real_workers_label_their_figures() -> None:
             seen |= workers
         assert str(server.proc.pid) not in seen  # the supervisor serves nothing: these are the workers' pids
         server.assert_clean_log()
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"), [(None, "uvloop"), ("auto", "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")]
+)
+def test_serve_runs_on_the_loop_the_setting_names(loop: str | None, expected: str) -> None:
+    """LOOP=auto (the default) picks uvloop, which the install brings; asyncio opts out."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
+    with run_server({} if loop is None else {"loop": loop}) as server:
+        [info] = [f for f in text_string_to_metric_families(server.get("/metrics").text) if f.name.endswith("info")]
+        assert info.samples[0].labels["loop"] == expected
+        server.assert_clean_log()
+
+
+def test_loop_uvloop_without_uvloop_is_a_clear_setting_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from diary_ws.settings import SettingError, from_env
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(SettingError, match="DIARY_WS_LOOP is uvloop, which is not installed"):
+        from_env({"DIARY_WS_LOOP": "uvloop"})
+    assert from_env({"DIARY_WS_LOOP": "auto"}).loop == "auto"  # auto falls back to asyncio instead
+    with pytest.raises(SettingError, match="must be one of auto, asyncio, uvloop"):
+        from_env({"DIARY_WS_LOOP": "trio"})
