@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,8 +13,9 @@ from tests.utils import Server, default_loop, run_server
 
 @pytest.fixture(autouse=True)
 def server_loop(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """The event loop of this test's servers: a param where the module uses ON_BOTH_LOOPS, else None (default)."""
-    name: str | None = getattr(request, "param", None)
+    """The event loop of this test's servers: a param where the module uses ON_BOTH_LOOPS, else $TEST_LOOP if
+    set (`TEST_LOOP=asyncio make test` runs the whole suite on asyncio), else None: the servers' default."""
+    name: str | None = getattr(request, "param", None) or os.environ.get("TEST_LOOP") or None
     if name == "uvloop":
         pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
     with default_loop(name):
