@@ -20,6 +20,7 @@ instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attack
 
     make bench                                   # N = 1,000, 5,000, 10,000
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
+    .venv-bench/bin/python -m bench.suite --servers diary-ws+asyncio diary-ws+uvloop --broker memory  # the loops
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from tests.utils import RedisServer, free_port, redis_server, vm_rss_kib, wait_u
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SERVER_CORE, LOADGEN_CORE = 0, 1
-# The servers run from the project's own environment (what `make run` runs: no uvloop, no FastAPI there);
+# The servers run from the project's own environment (what `make run` runs: uvloop, but no FastAPI there);
 # the baseline needs FastAPI, which lives in the bench's environment only.
 PROJECT_PYTHON = os.environ.get("BENCH_PROJECT_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 
@@ -433,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.ExitStack() as stack:
                     env: dict[str, str] = {}
                     label, redis_pid = kind, None
+                    loop = kind.partition("+")[2] if kind.startswith("diary-ws+") else ""
+                    if loop in ("asyncio", "uvloop"):  # diary-ws+asyncio, diary-ws+uvloop: the LOOP setting
+                        env["DIARY_WS_LOOP"] = loop
                     if broker == "redis":
                         redis: RedisServer = stack.enter_context(redis_server())
                         assert redis.proc is not None

@@ -113,7 +113,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         max_message_chars=settings.max_message_chars,
     )
     hub = Hub(backend_for(settings), limits)
-    metrics = Metrics(hub, per_worker=settings.workers > 1)
+    backend = "redis" if settings.broker_url.startswith("redis") else "memory"
+    metrics = Metrics(hub, per_worker=settings.workers > 1, backend=backend)
     app = DiaryApp(
         routes=routes(),
         middleware=[Middleware(RequestMetrics, metrics=metrics)],
@@ -147,7 +148,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     await hub.start()
     try:
-        async with metrics.lag_probe():
+        async with metrics.probes():
             yield
     finally:
         await hub.stop()

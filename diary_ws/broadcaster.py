@@ -93,6 +93,7 @@ class HubStats:
     dropped_dead: int = 0  # targeted sockets found gone during a fan-out
     slow_consumers: int = 0  # sockets closed (or aborted) because their backlog overflowed
     observe_fanout: Callable[[float], None] = field(default=lambda seconds: None)  # set by diary_ws.metrics
+    observe_notify: Callable[[float], None] = field(default=lambda seconds: None)  # a `notify` that published
 
 
 class Connection:
@@ -409,8 +410,11 @@ class Hub:
         data: Mapping[str, Any] | None = None,
     ) -> PublishResult:
         """Publish from Python in this process, checked like a POST body (the same ValidationError)."""
+        started = time.perf_counter()
         note = check_notification(message, user_ids, type, data, max_message_chars=self.limits.max_message_chars)
-        return await self.publish(note)
+        result = await self.publish(note)
+        self.stats.observe_notify(time.perf_counter() - started)
+        return result
 
     def presence(self) -> Mapping[str, Sized]:
         """User id -> this process's sockets of that user; for the backend (read only)."""

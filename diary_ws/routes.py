@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol
 
 import orjson
@@ -18,7 +19,7 @@ from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
 from diary_ws.browser_client import client_script, cors_send
-from diary_ws.console import console
+from diary_ws.console import console, overview
 from diary_ws.errors import (
     BadRequest,
     BrokerUnavailable,
@@ -100,8 +101,12 @@ class Notify:
 
     async def respond(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one POST; returns the status sent. An exception that escapes has sent nothing."""
+        started = time.perf_counter()
         try:
             status, body, headers = await self._handle(scope, receive)
+            if status == 200:
+                metrics: Metrics = scope["app"].state.metrics
+                metrics.observe_http_publish(time.perf_counter() - started)
         except DiaryWSError as exc:
             status, body, headers = exc.status_code, orjson.dumps(exc.body()), exc.headers
         except ClientGone:
@@ -339,8 +344,10 @@ class Listen:
             return
         expiry = close_when_expired(conn, admission.expires_at)
         code = 1006  # the handler failed before the peer's disconnect reached it
+        metrics: Metrics = scope["app"].state.metrics
         try:
             await websocket.accept()
+            metrics.accepted_handshake("websocket")
             await hub.listen(conn, admission.query.since)
             if admission.query.heartbeat is not None:
                 conn.heartbeat_every(admission.query.heartbeat)
@@ -349,7 +356,6 @@ class Listen:
             if expiry is not None:
                 expiry.cancel()
             await conn.stop()
-            metrics: Metrics = scope["app"].state.metrics
             metrics.closed(code)
 
 
@@ -403,12 +409,14 @@ class Stream:
             conn = await hub.attach(admission.user_id, sink)
         except DiaryWSError as exc:
             await error_response(exc)(scope, receive, send)  # before the stream starts: a plain JSON answer
+            scope["app"].state.metrics.refused(exc.status_code, "sse")
             return
         expiry = close_when_expired(conn, admission.expires_at)
         if control is not None:  # uvicorn would wait on an open stream at shutdown (PITFALLS 5): end it first
             control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
         try:
             await sink.open()
+            scope["app"].state.metrics.accepted_handshake("sse")
             await hub.listen(conn, admission.query.since)
             conn.heartbeat_every(settings.ping_interval)
             await until_ended(receive, sink)
@@ -453,6 +461,7 @@ def routes() -> list[BaseRoute]:
         # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
         Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
         Route(f"{API}/console", console, methods=["GET"]),
+        Route(f"{API}/console/overview", overview, methods=["GET"]),
         Route(f"{API}/console/{{asset}}", console, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

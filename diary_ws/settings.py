@@ -71,6 +71,7 @@ class Settings:
     console: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    loop: str = "auto"
 
     def __post_init__(self) -> None:
         check_combinations(self)
@@ -88,6 +89,8 @@ def check_combinations(s: Settings) -> None:
     check_security(s)
     if s.broker_url.startswith("redis") and importlib.util.find_spec("redis") is None:
         raise SettingError(env_name("broker_url"), "needs redis-py: pip install 'diary-ws[redis]'")
+    if s.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise SettingError(env_name("loop"), "is uvloop, which is not installed: pip install uvloop, or LOOP=auto")
     if s.workers > 1 and s.broker_url.startswith("memory://"):
         raise SettingError(env_name("workers"), "above 1 needs a redis:// BROKER_URL: memory:// lives in one process")
 
@@ -388,6 +391,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "console": (_bool, "serve the console page at /api/v1/ws/console"),
     "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
     "log_format": (_choice("text", "json"), "log line format"),
+    "loop": (_choice("auto", "asyncio", "uvloop"), "event loop: auto (uvloop when installed), asyncio or uvloop"),
 }
 
 # Secrets: each also has an environment variable and a *_FILE setting, so no one has to pass it as a flag.

@@ -212,14 +212,14 @@ def test_console_shows_counts_sends_and_shows_the_feed_with_resume(page: Page) -
         page.goto(f"{proxy.http}/api/v1/ws/console")
         expect(page.locator("#count-users")).to_have_text("1", timeout=WAIT_MS)
         expect(page.locator("#count-connections")).to_have_text("1")
-        expect(page.locator("#user-list .chip")).to_have_text(["alice"])
+        expect(page.locator("#user-list .chip-id")).to_have_text(["alice"])
 
         page.fill("#listen-user", "bob")
         page.click("#listen-button")
         expect(page.locator("#feed-state")).to_have_text("Listening as bob.", timeout=WAIT_MS)
         expect(page.locator("#count-connections")).to_have_text("2", timeout=WAIT_MS)
         expect(page.locator("#count-users")).to_have_text("2")
-        expect(page.locator("#user-list .chip")).to_have_text(["alice", "bob"])
+        expect(page.locator("#user-list .chip-id")).to_have_text(["alice", "bob"])
 
         # Markup in a message is shown as text, never rendered.
         text = "Deploy at 22:00 <img src=x onerror=alert(1)> <b>bold?</b>"

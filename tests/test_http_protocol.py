@@ -14,7 +14,9 @@ import uvicorn
 
 from diary_ws import create_app
 from diary_ws.edge import DiaryHttpProtocol, OneWrite
-from tests.utils import Server, async_wait_until, free_port
+from tests.utils import ON_BOTH_LOOPS, Server, async_wait_until, free_port
+
+pytestmark = ON_BOTH_LOOPS  # the transport hooks run on both event loops
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n"
 STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
 import os
+import platform
 import time
 
 import httpx
@@ -10,11 +13,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
+import diary_ws
 from diary_ws import Settings, create_app
 from diary_ws.backends.memory import MemoryBackend
 from diary_ws.broadcaster import Hub
 from diary_ws.metrics import Metrics
+from tests.jwt_keys import SECRET, claims, sign
 from tests.utils import (
     ROOT,
     Server,
@@ -168,12 +174,149 @@ def test_per_worker_figures_carry_the_worker_label() -> None:
         assert ("worker", str(os.getpid())) in labels, name
 
 
-def test_every_metric_is_in_the_readme(shared_server: Server) -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_every_metric_is_documented(shared_server: Server) -> None:
+    docs = (ROOT / "docs" / "observability.md").read_text()
     families = {family.name for family in text_string_to_metric_families(shared_server.get("/metrics").text)}
-    assert len(families) >= 11
+    assert len(families) >= 15
     for name in families - {f for f in families if f.endswith("_created")}:  # prometheus-client's own extras
-        assert f"`{name}" in readme, name
+        assert f"`{name}" in docs, name
+
+
+# name (as the parser reports it, without _total) -> type; every one must be on a fresh server's /metrics.
+TYPES = {
+    "diary_ws_build_info": "gauge",
+    "diary_ws_connections": "gauge",
+    "diary_ws_users": "gauge",
+    "diary_ws_broker_reader_up": "gauge",
+    "diary_ws_messages_published": "counter",
+    "diary_ws_messages_delivered": "counter",
+    "diary_ws_messages_dropped": "counter",
+    "diary_ws_slow_consumer_closes": "counter",
+    "diary_ws_fanout_seconds": "histogram",
+    "diary_ws_publish_seconds": "histogram",
+    "diary_ws_http_requests": "counter",
+    "diary_ws_handshakes": "counter",
+    "diary_ws_websocket_closes": "counter",
+    "diary_ws_websocket_refusals": "counter",
+    "diary_ws_event_loop_lag_seconds": "gauge",
+    "diary_ws_event_loop_stall_seconds": "histogram",
+}
+
+
+def test_each_metric_exists_with_its_type(shared_server: Server) -> None:
+    families = {f.name: f.type for f in text_string_to_metric_families(shared_server.get("/metrics").text)}
+    for name, kind in TYPES.items():
+        assert families.get(name) == kind, (name, families.get(name))
+    # The series a dashboard plots from the first scrape are there at once, at zero if nothing happened yet.
+    samples = scrape(shared_server)
+    for transport in ("websocket", "sse"):
+        for outcome in ("accepted", "400", "401", "403", "429", "503"):
+            assert ("diary_ws_handshakes_total", frozenset({("transport", transport), ("outcome", outcome)})) in samples
+    assert ("diary_ws_publish_seconds_count", frozenset({("source", "http")})) in samples
+
+
+def test_build_info_names_what_runs(shared_server: Server) -> None:
+    [info] = [f for f in text_string_to_metric_families(shared_server.get("/metrics").text) if f.name.endswith("info")]
+    [sample] = info.samples
+    assert sample.value == 1
+    assert sample.labels["version"] == diary_ws.__version__
+    assert sample.labels["python"] == platform.python_version()
+    assert sample.labels["uvicorn"] == importlib.metadata.version("uvicorn")
+    assert sample.labels["backend"] == "memory"
+    assert sample.labels["loop"] in ("asyncio", "uvloop")
+
+
+def test_handshakes_are_counted_by_transport_and_outcome() -> None:
+    with run_server({"jwt_secret": SECRET, "max_connections_per_user": "1"}) as server:
+        token = sign(claims("hs-a"), SECRET, "HS256")
+        with ws_connect(server.listen_url("hs-a", f"token={token}")):
+            for url, status in [
+                (server.listen_url("hs-a", f"token={token}"), 429),  # one socket per user
+                (server.listen_url("hs-b"), 401),
+                (server.listen_url("hs-b", f"token={token}"), 403),  # a token for another user
+                (server.listen_url("bad%20id"), 400),
+            ]:
+                with pytest.raises(InvalidStatus) as refused:
+                    ws_connect(url).close()
+                assert refused.value.response.status_code == status
+            with httpx.stream(
+                "GET", f"{server.http}/api/v1/sse/hs-c?token={sign(claims('hs-c'), SECRET, 'HS256')}", timeout=10
+            ) as sse:
+                assert sse.status_code == 200
+                assert server.get("/api/v1/sse/hs-d").status_code == 401
+                samples = scrape(server)
+        for transport, outcome, count in [
+            ("websocket", "accepted", 1), ("websocket", "429", 1), ("websocket", "401", 1), ("websocket", "403", 1),
+            ("websocket", "400", 1), ("websocket", "503", 0), ("sse", "accepted", 1), ("sse", "401", 1),
+            ("sse", "400", 0),
+        ]:  # fmt: skip
+            assert value(samples, "diary_ws_handshakes_total", transport=transport, outcome=outcome) == count, (
+                transport, outcome,
+            )  # fmt: skip
+        server.assert_clean_log()
+
+
+def histogram(samples: Samples, name: str, **labels: str) -> dict[str, float]:
+    """A histogram's cumulative buckets, bound -> count."""
+    return {
+        dict(key)["le"]: count
+        for (sample, key), count in samples.items()
+        if sample == f"{name}_bucket" and frozenset(kv for kv in key if kv[0] != "le") == frozenset(labels.items())
+    }
+
+
+@pytest.mark.anyio
+async def test_publish_latency_is_observed_for_posts_and_notify() -> None:
+    app = create_app(Settings())
+    async with (
+        serve_in_process(app) as base,
+        httpx.AsyncClient(base_url=f"http://{base}") as client,
+        connect(f"ws://{base}/api/v1/ws/lat"),
+    ):
+        await async_wait_until(lambda: app.state.hub.sizes()[1] == 1, 5, "the socket")
+        for _ in range(3):
+            answer = await client.post("/api/v1/ws/notification", json={"message": "hi", "user_ids": ["lat"]})
+            assert answer.status_code == 200
+        assert (
+            await client.post("/api/v1/ws/notification", json={"message": "x", "user_ids": ["nobody"]})
+        ).status_code == 404
+        await app.state.hub.notify("from python", ["lat"])
+        samples = parse((await client.get("/metrics")).text)
+    assert value(samples, "diary_ws_publish_seconds_count", source="http") == 3  # the 404 is not a publish
+    assert value(samples, "diary_ws_publish_seconds_count", source="python") == 1
+    buckets = histogram(samples, "diary_ws_publish_seconds", source="http")
+    assert set(buckets) >= {"0.0001", "3.0", "+Inf"}
+    assert buckets["3.0"] == 3  # a local publish never takes seconds
+    assert 0 < value(samples, "diary_ws_publish_seconds_sum", source="http") < 3
+
+
+@pytest.mark.anyio
+async def test_a_blocking_stall_shows_in_the_stall_histogram() -> None:
+    """A callback that blocks the server's own event loop for 0.3 s is one observation above 0.25 s."""
+    app = create_app(Settings())
+    async with serve_in_process(app) as base, httpx.AsyncClient(base_url=f"http://{base}") as client:
+
+        async def above(bound: str) -> float:
+            buckets = histogram(parse((await client.get("/metrics")).text), "diary_ws_event_loop_stall_seconds")
+            return buckets["+Inf"] - buckets[bound]
+
+        before = await above("0.25")
+        ticks = await async_wait_until(lambda: app.state.metrics.stalls.observations > 20, 5, "the probe to tick")
+        assert ticks
+        blocked = asyncio.Event()
+
+        def block() -> None:
+            time.sleep(0.3)  # the stall under test: nothing else runs on this loop meanwhile
+            blocked.set()
+
+        asyncio.get_running_loop().call_soon(block)
+        await asyncio.wait_for(blocked.wait(), 5)
+
+        async def counted() -> bool:
+            return await above("0.25") == before + 1
+
+        await async_wait_until(counted, 5, "the 0.3 s stall to be counted above 0.25 s")
+        assert await above("0.5") == 0  # and counted once, at its length, not as a burst of late ticks
 
 
 def test_the_core_knows_nothing_of_prometheus() -> None:
@@ -212,3 +355,29 @@ def test_real_workers_label_their_figures() -> None:
             seen |= workers
         assert str(server.proc.pid) not in seen  # the supervisor serves nothing: these are the workers' pids
         server.assert_clean_log()
+
+
+@pytest.mark.parametrize(
+    ("loop", "expected"), [(None, "uvloop"), ("auto", "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")]
+)
+def test_serve_runs_on_the_loop_the_setting_names(loop: str | None, expected: str) -> None:
+    """LOOP=auto (the default) picks uvloop, which the install brings; asyncio opts out."""
+    pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
+    with run_server({} if loop is None else {"loop": loop}) as server:
+        [info] = [f for f in text_string_to_metric_families(server.get("/metrics").text) if f.name.endswith("info")]
+        assert info.samples[0].labels["loop"] == expected
+        server.assert_clean_log()
+
+
+def test_loop_uvloop_without_uvloop_is_a_clear_setting_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from diary_ws.settings import SettingError, from_env
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(SettingError, match="DIARY_WS_LOOP is uvloop, which is not installed"):
+        from_env({"DIARY_WS_LOOP": "uvloop"})
+    assert from_env({"DIARY_WS_LOOP": "auto"}).loop == "auto"  # auto falls back to asyncio instead
+    with pytest.raises(SettingError, match="must be one of auto, asyncio, uvloop"):
+        from_env({"DIARY_WS_LOOP": "trio"})

@@ -13,7 +13,9 @@ from websockets.asyncio.client import connect
 
 from diary_ws.app import create_app
 from diary_ws.edge import DiaryWebSocketProtocol, ReceiveQueue, WritableGate
-from tests.utils import Server, async_wait_until, raw_handshake, serve_in_process
+from tests.utils import ON_BOTH_LOOPS, Server, async_wait_until, raw_handshake, serve_in_process
+
+pytestmark = ON_BOTH_LOOPS  # the transport hooks run on both event loops
 
 
 def masked_text_frame(payload: bytes) -> bytes:

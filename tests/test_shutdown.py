@@ -11,7 +11,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.utils import async_wait_until, drain_until_closed, raw_handshake, run_server
+from tests.utils import ON_BOTH_LOOPS, async_wait_until, drain_until_closed, raw_handshake, run_server
+
+pytestmark = ON_BOTH_LOOPS  # the transport hooks run on both event loops
 
 
 async def close_code(ws: ClientConnection) -> tuple[int | None, str]:

@@ -11,6 +11,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.utils import (
+    ON_BOTH_LOOPS,
     Server,
     async_wait_until,
     drain_until_closed,
@@ -18,6 +19,8 @@ from tests.utils import (
     raw_handshake,
     vm_rss_kib,
 )
+
+pytestmark = ON_BOTH_LOOPS  # the transport hooks run on both event loops
 
 READERS = 20
 STALLED = 3

@@ -238,10 +238,17 @@ async def test_a_stream_that_reads_nothing_for_the_ping_timeout_is_reset_below_t
     with run_server({"ping_timeout": "1", "send_queue_bytes": "64MiB", "send_queue_size": "100000"}) as srv:
         stalled = raw_stream(srv.port, "/api/v1/sse/sleepy", rcvbuf=4096)
         await connected(srv, 1)
+        dropped = 0
         async with httpx.AsyncClient(base_url=srv.http, timeout=10) as client:
             for i in range(800):  # ~6.4 MB: past the kernel's buffers, so the transport pauses
                 answer = (await client.post("/api/v1/ws/notification", json={"message": f"{i} " + "x" * 8000})).json()
-                assert answer["disconnected_users"] == 0
+                # On a slow box the stall timer fires before the loop ends. A publish may then still meet the
+                # aborted stream before it is forgotten (more often on uvloop): "disconnected", never a cap.
+                dropped += answer["disconnected_users"]
+                if answer["total_connections"] == 0:
+                    break
+        assert dropped <= 1
+        assert "diary_ws_slow_consumer_closes_total 0.0" in srv.get("/metrics").text  # no backlog cap fired
         await async_wait_until(lambda: srv.status()["total_connections"] == 0, 5, "the stalled stream to be freed")
         assert drain_until_closed(stalled, 5) == "reset"
         stalled.close()

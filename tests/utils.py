@@ -111,6 +111,24 @@ class Server:
         return time.monotonic() - started
 
 
+# The event loops the transport hooks are tested on. A module opts in with `pytestmark = ON_BOTH_LOOPS`: each
+# of its tests then runs twice, and every server it starts (run_server, or in-process on the test's own loop,
+# which anyio_backend switches) runs on that loop.
+LOOPS = ("asyncio", "uvloop")
+ON_BOTH_LOOPS = pytest.mark.parametrize("server_loop", LOOPS, indirect=True)
+_loop: list[str | None] = [None]  # the loop run_server uses when the settings name none (the test's param)
+
+
+@contextlib.contextmanager
+def default_loop(name: str | None) -> Iterator[None]:
+    """Servers started meanwhile run on `name` (None: their own default) unless their settings say otherwise."""
+    before, _loop[0] = _loop[0], name
+    try:
+        yield
+    finally:
+        _loop[0] = before
+
+
 def _ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
     if proc.poll() is not None:
         raise AssertionError(f"server exited with {proc.returncode} before it was ready")
@@ -139,6 +157,8 @@ def run_server(
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     env.update({f"DIARY_WS_{k.upper()}": str(v) for k, v in (settings or {}).items()})
+    if _loop[0] is not None and "loop" not in (settings or {}):
+        env["DIARY_WS_LOOP"] = _loop[0]
     env["DIARY_WS_PORT"] = str(port)
     with tempfile.NamedTemporaryFile(prefix="diary-ws-", suffix=".log", delete=False) as log_file:
         log_path = Path(log_file.name)
@@ -221,7 +241,10 @@ async def serve_in_process(app: Any) -> AsyncIterator[str]:
     import uvicorn
 
     from diary_ws.edge import DiaryWebSocketProtocol
+    from diary_ws.metrics import loop_name
 
+    if _loop[0] is not None:  # the test is parametrized over the loop: anyio_backend must have followed
+        assert loop_name() == _loop[0], f"the test runs on {loop_name()}, not {_loop[0]}"
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ws=DiaryWebSocketProtocol, log_config=None, lifespan="on")
     server = uvicorn.Server(config)

@@ -42,6 +42,15 @@ class Published(NamedTuple):
     nodes_missing: int
 
 
+class NodeInfo(NamedTuple):
+    """One live node of the cluster, as the console lists it."""
+
+    node_id: str
+    here: bool  # this process
+    users: dict[str, int]  # user id -> that user's sockets on the node
+    heartbeat: float | None  # Unix time of its last heartbeat; None where there is none (memory://)
+
+
 class Node(Protocol):
     """This process's side, as a backend sees it (the Hub)."""
 
@@ -100,6 +109,9 @@ class Backend(Protocol):
 
     async def status(self) -> tuple[list[str], int]:
         """Every connected user id on every live node, sorted, and the number of sockets."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every live node with its users' socket counts; this process's node first."""
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
         """Close every socket of `user_id` on every node (an operator's disconnect): (closed, nodes missing)."""

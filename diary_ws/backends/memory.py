@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections import deque
 
-from diary_ws.backends.base import Node, Published, Replay
+from diary_ws.backends.base import Node, NodeInfo, Published, Replay
 from diary_ws.errors import NobodyListening
 from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, IdClock, Message, MessageId
@@ -60,6 +62,12 @@ class MemoryBackend:
     async def status(self) -> tuple[list[str], int]:
         users = self._node.presence() if self._node is not None else {}
         return sorted(users), sum(len(conns) for conns in users.values())
+
+    async def nodes(self) -> list[NodeInfo]:
+        """One process, one node: this one."""
+        users = self._node.presence() if self._node is not None else {}
+        counts = {user_id: len(conns) for user_id, conns in users.items()}
+        return [NodeInfo(f"{socket.gethostname()}:{os.getpid()}", True, counts, None)]
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
         return (self._node.close_local(user_id, code, reason) if self._node is not None else 0), 0

@@ -23,7 +23,8 @@ def hard_abort(transport: asyncio.Transport) -> None:
     """
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # A socket already closed raises OSError on asyncio and ValueError (negative fd) on uvloop.
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
 

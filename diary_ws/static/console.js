@@ -47,18 +47,21 @@
     node.classList.toggle("ok", kind === "ok");
   }
 
-  // --- connected users, polled --------------------------------------------------------------------------
+  // --- the overview: users with their counts, rates, stalls and nodes, polled ----------------------------
 
   async function poll() {
     try {
-      const response = await fetch("status?limit=200", { headers: apiHeaders(), cache: "no-store" });
+      const response = await fetch("console/overview?limit=200", { headers: apiHeaders(), cache: "no-store" });
       if (!response.ok) throw new Error(await problem(response));
-      const status = await response.json();
-      $("count-users").textContent = String(status.connected_users);
-      $("count-connections").textContent = String(status.total_connections);
-      renderUsers(status.active_user_ids, status.connected_users);
+      const overview = await response.json();
+      $("count-users").textContent = String(overview.connected_users);
+      $("count-connections").textContent = String(overview.total_connections);
+      renderUsers(overview.users, overview.connected_users);
+      renderRates(overview.rates);
+      renderStalls(overview.stalls, overview.rates, overview.loop);
+      renderNodes(overview.nodes);
       show($("status-error"), "");
-      $("server-state").textContent = `Server ${status.status} · updated ${new Date().toLocaleTimeString()}`;
+      $("server-state").textContent = `Server up · updated ${new Date().toLocaleTimeString()}`;
     } catch (error) {
       show($("status-error"), `Could not read the status: ${error.message}`, "error");
       $("server-state").textContent = "Status unavailable";
@@ -67,19 +70,98 @@
     }
   }
 
-  function renderUsers(ids, total) {
-    const items = ids.map((id) => {
-      const button = el("button", id, "chip");
-      button.type = "button";
-      button.title = `Send to ${id}`;
-      button.addEventListener("click", () => addRecipient(id));
-      const item = el("li");
-      item.append(button);
+  function renderUsers(users, total) {
+    const items = users.map(({ user_id: id, connections }) => {
+      const chip = el("button", undefined, "chip");
+      chip.type = "button";
+      chip.title = `Send to ${id}`;
+      chip.append(el("span", id, "chip-id"), el("span", `×${connections}`, "chip-count"));
+      chip.addEventListener("click", () => addRecipient(id));
+      const drop = el("button", "Disconnect", "secondary small-button");
+      drop.type = "button";
+      drop.title = `Close every connection of ${id}`;
+      drop.addEventListener("click", () => disconnect(id, connections));
+      const item = el("li", undefined, "user");
+      item.dataset.user = id;
+      item.append(chip, drop);
       return item;
     });
     $("user-list").replaceChildren(...items);
     $("users-empty").hidden = total > 0;
-    show($("users-more"), total > ids.length ? `…and ${total - ids.length} more` : "");
+    show($("users-more"), total > users.length ? `…and ${total - users.length} more` : "");
+  }
+
+  async function disconnect(id, connections) {
+    const noun = connections === 1 ? "connection" : "connections";
+    if (!window.confirm(`Disconnect ${id}? Their ${connections} ${noun} close with code 4003 (clients may reconnect).`)) {
+      return;
+    }
+    const result = $("disconnect-result");
+    show(result, `Disconnecting ${id}…`);
+    try {
+      const response = await fetch(`users/${encodeURIComponent(id)}/connections`, {
+        method: "DELETE", headers: apiHeaders(), cache: "no-store",
+      });
+      if (!response.ok) throw new Error(await problem(response));
+      const answer = await response.json();
+      show(result, answer.message, "ok");
+    } catch (error) {
+      show(result, `Not disconnected: ${error.message}`, "error");
+    }
+  }
+
+  function formatRate(value) {
+    if (value >= 100) return value.toFixed(0);
+    if (value >= 10) return value.toFixed(1);
+    return value.toFixed(2);
+  }
+
+  function formatSeconds(value) {
+    if (value >= 1) return `${value.toFixed(2)} s`;
+    return `${(value * 1000).toFixed(value >= 0.01 ? 0 : 1)} ms`;
+  }
+
+  // A sparkline: one SVG polyline, its points scaled to the view box (the element stretches with the card).
+  function spark(id, values) {
+    const svg = $(id);
+    if (values.length === 1) values = [values[0], values[0]]; // one interval so far: a flat line, not a dot
+    const top = Math.max(...values, 1e-9);
+    const step = values.length > 1 ? 120 / (values.length - 1) : 0;
+    const points = values.map((v, i) => `${(i * step).toFixed(1)},${(23 - (v / top) * 22).toFixed(1)}`).join(" ");
+    const line = document.createElementNS(svg.namespaceURI, "polyline"); // the SVG namespace, no URL typed here
+    line.setAttribute("points", points);
+    svg.replaceChildren(line);
+  }
+
+  function renderRates(rates) {
+    const last = rates[rates.length - 1];
+    for (const name of ["publishes", "deliveries", "handshakes"]) {
+      $(`rate-${name}`).textContent = last ? formatRate(last[name]) : "–";
+      spark(`spark-${name}`, rates.map((rate) => rate[name]));
+    }
+  }
+
+  function renderStalls(stalls, rates, loop) {
+    const worst = rates.reduce((most, rate) => Math.max(most, rate.worst_stall), 0);
+    $("stall-worst").textContent = rates.length ? formatSeconds(worst) : "–";
+    spark("spark-stalls", rates.map((rate) => rate.worst_stall));
+    $("stall-over").textContent = String(stalls.over_50ms);
+    $("loop-lag").textContent = formatSeconds(stalls.lag);
+    $("loop-name").textContent = loop;
+  }
+
+  function renderNodes(nodes) {
+    const now = Date.now() / 1000;
+    const rows = nodes.map((node) => {
+      const row = el("tr");
+      const name = el("td", undefined, "node-name");
+      name.append(el("code", node.node));
+      if (node.here) name.append(el("br"), el("span", "this node", "badge"));
+      const beat = node.heartbeat === null ? "–" : `${Math.max(0, Math.round(now - node.heartbeat))} s ago`;
+      row.append(name, el("td", String(node.users)), el("td", String(node.connections)), el("td", beat));
+      return row;
+    });
+    $("node-list").replaceChildren(...rows);
   }
 
   function addRecipient(id) {

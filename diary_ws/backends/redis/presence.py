@@ -7,7 +7,10 @@ import contextlib
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from diary_ws import deadline
+from diary_ws.backends.base import NodeInfo
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
@@ -43,6 +46,26 @@ class PresenceMixin(RedisCore):
             users.update(pairs[0::2])
             total += sum(int(n) for n in pairs[1::2])
         return sorted(users), total
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes (STATUS drops those whose heartbeat expired) and when each last beat."""
+        answer = await self._run(scripts.STATUS, [self._keys[0]], [PREFIX])
+        names: list[str] = answer[0::2]
+        assert self._cmd is not None  # _run has checked
+        try:
+            async with self._cmd.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.get(f"{PREFIX}node:{name}")  # the heartbeat key holds the Unix time of the beat
+                beats = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
+        found = [
+            NodeInfo(name, name == self.node_id, {u: int(n) for u, n in zip(pairs[0::2], pairs[1::2], strict=True)},
+                     float(beat) if beat is not None and beat.isdigit() else None)
+            for name, pairs, beat in zip(names, answer[1::2], beats, strict=True)
+        ]  # fmt: skip
+        found.sort(key=lambda node: (not node.here, node.node_id))
+        return found
 
     async def _presence_once(self) -> None:
         """One turn of the presence writer: the only task that writes this node's presence, so writes never race."""
