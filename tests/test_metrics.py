@@ -15,8 +15,8 @@ from diary_ws import Settings, create_app
 from diary_ws.backends.memory import MemoryBackend
 from diary_ws.broadcaster import Hub
 from diary_ws.metrics import Metrics
+from tests.docs import page
 from tests.utils import (
-    ROOT,
     Server,
     async_wait_until,
     drain_until_closed,
@@ -168,8 +168,8 @@ def test_per_worker_figures_carry_the_worker_label() -> None:
         assert ("worker", str(os.getpid())) in labels, name
 
 
-def test_every_metric_is_in_the_readme(shared_server: Server) -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_every_metric_is_in_the_docs(shared_server: Server) -> None:
+    readme = page("operations.md")
     families = {family.name for family in text_string_to_metric_families(shared_server.get("/metrics").text)}
     assert len(families) >= 11
     for name in families - {f for f in families if f.endswith("_created")}:  # prometheus-client's own extras
