@@ -127,6 +127,7 @@ def server() -> Iterator[Server]:
 
 @needs_curl
 @pytest.mark.slow
+@pytest.mark.timeout(INSTALL_WAIT + 120)  # the first test to use the fresh checkout builds its venv
 def test_the_readme_five_lines(checkout: Checkout, tmp_path: Path) -> None:
     port = free_port()
     script = at_port(block("readme-try"), port)
@@ -137,6 +138,7 @@ def test_the_readme_five_lines(checkout: Checkout, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(INSTALL_WAIT + 120)  # the first test to use the fresh checkout builds its venv
 def test_the_readme_install_from_a_checkout(tmp_path: Path) -> None:
     """The three lines, in another fresh copy of the checkout: pip installs it, and the service answers."""
     copy = copy_checkout(tmp_path / "checkout")
@@ -257,6 +259,7 @@ def test_api_commands(server: Server, tmp_path: Path) -> None:
 
 @needs_curl
 @pytest.mark.slow
+@pytest.mark.timeout(INSTALL_WAIT + 120)  # the first test to use the fresh checkout builds its venv
 def test_security_trying_it(checkout: Checkout, tmp_path: Path) -> None:
     port = free_port()
     script = at_port(block("security-try"), port)

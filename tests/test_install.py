@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.docs import block
-from tests.install import Checkout, user_env
+from tests.install import INSTALL_WAIT, Checkout, user_env
 from tests.utils import ROOT, free_port, wait_until
 
 SERVICE_ONLY = {"pytest", "pytest-timeout", "httpx", "schemathesis", "playwright", "mypy", "ruff"}
@@ -49,6 +49,7 @@ def test_the_readme_two_commands_are_the_ones_run_here() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(INSTALL_WAIT + 120)  # the first test to use the fresh checkout builds its venv
 def test_make_run_installs_the_service_only_and_prints_no_warning(checkout: Checkout) -> None:
     assert not warnings_in(checkout.install_output), checkout.install_output  # the install `make run` does
     installed = venv_packages(checkout)
