@@ -3,17 +3,35 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+DEV_STAMP := $(VENV)/.installed-dev
 NODE_STAMP := tests/js/node_modules/.installed
 
 .PHONY: install run test check bench clean
 
+# Each target installs what it needs and no more. `run`: the service with its Redis client, as a regular
+# install (it is rebuilt when a source file changes; setuptools' editable installs of this flat layout
+# print a warning on every build). `test` adds the test tools and `check` the linters, both into the same
+# .venv as an editable install, so the tests' own subprocesses run the sources as they are.
+SOURCES := $(shell find diary_ws -type f -not -name '*.pyc' -not -path '*/__pycache__/*')
+
 install: $(STAMP)
 
-$(STAMP): setup.py setup.cfg constraints.txt
+# (`rm -rf build`: a stale build/lib would ship files deleted since.)
+$(STAMP): setup.py setup.cfg constraints.txt $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev,redis]'
+	rm -rf build
+	$(BIN)/python -m pip install --quiet -c constraints.txt '.[redis]'
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[redis,test]'
+	touch $(TEST_STAMP)
+
+$(DEV_STAMP): $(TEST_STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[redis,test,dev]'
+	touch $(DEV_STAMP)
 
 # The guide's JavaScript client runs under Node with the `ws` package; without npm that test skips.
 $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
@@ -24,10 +42,10 @@ $(NODE_STAMP): tests/js/package.json tests/js/package-lock.json
 run: install
 	$(BIN)/diary-ws serve
 
-test: install $(NODE_STAMP)
+test: $(TEST_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest
 
-check: install
+check: $(DEV_STAMP)
 	$(BIN)/ruff check diary_ws tests bench
 	$(BIN)/ruff format --check diary_ws tests bench
 	$(BIN)/mypy

@@ -6,11 +6,11 @@ __version__ = "0.1.0"
 
 from diary_ws.app import create_app, lifespan
 from diary_ws.broadcaster import Hub, PublishResult
-from diary_ws.errors import DiaryWSError, NobodyListening, ValidationError
+from diary_ws.errors import DiaryWSError, NobodyListening, NotStarted, SharedInMemory, ValidationError
 from diary_ws.settings import Settings
 from diary_ws.validation import Notification
 
 __all__ = [
-    "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
-    "__version__", "create_app", "lifespan",
+    "DiaryWSError", "Hub", "NobodyListening", "NotStarted", "Notification", "PublishResult", "Settings",
+    "SharedInMemory", "ValidationError", "__version__", "create_app", "lifespan",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from diary_ws import idempotency, logs
+from diary_ws import idempotency, logs, sharing
 from diary_ws.auth import Security
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
@@ -146,12 +146,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """
     hub: Hub = app.state.hub
     metrics: Metrics = app.state.metrics
-    await hub.start()
-    try:
-        async with metrics.probes():
-            yield
-    finally:
-        await hub.stop()
+    settings: Settings = app.state.settings
+    # memory:// lives in this process: a second worker on the same socket is refused before it serves anyone.
+    alone = sharing.one_process() if settings.broker_url.startswith("memory://") else contextlib.nullcontext()
+    with alone:
+        await hub.start()
+        try:
+            async with metrics.probes():
+                yield
+        finally:
+            await hub.stop()
 
 
 async def _diary_error(request: Request, exc: Exception) -> Response:

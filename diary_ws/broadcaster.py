@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diary_ws.backends import Backend, Claim, Counts
-from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
+from diary_ws.errors import BrokerUnavailable, NotStarted, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
 
@@ -271,13 +271,16 @@ class Hub:
         self.stats = HubStats()
         self.draining = False  # SIGTERM seen: /readyz says 503 so the balancer sends nobody new
         self.started = False
+        # Ever started: a hub that never was is a host that forgot diary_ws.lifespan(), refused with NotStarted;
+        # one that has stopped is shutting down and keeps its own answers.
+        self.launched = False
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the backend; the app's lifespan calls this."""
         await self.backend.start(self)
-        self.started = True
+        self.started = self.launched = True
 
     async def stop(self) -> None:
         """Close every socket that is still here (1012) and stop the backend."""
@@ -299,6 +302,8 @@ class Hub:
         The per-user limit holds across the cluster: the backend records the socket and refuses it when the
         user already has MAX_CONNECTIONS_PER_USER on all nodes together.
         """
+        if not self.launched:
+            raise NotStarted()
         conns = self._users.get(user_id)
         if conns is not None and len(conns) >= self.limits.max_connections_per_user:
             raise TooManyConnections(
@@ -352,6 +357,8 @@ class Hub:
         self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
     ) -> tuple[int, int]:
         """Close every socket of `user_id` with `code`, on every node: (closed, nodes that did not report)."""
+        if not self.launched:
+            raise NotStarted()
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: no connection was closed; retry later")
         return await self.backend.close_user(user_id, code, reason)
@@ -379,6 +386,8 @@ class Hub:
         broker is down, checked first, so an outage never reads as "nobody there"; OutcomeUnknown (504) when
         the broker did not answer in time. `claim`: the request's Idempotency-Key, for the backend to record.
         """
+        if not self.launched:
+            raise NotStarted()
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")

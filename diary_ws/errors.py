@@ -118,3 +118,27 @@ class RateLimited(DiaryWSError):
     """Over RATE_LIMIT or CONNECT_RATE_LIMIT; carries `Retry-After` and the `RateLimit-*` headers."""
 
     status_code = 429
+
+
+class NotStarted(DiaryWSError):
+    """The hub has not been started: a host app mounted diary-ws without running its lifespan."""
+
+    status_code = 503
+
+    def __init__(self) -> None:
+        super().__init__(
+            "diary-ws is not started: its lifespan has not run, so nobody can listen and nothing can be sent. "
+            'A host app that mounts it must run "async with diary_ws.lifespan(app): yield" in its own lifespan '
+            "(Starlette does not run a mounted app's lifespan)"
+        )
+
+
+class SharedInMemory(DiaryWSError):
+    """A second process serves the same listening socket as an in-memory app: each would hold part of the users."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"memory:// cannot be shared by several processes: another process already serves {address} with an "
+            "in-memory diary-ws, so each would hold only its own listeners and a send would reach some of them. "
+            "Run one worker, or set BROKER_URL (DIARY_WS_BROKER_URL) to redis://... for several"
+        )

@@ -77,6 +77,14 @@ class Settings:
         check_combinations(self)
 
 
+# What to run depends on where diary-ws came from: `pip install 'diary-ws[redis]'` in a checkout asks an index
+# for the name and never installs the checkout, so the line names both ways.
+REDIS_MISSING = (
+    "needs the Redis client (redis-py), which is not installed: from a checkout run `make install` (or "
+    "`pip install -c constraints.txt '.[redis]'`); from a package index, `pip install 'diary-ws[redis]'`"
+)
+
+
 # Settings whose feature is not built yet. DESIGN §2: refused at start, never accepted and ignored.
 NOT_BUILT_YET: dict[str, str] = {}
 
@@ -88,7 +96,7 @@ def check_combinations(s: Settings) -> None:
             raise SettingError(env_name(name), f"is not supported yet: {feature} are not built in this version")
     check_security(s)
     if s.broker_url.startswith("redis") and importlib.util.find_spec("redis") is None:
-        raise SettingError(env_name("broker_url"), "needs redis-py: pip install 'diary-ws[redis]'")
+        raise SettingError(env_name("broker_url"), REDIS_MISSING)
     if s.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise SettingError(env_name("loop"), "is uvloop, which is not installed: pip install uvloop, or LOOP=auto")
     if s.workers > 1 and s.broker_url.startswith("memory://"):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.install import Checkout, fresh_checkout
 from tests.utils import Server, default_loop, run_server
 
 
@@ -44,3 +46,13 @@ def shared_server() -> Iterator[Server]:
     with run_server() as srv:
         yield srv
         srv.assert_clean_log()
+
+
+@pytest.fixture(scope="session")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Checkout:
+    """A copy of this checkout where `make install` has run once, as on a new user's machine (slow: a fresh venv).
+
+    The docs' `make run` blocks run there, never in this checkout, whose .venv the suite itself is using.
+    """
+    path: Path = tmp_path_factory.mktemp("checkout")
+    return fresh_checkout(path)

@@ -17,9 +17,9 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
+from tests.docs import GUIDE
 from tests.jwt_keys import SECRET, claims, sign
 from tests.tcp_proxy import tcp_proxy
-from tests.test_guide import find_guide
 from tests.utils import ROOT, Server, free_port, run_server, wait_until
 
 try:
@@ -90,10 +90,7 @@ def post_ok(server: Server, body: dict[str, Any]) -> dict[str, Any]:
 
 def guide_class() -> str:
     """The guide's `DiaryWebSocketClient` class, cut from the guide's own text (not a copy that could drift)."""
-    guide = find_guide()
-    if guide is None:
-        pytest.skip("websocket-integration-guide.md is not in this checkout")
-    [block] = [b for b in re.findall(r"```javascript\n(.*?)```", guide.read_text(), re.S) if "class Diary" in b]
+    [block] = [b for b in re.findall(r"```javascript\n(.*?)```", GUIDE.read_text(), re.S) if "class Diary" in b]
     text: str = block[: block.index("// Usage Example")]
     return text
 

@@ -1,5 +1,5 @@
 """The browser client (diary_ws/static/diary-ws.js, served at /api/v1/ws/client.js) in headless Chromium,
-through the nginx recipe (deploy/nginx.conf, run by tests/test_nginx.py's `run_nginx`).
+through the nginx recipe (deploy/nginx/, run by tests/test_nginx.py's `run_nginx`).
 
 Each scenario is a bad day the client must live through without losing or doubling a message within the
 history: a dropped network, a silent line, an expired token, an operator's disconnect, a slow-consumer close,
@@ -29,7 +29,7 @@ from tests.jwt_keys import SECRET, claims, sign
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 from tests.test_browser import MISSING, WAIT, wait_js
 from tests.test_guide import find_guide
-from tests.test_nginx import PREFIX, RECIPE, Nginx, run_nginx
+from tests.test_nginx import LOCATION_SNIPPET, PREFIX, Nginx, run_nginx
 from tests.utils import ROOT, Server, free_port, redis_server, run_server, wait_until
 
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -344,11 +344,11 @@ def test_a_slow_consumer_close_resumes_and_loses_nothing(stack: Stack, page: Pag
 
 def test_the_eventsource_fallback_when_websockets_are_blocked(stack: Stack, page: Page) -> None:
     # A second nginx from the same recipe, but passing no Upgrade header, as some proxies do.
-    recipe = RECIPE.read_text()
+    recipe = LOCATION_SNIPPET.read_text()
     blocked = recipe.replace("proxy_set_header Upgrade $http_upgrade;", 'proxy_set_header Upgrade "";')
     assert blocked != recipe
     user = "bc-sse"
-    with run_nginx(f"127.0.0.1:{stack.proxy.port}", recipe=blocked) as nginx, present(stack.server, user):
+    with run_nginx(f"127.0.0.1:{stack.proxy.port}", location=blocked) as nginx, present(stack.server, user):
         # From another origin, too: the stream carries the CORS header as the module does.
         assert start(page, nginx.http, user, page_base=f"http://localhost:{nginx.port}{PREFIX}") == "sse"
         connections(stack.server, 2)

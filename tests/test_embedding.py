@@ -1,4 +1,4 @@
-"""Embedding: the README's host app, run as written by real uvicorn, and `Hub.notify` checked like a POST."""
+"""Embedding: docs/embedding.md's host app, run as written by real uvicorn, and `Hub.notify` checked like a POST."""
 
 from __future__ import annotations
 
@@ -20,24 +20,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import diary_ws
 from diary_ws.client import Client
-from tests.utils import ROOT, START_TIMEOUT, Server, async_wait_until, free_port, next_frame, run_server, wait_until
+from tests.docs import block
+from tests.utils import START_TIMEOUT, Server, async_wait_until, free_port, next_frame, run_server, wait_until
 
-README = (ROOT / "README.md").read_text()
 LIMIT = 20.0
 
 
-def embedding_section() -> str:
-    found = re.search(r"^## Embedding\n(.*?)^## ", README, re.MULTILINE | re.DOTALL)
-    assert found, "README has no '## Embedding' section"
-    return found.group(1)
-
-
-def fenced(section: str, language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
-
-
 class Host:
-    """The README's host app under the README's own uvicorn command, on a free port."""
+    """The docs' host app under the docs' own uvicorn command, on a free port."""
 
     def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
         self.proc, self.port, self.log_path = proc, port, log
@@ -50,10 +40,9 @@ class Host:
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[Host]:
-    section = embedding_section()
-    (tmp_path / "host.py").write_text(fenced(section, "python")[0])
-    command = next(line for line in fenced(section, "bash")[0].splitlines() if line.startswith("uvicorn "))
-    argv = shlex.split(command.split("#")[0])
+    (tmp_path / "host.py").write_text(block("embedding-host"))
+    command = next(line for line in block("embedding-run").splitlines() if line.startswith("uvicorn "))
+    argv = shlex.split(command.split("#")[0].strip().removesuffix("&"))
     assert argv[:4] == ["uvicorn", "host:app", "--port", "8000"], argv
     port = free_port()
     log = tmp_path / "host.log"
@@ -87,7 +76,7 @@ async def request(method: str, url: str, **kwargs: Any) -> httpx.Response:
 
 
 @pytest.mark.anyio
-async def test_the_readme_host_app_serves_http_websocket_and_in_process_publish(host: Host) -> None:
+async def test_the_docs_host_app_serves_http_websocket_and_in_process_publish(host: Host) -> None:
     ready = await request("GET", f"{host.base}/readyz")
     assert ready.json() == {"status": "ready"}  # the host's lifespan started the mounted hub
     async with connect(f"ws://127.0.0.1:{host.port}/notify/api/v1/ws/alice") as ws:
@@ -140,7 +129,7 @@ async def test_the_readme_host_app_serves_http_websocket_and_in_process_publish(
     log = host.log()
     assert "Application shutdown complete" in log  # the host's lifespan stopped the hub
     assert "Traceback" not in log
-    assert "ERROR" not in log  # the README's --ws option keeps refusals quiet
+    assert "ERROR" not in log  # the docs' --ws option keeps refusals quiet
 
 
 # --- Hub.notify: the POST's checks, for Python callers ---------------------------------------------------------

@@ -1,6 +1,6 @@
 """The integration guide's own examples, run unchanged against a real server.
 
-spec/websocket-integration-guide.md is a contract: its Python clients, its curl sequence and the JSON shapes it
+docs/websocket-integration-guide.md is a contract: its Python clients, its curl sequence and the JSON shapes it
 shows must work as written, with only the host and port changed. DESIGN §1 extends the shapes (`id`, `sent_at`,
 `data`, `total_connections`, `?limit=`); these tests hold the server to both.
 """
@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -25,13 +24,13 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from tests.docs import GUIDE
 from tests.guide_client import DiaryWebSocketClient
 from tests.utils import ROOT, Server, async_wait_until, next_frame
 
 WAIT = 5.0  # seconds any single step may take
 ID_RE = re.compile(r"^\d+-\d+$")
 RFC3339_UTC_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-GUIDE_NAME = "websocket-integration-guide.md"
 GUIDE_ANSWER_KEYS = {"status", "message", "sent_count", "total_connections", "disconnected_users"}
 STATUS_KEYS = {"connected_users", "status", "active_user_ids", "total_connections"}
 CURL = shutil.which("curl")
@@ -53,23 +52,9 @@ def guide_client(user_id: str, base_url: str) -> GuideClient:
     return client
 
 
-def find_guide() -> Path | None:
-    """The guide, if this checkout has it (in the repository or in the shared spec folder beside it)."""
-    for candidate in (
-        ROOT / "spec" / GUIDE_NAME,
-        ROOT / "docs" / GUIDE_NAME,
-        ROOT.parent / "shared" / "spec" / GUIDE_NAME,
-    ):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def guide_blocks(language: str) -> list[str]:
-    guide = find_guide()
-    if guide is None:
-        pytest.skip(f"{GUIDE_NAME} is not in this checkout, so the verbatim copy cannot be compared")
-    return re.findall(rf"```{language}\n(.*?)```", guide.read_text(), re.S)
+    """The guide's fenced blocks in one language, from the copy the repository ships."""
+    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.S)
 
 
 def users_sentence(users: int) -> str:

@@ -76,8 +76,8 @@ def test_leaf_helpers_import_no_other_layer() -> None:
 
 def test_public_surface() -> None:
     assert sorted(diary_ws.__all__) == [
-        "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
-        "__version__", "create_app", "lifespan",
+        "DiaryWSError", "Hub", "NobodyListening", "NotStarted", "Notification", "PublishResult", "Settings",
+        "SharedInMemory", "ValidationError", "__version__", "create_app", "lifespan",
     ]  # fmt: skip
     for name in diary_ws.__all__:
         assert hasattr(diary_ws, name)

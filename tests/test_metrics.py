@@ -20,9 +20,9 @@ from diary_ws import Settings, create_app
 from diary_ws.backends.memory import MemoryBackend
 from diary_ws.broadcaster import Hub
 from diary_ws.metrics import Metrics
+from tests.docs import page
 from tests.jwt_keys import SECRET, claims, sign
 from tests.utils import (
-    ROOT,
     Server,
     async_wait_until,
     drain_until_closed,
@@ -175,7 +175,7 @@ def test_per_worker_figures_carry_the_worker_label() -> None:
 
 
 def test_every_metric_is_documented(shared_server: Server) -> None:
-    docs = (ROOT / "docs" / "observability.md").read_text()
+    docs = page("observability.md")
     families = {family.name for family in text_string_to_metric_families(shared_server.get("/metrics").text)}
     assert len(families) >= 15
     for name in families - {f for f in families if f.endswith("_created")}:  # prometheus-client's own extras

@@ -1,9 +1,11 @@
-"""deploy/nginx.conf, run as it is by a real nginx in front of a real diary-ws: the contract through the proxy.
+"""deploy/nginx/, included by a real nginx in an existing server block in front of a real diary-ws.
 
-The test rewrites only addresses and paths in the recipe (see its header): the listen port, the upstream
-address (one instance: memory:// does not share messages between instances), the log and pid paths, and
-temp-file paths inside a temp dir. Everything else (upgrade headers, timeouts, buffering, the prefix, the
-X-Forwarded-For header and the access-log format) is the shipped file.
+The kit is two snippets: diary-ws-http.conf (map, log format, upstream) for the http level, and
+diary-ws-location.conf for inside an existing `server { }` block. The test writes a minimal nginx.conf that
+includes them the way an operator would, next to a server block of its own with the default access log,
+and rewrites only addresses in the snippets (see their headers): the upstream address (one instance:
+memory:// does not share messages between instances) and the log directory. Everything else (upgrade
+headers, timeouts, buffering, the prefix, the X-Forwarded-For header and the access-log format) is shipped.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from tests.docs import doc_pages, fenced
 from tests.utils import ROOT, Server, async_wait_until, free_port, next_frame, run_server, wait_until
 
-RECIPE = ROOT / "deploy" / "nginx.conf"
+KIT = ROOT / "deploy" / "nginx"
+HTTP_SNIPPET = KIT / "diary-ws-http.conf"
+LOCATION_SNIPPET = KIT / "diary-ws-location.conf"
 PREFIX = "/notify"
 CLIENT_ADDRESS = "127.0.0.2"  # the test client's source address, so nginx (127.0.0.1) and the client differ
 SECRET = "eyJhbGciOiJIUzI1NiJ9.bmdpbngtdGVzdA.c2lnbmF0dXJl"
@@ -39,15 +44,25 @@ def nginx_binary() -> str:
     return found
 
 
-def render(recipe: str, port: int, upstream: str, tmp: Path) -> str:
-    """The recipe with only its addresses and paths replaced, as its header says."""
-    text = recipe.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    text = text.replace("127.0.0.1:8001", upstream)
+def render(snippet: str, upstream: str, tmp: Path) -> str:
+    """A snippet with only its addresses replaced, as its header says."""
+    text = snippet.replace("127.0.0.1:8001", upstream)
     text = re.sub(r"^\s*server 127\.0\.0\.1:8002;\n", "", text, flags=re.MULTILINE)
-    text = text.replace("/var/log/nginx/", f"{tmp}/").replace("/run/", f"{tmp}/")
+    return text.replace("/var/log/nginx/", f"{tmp}/")
+
+
+def wrapper(port: int, tmp: Path) -> str:
+    """The operator's own nginx.conf: an http block that includes part 1, a server block that includes part 2."""
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     temp_paths = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in kinds)
-    return text.replace("http {\n", "http {\n" + temp_paths, 1)
+    return (
+        f"worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/diary-ws-error.log warn;\n"
+        "events {\n    worker_connections 1024;\n}\n"
+        f"http {{\n{temp_paths}    include {tmp}/diary-ws-http.conf;\n"
+        f"    access_log {tmp}/server-access.log;  # the default format: it prints the query string\n"
+        f"    server {{\n        listen 127.0.0.1:{port};\n        location / {{ return 404; }}\n"
+        f"        include {tmp}/diary-ws-location.conf;\n    }}\n}}\n"
+    )
 
 
 @dataclass
@@ -68,15 +83,18 @@ class Nginx:
 
 
 @contextlib.contextmanager
-def run_nginx(upstream: str, recipe: str | None = None) -> Iterator[Nginx]:
-    """nginx running the recipe (or a variant of its text, `recipe`) in front of `upstream`."""
+def run_nginx(upstream: str, location: str | None = None) -> Iterator[Nginx]:
+    """nginx running the recipe (with a variant of its location snippet's text, `location`) in front of `upstream`."""
     binary = nginx_binary()
     with tempfile.TemporaryDirectory(prefix="diary-ws-nginx-") as name:
         tmp = Path(name)
         tmp.chmod(0o755)  # nginx's workers drop root and must still reach their temp dirs
         port = free_port()
         conf = tmp / "nginx.conf"
-        conf.write_text(render(RECIPE.read_text() if recipe is None else recipe, port, upstream, tmp))
+        conf.write_text(wrapper(port, tmp))
+        for snippet in (HTTP_SNIPPET, LOCATION_SNIPPET):
+            text = location if snippet is LOCATION_SNIPPET and location is not None else snippet.read_text()
+            (tmp / snippet.name).write_text(render(text, upstream, tmp))
         proc = subprocess.Popen(
             [binary, "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -119,8 +137,8 @@ def client() -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(local_address=CLIENT_ADDRESS), timeout=10)
 
 
-def test_the_recipe_has_what_it_promises() -> None:
-    recipe = RECIPE.read_text()
+def test_the_kit_has_what_it_promises() -> None:
+    recipe = HTTP_SNIPPET.read_text() + LOCATION_SNIPPET.read_text()
     assert "map $http_upgrade $connection_upgrade" in recipe
     assert "proxy_set_header Upgrade $http_upgrade;" in recipe
     assert "proxy_buffering off;" in recipe
@@ -197,16 +215,19 @@ async def test_no_token_in_either_log(proxied: tuple[Nginx, Server]) -> None:
     assert SECRET not in nginx.access_log()
     assert "token=" not in nginx.access_log()
     assert SECRET not in server.log()
+    # The location's own log replaces the server block's, whose default format would print ?token=.
+    server_log = nginx.tmp / "server-access.log"
+    assert not server_log.exists() or SECRET not in server_log.read_text()
 
 
-def test_the_readme_shows_the_recipe_the_test_runs() -> None:
-    """Every nginx snippet in the README is a verbatim piece of the tested file: no untested variant."""
-    readme = (ROOT / "README.md").read_text()
-    shown = re.findall(r"```nginx\n(.*?)```", readme, re.DOTALL)
+def test_the_docs_show_the_kit_the_test_runs() -> None:
+    """Every nginx snippet in the docs is a verbatim piece of the tested files: no untested variant."""
+    shown = [block for _page, text in doc_pages() for block in fenced(text, "nginx")]
     assert shown
+    kit = HTTP_SNIPPET.read_text() + LOCATION_SNIPPET.read_text()
     for snippet in shown:
-        assert snippet.strip() in RECIPE.read_text()
-    assert max(len(snippet) for snippet in shown) > 1000  # the whole http block, not a fragment
+        assert snippet.strip() in kit
+    assert "location /notify/" in "".join(shown)  # the part an operator adapts is shown, not only mentioned
 
 
 def test_an_sse_stream_comes_through_unbuffered(proxied: tuple[Nginx, Server]) -> None:
