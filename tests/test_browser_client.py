@@ -25,10 +25,10 @@ from playwright.sync_api import Page
 from websockets.sync.client import ClientConnection, connect
 
 from tests import test_browser
+from tests.docs import GUIDE, block
 from tests.jwt_keys import SECRET, claims, sign
 from tests.tcp_proxy import TcpProxy, tcp_proxy
 from tests.test_browser import MISSING, WAIT, wait_js
-from tests.test_guide import find_guide
 from tests.test_nginx import LOCATION_SNIPPET, PREFIX, Nginx, run_nginx
 from tests.utils import ROOT, Server, free_port, redis_server, run_server, wait_until
 
@@ -455,11 +455,6 @@ def test_a_restart_in_redis_mode_loses_and_doubles_nothing(page: Page) -> None:
 # --- the docs and the guide -----------------------------------------------------------------------------------
 
 
-def docs_blocks() -> list[str]:
-    blocks: list[str] = re.findall(r"```js\n(.*?)```", (ROOT / "docs" / "browser-client.md").read_text(), re.S)
-    return blocks
-
-
 def run_module(page: Page, base: str, code: str) -> list[str]:
     """Run `code` as a module script in a page on `base`'s origin; the page's console lines, as they come."""
     lines: list[str] = []
@@ -477,7 +472,8 @@ def logged(page: Page, lines: list[str], text: str) -> None:
 
 
 def test_the_docs_example_runs_through_nginx(stack: Stack, page: Page) -> None:
-    [example] = [block for block in docs_blocks() if "onNotification" in block]
+    example = block("browser-client-example")
+    assert "onNotification" in example
     connections(stack.server, 0)
     lines = run_module(page, stack.nginx.http, example)
     logged(page, lines, "Listening by websocket")
@@ -489,12 +485,11 @@ def test_the_docs_example_runs_through_nginx(stack: Stack, page: Page) -> None:
 def test_a_page_written_against_the_guide_moves_by_changing_one_line(stack: Stack, page: Page) -> None:
     """The guide's own usage example, cut from its text, runs unchanged once its class is replaced by the one
     import line the docs show."""
-    guide = find_guide()
-    if guide is None:
-        pytest.skip("websocket-integration-guide.md is not in this checkout")
-    [block] = [b for b in re.findall(r"```javascript\n(.*?)```", guide.read_text(), re.S) if "class Diary" in b]
-    usage = block[block.index("// Usage Example") :]
-    [line] = [block for block in docs_blocks() if block.startswith("import") and block.count("\n") == 1]
+    [guide] = [b for b in re.findall(r"```javascript\n(.*?)```", GUIDE.read_text(), re.S) if "class Diary" in b]
+    usage = guide[guide.index("// Usage Example") :]
+    line = block("browser-client-import-line")
+    assert line.startswith("import")
+    assert line.count("\n") == 1
     connections(stack.server, 0)
     lines = run_module(page, stack.nginx.http, line + usage)
     connections(stack.server, 1)
