@@ -214,6 +214,18 @@ class RedisBackend:
             users.update(counts.users or ())
         return Published(msg_id, sent, total, lost, len(users), missing)
 
+    async def publish_batch(
+        self, items: list[tuple[frozenset[str] | None, Draft]]
+    ) -> list[Published | NobodyListening]:
+        # TODO(batch): one round trip for the whole batch; until then one script per item.
+        done: list[Published | NobodyListening] = []
+        for targets, draft in items:
+            try:
+                done.append(await self.publish(targets, draft))
+            except NobodyListening as exc:
+                done.append(exc)
+        return done
+
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
         # A control entry on the same stream: every node closes its sockets of the user and reports how many.
         # Replay skips it (it has no message kind), and it is ordered after every message before it.
@@ -362,6 +374,9 @@ class RedisBackend:
             total += sum(int(n) for n in pairs[1::2])
         return sorted(users), total
 
+    async def connections(self, user_id: str) -> int:
+        return int(await self._run(scripts.PRESENCE, [self._keys[0]], [PREFIX, user_id]))
+
     async def _presence_once(self) -> None:
         """One turn of the presence writer: the only task that writes this node's presence, so writes never race."""
         if not self._joins and not self._dirty and not self._rewrite:
@@ -494,9 +509,9 @@ class RedisBackend:
     def shared(self) -> RedisBackend:
         return self
 
-    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]:
+    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]:
         ttl_ms = int((burst / per_second + 1) * 1000)  # a bucket idle this long is full: forgetting it is the same
-        taken, tokens = await self._run(scripts.RATE, [_hashed("rate", bucket)], [burst, per_second, ttl_ms])
+        taken, tokens = await self._run(scripts.RATE, [_hashed("rate", bucket)], [burst, per_second, ttl_ms, cost])
         return bool(taken), float(tokens)
 
     async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:

@@ -88,6 +88,18 @@ return out
 """
 )
 
+# KEYS: nodes. ARGV: prefix, user. Returns the user's sockets summed over the live nodes (presence query).
+PRESENCE = (
+    _LIVE
+    + """
+local total = 0
+for _, n in ipairs(live_nodes(KEYS[1], ARGV[1])) do
+  total = total + tonumber(redis.call('HGET', ARGV[1] .. 'presence:' .. n, ARGV[2]) or '0')
+end
+return total
+"""
+)
+
 _INFO = """
 local function last_and_deleted(stream)
   local last, deleted = '0-0', '0-0'
@@ -152,8 +164,9 @@ return {t[1], t[2], last, deleted, entries}
 """
 )
 
-# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms.
-# Returns {1 if a token was taken, the tokens left as a string}. Redis's clock, so nodes' clocks do not matter.
+# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms, cost.
+# Returns {1 if `cost` tokens were taken (all or none), the tokens left as a string}. Redis's clock, so nodes'
+# clocks do not matter.
 RATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -161,9 +174,10 @@ local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'when')
 local tokens, when = tonumber(b[1]) or burst, tonumber(b[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - when) * rate)
+local cost = tonumber(ARGV[4]) or 1
 local taken = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= cost then
+  tokens = tokens - cost
   taken = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'when', string.format('%.6f', now))
@@ -199,4 +213,4 @@ if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1])
 return 0
 """
 
-ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+ALL = (PUBLISH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
