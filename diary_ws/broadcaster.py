@@ -151,12 +151,18 @@ class Connection:
         self._ensure_writer()
         return True
 
-    def start(self, replay: list[Message], resume: dict[str, Any] | None) -> None:
-        """The handshake is done; a resume first sends `replay` and its control frame, before anything live."""
+    def start(self, replay: list[Message], resume: dict[str, Any] | None, since: MessageId | None = None) -> None:
+        """The handshake is done; a resume first sends `replay` and its control frame, before anything live.
+
+        Nothing at or below `since` (the client has it) or the last replayed id goes out live: a node whose
+        stream reader is behind the history it just read would otherwise send those again, out of order.
+        """
         if resume is not None:
             self._replay = [(m.text, m.id) for m in replay] + [(control_frame(**resume), None)]
-            if replay:
-                self._floor = replay[-1].id
+            floor = replay[-1].id if replay else since
+            if since is not None and floor is not None:
+                floor = max(floor, since)
+            self._floor = floor
         self._started = True
         if self._replay or self._backlog or self._close:
             self._ensure_writer()
@@ -323,7 +329,8 @@ class Hub:
             conn.start([], None)
             conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
             return
-        conn.start(replay.messages, {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)})
+        resume = {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)}
+        conn.start(replay.messages, resume, since)
 
     def drop(self, conn: Connection) -> None:
         """Forget a socket; safe to call more than once."""

@@ -320,7 +320,7 @@ def test_after_data_loss_new_ids_follow_the_last_id_a_reader_saw(redis: RedisSer
 
     import redis as redis_client
 
-    from diary_ws.backends import scripts
+    from diary_ws.backends.redis import scripts
     from diary_ws.messages import parse_id
 
     client = redis_client.Redis(port=redis.port, db=0, decode_responses=True)
