@@ -204,14 +204,17 @@ class NotifyMany:
         body = await read_body(receive, found.get(b"content-length"), settings.max_batch_bytes, "MAX_BATCH_BYTES")
         batch = parse_batch(body, settings.max_batch, settings.max_message_chars, settings.max_body_bytes)
         limiter: RateLimiter | None = state.publish_limiter
-        limit_headers: dict[str, str] = {}
-        if limiter is not None:  # a batch costs one token per item, checked or not: each is a request's worth
-            limit_headers = await limiter.acquire(sender or client_address(scope), "notifications", len(batch.items))
-        hub: Hub = state.hub
+        run = functools.partial(limit_and_publish, state.hub, batch, limiter, sender or client_address(scope))
         if key is None:
-            return await publish_batch(hub, batch, limit_headers)
-        run = functools.partial(publish_batch, hub, batch, limit_headers)
-        return await publish_once(state.idempotency, key, batch.fingerprint, run, limit_headers)
+            return await run()
+        # The limit is taken inside the keyed run: a replay of a batch (a retry after a 504) costs no tokens.
+        return await publish_once(state.idempotency, key, batch.fingerprint, run, {})
+
+
+async def limit_and_publish(hub: Hub, batch: Batch, limiter: RateLimiter | None, who: str) -> Answer:
+    """Take one token per item (checked or not: each is a request's worth), then publish the batch."""
+    headers = {} if limiter is None else await limiter.acquire(who, "notifications", len(batch.items))
+    return await publish_batch(hub, batch, headers)
 
 
 async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str]) -> Answer:

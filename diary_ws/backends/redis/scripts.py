@@ -56,6 +56,52 @@ return {id, live}
 """
 )
 
+# A whole batch in one step. KEYS: nodes, feed. ARGV: prefix, maxlen, number of items, then per item: its
+# number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
+# Returns {{live nodes}, {id or false, ...}}: each item's 404 decision and XADD as in PUBLISH, in order.
+PUBLISH_BATCH = (
+    _LIVE
+    + """
+local prefix, maxlen, nitems = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local live = live_nodes(KEYS[1], prefix)
+local anyone_at_all = nil
+local function connected(i, ntargets)
+  if ntargets == 0 then
+    if anyone_at_all == nil then
+      anyone_at_all = false
+      for _, n in ipairs(live) do
+        if redis.call('HLEN', prefix .. 'presence:' .. n) > 0 then anyone_at_all = true break end
+      end
+    end
+    return anyone_at_all
+  end
+  for _, n in ipairs(live) do
+    local key = prefix .. 'presence:' .. n
+    for j = i, i + ntargets - 1 do
+      if redis.call('HEXISTS', key, ARGV[j]) == 1 then return true end
+    end
+  end
+  return false
+end
+local ids = {}
+local i = 4
+for _ = 1, nitems do
+  local ntargets = tonumber(ARGV[i])
+  local nfields = tonumber(ARGV[i + 1 + ntargets])
+  local first = i + 2 + ntargets
+  if connected(i + 1, ntargets) then
+    local fields = {}
+    for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
+    table.insert(ids, redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields)))
+  else
+    table.insert(ids, false)
+  end
+  i = first + 2 * nfields
+end
+return {live, ids}
+"""
+)
+
 # KEYS: nodes. ARGV: prefix, this node, user, this node's count of the user (the new socket included),
 # limit, presence TTL in ms. Returns {accepted 0/1, sockets of the user on other nodes, registered 0/1}.
 JOIN = (
@@ -213,4 +259,4 @@ if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1])
 return 0
 """
 
-ALL = (PUBLISH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+ALL = (PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
