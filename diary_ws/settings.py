@@ -347,6 +347,9 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "log_format": (_choice("text", "json"), "log line format"),
 }
 
+# On/off settings: `serve` offers --NAME and --no-NAME for each.
+SWITCHES = frozenset(name for name, (parser, _help) in SPECS.items() if parser is _bool)
+
 # Secrets: each also has an environment variable and a *_FILE setting, so no one has to pass it as a flag.
 SECRETS = frozenset({"api_key", "jwt_secret"})
 
