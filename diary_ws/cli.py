@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_of(value: object) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or value == ():
         return ""  # unset, or decided at start: the help text says how
     if isinstance(value, bool):
         return f" (default: {'on' if value else 'off'})"
