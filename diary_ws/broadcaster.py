@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diary_ws.backends import Backend, Counts
+from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, NobodyListening, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
@@ -369,17 +369,18 @@ class Hub:
 
     # --- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, note: Notification) -> PublishResult:
+    async def publish(self, note: Notification, claim: Claim | None = None) -> PublishResult:
         """Store and deliver one notification on every node.
 
         NobodyListening (404) when no targeted user is connected anywhere; BrokerUnavailable (503) when the
-        broker is down, checked first, so an outage never reads as "nobody there".
+        broker is down, checked first, so an outage never reads as "nobody there"; OutcomeUnknown (504) when
+        the broker did not answer in time. `claim`: the request's Idempotency-Key, for the backend to record.
         """
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
+        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
         seconds = time.perf_counter() - started
         self.stats.published += 1
@@ -388,10 +389,13 @@ class Hub:
             self._log_publish(note, result, seconds)
         return result
 
-    async def publish_batch(self, notes: Sequence[Notification]) -> list[PublishResult | NobodyListening]:
+    async def publish_batch(
+        self, notes: Sequence[Notification], claim: Claim | None = None
+    ) -> list[PublishResult | NobodyListening]:
         """Store and deliver each notification in order, each on its own; the backend makes it one round trip.
 
-        Per item, a PublishResult or the NobodyListening (404) it got; BrokerUnavailable (503) for the batch.
+        Per item, a PublishResult or the NobodyListening (404) it got. For the whole batch: BrokerUnavailable
+        (503, nothing stored), OutcomeUnknown (504), and with a `claim` Conflict (409) or ValidationError (422).
         """
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: no notification of the batch was sent; retry later")
@@ -399,7 +403,7 @@ class Hub:
         items = [
             (None if n.user_ids is None else frozenset(n.user_ids), Draft(n.type, n.message, n.data)) for n in notes
         ]
-        done = await self.backend.publish_batch(items)
+        done = await self.backend.publish_batch(items, claim)
         seconds = time.perf_counter() - started
         results: list[PublishResult | NobodyListening] = [
             d

@@ -15,12 +15,22 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from diary_ws import idempotency
+from diary_ws import deadline, idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, PublishResult
 from diary_ws.console import console
-from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull, ValidationError
+from diary_ws.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    DiaryWSError,
+    NotFound,
+    OutcomeUnknown,
+    PayloadTooLarge,
+    ServerFull,
+    ValidationError,
+)
+from diary_ws.idempotency import Claim
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
@@ -106,6 +116,19 @@ class Notify:
         return status
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
+        # One deadline for every broker call of this request (rate limit, idempotency key, publish), and a
+        # backstop over all of it: past it the outcome is unknown, which is what a 504 says.
+        with deadline.request():
+            try:
+                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                    return await self._handle_in_time(scope, receive)
+            except TimeoutError:
+                raise OutcomeUnknown(
+                    "no answer in time: the notification may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                ) from None
+
+    async def _handle_in_time(self, scope: Scope, receive: Receive) -> Answer:
         state = scope["app"].state
         settings: Settings = state.settings
         found = wanted_headers(scope)
@@ -140,25 +163,28 @@ async def publish_once(
     cache: idempotency.Idempotency,
     key: str,
     print_: bytes,
-    run: Callable[[], Awaitable[Answer]],
+    run: Callable[[Claim | None], Awaitable[Answer]],
     headers: dict[str, str],
 ) -> Answer:
-    """Run a publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
+    """Run a publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent.
+
+    `run` gets the key's claim, for a backend that records the key in the step that stores the message.
+    """
     first = await cache.begin(key, print_)
     if first is not None:
         return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
     try:
-        status, body, headers = await run()
-    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
+        status, body, headers = await run(cache.claim(key, print_))
+    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry (unless a message is stored)
         await cache.abandon(key)
         raise
     await cache.finish(key, idempotency.Answer(status, body))
     return status, body, headers
 
 
-async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Answer:
+async def publish(hub: Hub, note: Notification, headers: dict[str, str], claim: Claim | None = None) -> Answer:
     """Publish and answer with the guide's fields plus `id`."""
-    return 200, orjson.dumps(sent_answer(await hub.publish(note))), headers
+    return 200, orjson.dumps(sent_answer(await hub.publish(note, claim))), headers
 
 
 def sent_answer(result: PublishResult) -> dict[str, Any]:
@@ -193,6 +219,18 @@ class NotifyMany:
         await send_json(send, status, body, headers)
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
+        # As for one notification: one deadline for every broker call, and a backstop past which it is a 504.
+        with deadline.request():
+            try:
+                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                    return await self._handle_in_time(scope, receive)
+            except TimeoutError:
+                raise OutcomeUnknown(
+                    "no answer in time: the batch may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                ) from None
+
+    async def _handle_in_time(self, scope: Scope, receive: Receive) -> Answer:
         state = scope["app"].state
         settings: Settings = state.settings
         found = wanted_headers(scope)
@@ -206,21 +244,23 @@ class NotifyMany:
         limiter: RateLimiter | None = state.publish_limiter
         run = functools.partial(limit_and_publish, state.hub, batch, limiter, sender or client_address(scope))
         if key is None:
-            return await run()
+            return await run(None)
         # The limit is taken inside the keyed run: a replay of a batch (a retry after a 504) costs no tokens.
         return await publish_once(state.idempotency, key, batch.fingerprint, run, {})
 
 
-async def limit_and_publish(hub: Hub, batch: Batch, limiter: RateLimiter | None, who: str) -> Answer:
+async def limit_and_publish(
+    hub: Hub, batch: Batch, limiter: RateLimiter | None, who: str, claim: Claim | None
+) -> Answer:
     """Take one token per item (checked or not: each is a request's worth), then publish the batch."""
     headers = {} if limiter is None else await limiter.acquire(who, "notifications", len(batch.items))
-    return await publish_batch(hub, batch, headers)
+    return await publish_batch(hub, batch, headers, claim)
 
 
-async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str]) -> Answer:
+async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str], claim: Claim | None) -> Answer:
     """Publish a batch's valid items in one go; 200 with one result per item, in order."""
     notes = [item for item in batch.items if isinstance(item, Notification)]
-    published = iter(await hub.publish_batch(notes) if notes else ())
+    published = iter(await hub.publish_batch(notes, claim) if notes else ())
     results: list[dict[str, Any]] = []
     for item in batch.items:
         done = item if isinstance(item, ValidationError) else next(published)
@@ -277,7 +317,12 @@ async def status(request: Request) -> Response:
             raise BadRequest("query parameter limit must be a whole number of at least 0")
         limit = int(raw)
     hub: Hub = request.app.state.hub
-    return json_response(await hub.status(limit))
+    with deadline.request():
+        try:
+            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                return json_response(await hub.status(limit))
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
 
 
 async def presence(request: Request) -> Response:
@@ -305,7 +350,14 @@ async def disconnect(request: Request) -> Response:
     check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
-    closed, missing = await hub.disconnect_user(user_id)
+    with deadline.request():
+        try:
+            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                closed, missing = await hub.disconnect_user(user_id)
+        except TimeoutError:
+            raise OutcomeUnknown(
+                "no answer in time: the connections may or may not have been closed; retrying is safe"
+            ) from None
     noun = "connection" if closed == 1 else "connections"
     answer = {"status": "success", "message": f"Closed {closed} {noun} of user {user_id}", "closed": closed}
     if missing:

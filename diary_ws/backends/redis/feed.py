@@ -10,9 +10,11 @@ from typing import Any, cast
 
 import orjson
 
+from diary_ws import deadline
 from diary_ws.backends.base import Counts, Published
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
+    CLOSE_TRY_AGAIN,
     FEED_MIN,
     HEARTBEAT_TTL,
     PREFIX,
@@ -20,10 +22,13 @@ from diary_ws.backends.redis.client import (
     READ_BLOCK,
     READ_COUNT,
     REPORT_MAX_AGE_MS,
+    TOKEN_TTL,
     RedisCore,
+    _hashed,
     log,
 )
-from diary_ws.errors import NobodyListening
+from diary_ws.errors import BrokerUnavailable, Conflict, NobodyListening, OutcomeUnknown, ValidationError
+from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 
 
@@ -60,6 +65,27 @@ def _fields(targets: frozenset[str] | None, draft: Draft) -> dict[str, str]:
     return fields
 
 
+def _check_outcome(outcome: str, unknown: bool, what: str) -> None:
+    """Raise what a PUBLISH or PUBLISH_BATCH outcome other than 'added' or 'nobody' means for the request."""
+    if outcome != "added" and unknown:
+        # This attempt was refused, but an earlier one may still be run by Redis (sent, then the
+        # connection failed): only a stored answer is sure.
+        raise OutcomeUnknown(
+            f"the broker answered late: {what} may or may not have been sent; a retry with the same "
+            "Idempotency-Key is safe (without one, a retry may send it twice)"
+        )
+    if outcome == "epoch":
+        raise BrokerUnavailable(f"broker unavailable (it lost its data and is being repaired): {what} was "
+                                "not sent; retry later")  # fmt: skip
+    if outcome == "busy":
+        raise Conflict(
+            "a request with this Idempotency-Key is still being processed; retry in a moment",
+            headers={"Retry-After": "1"},
+        )
+    if outcome == "other":
+        raise ValidationError("Idempotency-Key", f"was already used for a different request than {what}; use a new key")
+
+
 def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Published:
     """The counts of one message summed over the nodes that reported; users counted once across nodes."""
     users: set[str] = set()
@@ -75,45 +101,68 @@ class FeedMixin(RedisCore):
 
     # --- publish -----------------------------------------------------------------------------------------
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
         fields = _fields(targets, draft)
-        msg_id, reports, missing = await self._gather(sorted(targets) if targets is not None else [], fields)
+        msg_id, reports, missing = await self._gather(
+            sorted(targets) if targets is not None else [], fields, claim, "the notification"
+        )
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
         return _published(msg_id, reports, missing)
 
     async def publish_batch(
-        self, items: list[tuple[frozenset[str] | None, Draft]]
+        self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
     ) -> list[Published | NobodyListening]:
-        """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts."""
-        tokens = [secrets.token_hex(8) for _ in items]
+        """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
+
+        The script records the request as PUBLISH does (its own token, or the claim's Idempotency-Key), so a
+        resend after a lost answer stores the batch once, and the same 503 / 504 / 409 / 422 follow.
+        """
+        token = secrets.token_hex(8)
+        tokens = [f"{token}.{i}" for i in range(len(items))]  # each item's counts come back under its own
         gathers = [_Gather() for _ in items]
         self._pending.update(zip(tokens, gathers, strict=True))
         try:
-            argv: list[Any] = [PREFIX, max(self._size, FEED_MIN), len(items)]
-            for (targets, draft), token in zip(items, tokens, strict=True):
-                entry = {"o": self.node_id, "r": token, **_fields(targets, draft)}
+            if claim is None:
+                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+            else:
+                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
+            argv: list[Any] = [
+                PREFIX,
+                max(self._size, FEED_MIN),
+                token,
+                print_,
+                int(ttl * 1000),
+                self._epoch,
+                len(items),
+            ]
+            for (targets, draft), item_token in zip(items, tokens, strict=True):
+                entry = {"o": self.node_id, "r": item_token, **_fields(targets, draft)}
                 argv += [
                     len(targets or ()),
                     *sorted(targets or ()),
                     len(entry),
                     *(x for kv in entry.items() for x in kv),
                 ]
-            live, ids = await self._run(scripts.PUBLISH_BATCH, [self._keys[0], self._keys[1]], argv)
-            stored = [gather for gather, raw in zip(gathers, ids, strict=True) if raw]
+            (outcome, live, *found), unknown = await self._store(
+                [*self._keys, record], argv, "the batch", scripts.PUBLISH_BATCH
+            )
+            _check_outcome(outcome, unknown, "the batch")
+            marks = found[0].split(",")
+            stored = [gather for gather, mark in zip(gathers, marks, strict=True) if mark != "-"]
             for gather in stored:
                 gather.expect(set(live))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(PUBLISH_WAIT):  # one bound for the whole batch, not one per item
+            with contextlib.suppress(TimeoutError):  # one bound for the whole batch, not one per item
+                async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
                     for gather in stored:
                         await gather.done.wait()
         finally:
-            for token in tokens:
-                del self._pending[token]
+            for item_token in tokens:
+                del self._pending[item_token]
         done: list[Published | NobodyListening] = []
         late: set[str] = set()
-        for (targets, _draft), gather, raw in zip(items, gathers, ids, strict=True):
-            msg_id = parse_id(raw) if raw else None
+        for (targets, _draft), gather, mark in zip(items, gathers, marks, strict=True):
+            msg_id = parse_id(mark)
             if msg_id is None:
                 done.append(NobodyListening(targeted=targets is not None))
                 continue
@@ -128,39 +177,46 @@ class FeedMixin(RedisCore):
         # A control entry on the same stream: every node closes its sockets of the user and reports how many.
         # Replay skips it (it has no message kind), and it is ordered after every message before it.
         fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
-        _id, reports, missing = await self._gather(None, fields)
+        _id, reports, missing = await self._gather(None, fields, None, "the close of the connections")
         return sum(counts.sent for counts in reports), missing
 
     async def _gather(
-        self, targets: list[str] | None, fields: dict[str, str]
+        self, targets: list[str] | None, fields: dict[str, str], claim: Claim | None, what: str
     ) -> tuple[MessageId | None, list[Counts], int]:
         """Add an entry unless no target is connected (targets None: add it anyway) and gather the counts.
 
-        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT; the
-        number of live nodes that did not report).
+        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT and the
+        request's deadline; the number of live nodes that did not report). Raises BrokerUnavailable when
+        nothing was stored, OutcomeUnknown when that is not known, Conflict or ValidationError when another
+        request holds the claim's key.
         """
         token = secrets.token_hex(8)
         gather = self._pending[token] = _Gather()
         try:
             head = [PREFIX, max(self._size, FEED_MIN), -1 if targets is None else len(targets), *(targets or ())]
+            if claim is None:  # a record of this request alone: its retries after a lost answer store once
+                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+            else:  # the Idempotency-Key's record: a later request with the key finds the message
+                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
             entry = {"o": self.node_id, "r": token, **fields}
-            argv = [*head, *(x for kv in entry.items() for x in kv)]
-            answer = await self._run(scripts.PUBLISH, [self._keys[0], self._keys[1]], argv)
-            if not answer[0]:
+            argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
+            (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
+            _check_outcome(outcome, unknown, what)
+            if outcome == "nobody":
                 return None, [], 0
-            msg_id = parse_id(answer[0])
-            assert msg_id is not None, answer
-            gather.expect(set(answer[1]))
+            msg_id = parse_id(found[0])
+            assert msg_id is not None, found
+            gather.expect(set(live))
             if not gather.done.is_set():
                 # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PUBLISH_WAIT):
+                    async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
                         await gather.done.wait()
         finally:
             del self._pending[token]
         missing = sorted((gather.expected or set()) - gather.reports.keys())
         if missing:
-            log.warning("entry %s: no counts within %.1f s from node(s) %s", msg_id, PUBLISH_WAIT, ", ".join(missing))
+            log.warning("entry %s: no counts in time from node(s) %s", msg_id, ", ".join(missing))
         return msg_id, list(gather.reports.values()), len(missing)
 
     # --- the reader ----------------------------------------------------------------------------------------
@@ -168,13 +224,7 @@ class FeedMixin(RedisCore):
     async def _read_once(self) -> None:
         assert self._blocking is not None
         if not self._reader.up:
-            lost, last = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
-            if lost and self._last_id != "0-0":
-                log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
-            elif lost:
-                log.info("Redis holds no diary-ws data yet: history starts now")
-            if self._last_id == "0-0":
-                self._last_id = last  # a fresh process starts at the end of the feed
+            await self._repair()
         # After a reconnect the first read barely blocks, and only once it has come back is the reader up:
         # a blocking connection that went stale in a Redis restart fails on its first command,
         # and a node must not say ready while its reader is still in backoff.
@@ -210,6 +260,33 @@ class FeedMixin(RedisCore):
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()
 
+    async def _repair(self) -> None:
+        """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
+        entries (Redis lost them, or trimmed them before this reader got there). If it did, its sockets are
+        closed with 1013, so they resume with `since` and hear `recovered: false`, never a silent gap."""
+        lost, last, epoch, deleted = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
+        position = parse_id(self._last_id) or MessageId(0, 0)
+        if lost and self._last_id != "0-0":
+            log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
+        elif lost:
+            log.info("Redis holds no diary-ws data yet: history starts now")
+        if self._last_id == "0-0":
+            self._last_id = last  # a fresh process starts at the end of the feed
+        elif epoch != self._epoch or (parse_id(deleted) or MessageId(0, 0)) > position:
+            # Lost with Redis, or trimmed unread: whatever this reader had not read yet is gone. Read on from
+            # where the repaired stream starts, and tell every socket here.
+            self._last_id = deleted if epoch != self._epoch else self._last_id
+            self._resync("Redis lost entries this node had not delivered yet")
+        self._epoch = epoch
+
+    def _resync(self, why: str) -> None:
+        assert self._node is not None
+        users = list(self._node.presence())
+        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
+                     for user in users)  # fmt: skip
+        if closed:
+            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
+
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
         msg_id = parse_id(entry_id)
@@ -231,7 +308,8 @@ class FeedMixin(RedisCore):
             if gather is not None:
                 gather.add(self.node_id, counts)
             return None
-        if origin is None or time.time() * 1000 - msg_id.ms > REPORT_MAX_AGE_MS:
+        now = self._redis_ms()  # the age of an entry on Redis's own clock: node clocks do not matter
+        if origin is None or (now is not None and now - msg_id.ms > REPORT_MAX_AGE_MS):
             return None
         return origin, orjson.dumps({"t": token, "n": self.node_id, "c": counts[:4], "u": counts.users})
 

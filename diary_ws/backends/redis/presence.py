@@ -7,8 +7,9 @@ import contextlib
 import time
 from typing import Any
 
+from diary_ws import deadline
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
+from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
 
 
@@ -23,7 +24,12 @@ class PresenceMixin(RedisCore):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._joins.append((user_id, limit, done))
         self._wake.set()
-        await done
+        try:
+            # A handshake waits no longer than a request would: the writer may be stuck on a silent Redis.
+            async with asyncio.timeout(deadline.left(COMMAND_TIMEOUT)):
+                await done  # cancelled on timeout: the writer then skips it
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: cannot record the connection in time; retry later") from None
 
     def left(self, user_id: str) -> None:
         self._dirty.add(user_id)
@@ -65,10 +71,14 @@ class PresenceMixin(RedisCore):
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
         async with self._cmd.pipeline(transaction=True) as pipe:
-            pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
+            pipe.set(self._heartbeat_key, "1", px=ttl, get=True)
             pipe.sadd(self._keys[0], self.node_id)
             pipe.pexpire(self._presence_key, ttl)
-            previous = (await pipe.execute())[0]
+            pipe.time()
+            asked = time.monotonic()
+            previous, _added, _expiring, (seconds, micros) = await pipe.execute()
+            # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
+            self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
             async with self._cmd.pipeline(transaction=True) as pipe:
@@ -102,7 +112,11 @@ class PresenceMixin(RedisCore):
             if not registered:
                 self._rewrite = True
                 self._wake.set()
-            if accepted:
+            if done.done():
+                # The handshake gave up waiting (and the socket went away): a presence write put right what
+                # the script counted.
+                self._dirty.add(user_id)
+            elif accepted:
                 done.set_result(None)
             else:
                 done.set_exception(

@@ -26,16 +26,33 @@ local function live_nodes(nodes_key, prefix)
 end
 """
 
-# KEYS: nodes, feed. ARGV: prefix, maxlen, number of targets, the targets..., then field, value pairs.
-# Returns {id or false, {live nodes}}: the 404 decision and the XADD in one step, so no node can miss it.
-# A number of targets of -1 adds the entry whoever is connected (a control entry).
+# KEYS: nodes, feed, epoch, the request's record (its Idempotency-Key's, or one of its own).
+# ARGV: prefix, maxlen, number of targets, the targets..., then the request's token, the key's fingerprint
+# ('' without a key), the record's TTL in ms, the epoch the node knows, then field, value pairs.
+# Returns {outcome, {live nodes}, id}, where outcome is
+# - 'added' (id: the entry's): stored now, or by an earlier attempt of this same request (its token), so a
+#   request may send this script again after a lost answer and still store the message once;
+# - 'nobody': no target is connected, nothing stored (the 404 decision and the XADD in one step, so no node
+#   can miss it); a number of targets of -1 adds the entry whoever is connected (a control entry);
+# - 'epoch': Redis is not the one the node knows (it lost its data and no reader has repaired the stream
+#   yet), nothing stored;
+# - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one.
 PUBLISH = (
     _LIVE
     + """
 local prefix, maxlen, ntargets = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local live = live_nodes(KEYS[1], prefix)
 local anyone = ntargets < 0
 if anyone then ntargets = 0 end
+local base = 3 + ntargets
+local token, fp, ttl, epoch = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+local live = live_nodes(KEYS[1], prefix)
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', live} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id')
+if seen[3] then
+  if seen[1] == token then return {'added', live, seen[3]} end
+  if seen[2] ~= fp then return {'other', live} end
+  return {'busy', live}
+end
 for _, n in ipairs(live) do
   if anyone then break end
   local key = prefix .. 'presence:' .. n
@@ -48,22 +65,38 @@ for _, n in ipairs(live) do
   end
   if anyone then break end
 end
-if not anyone then return {false, live} end
+if not anyone then return {'nobody', live} end
 local fields = {}
-for i = 4 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
+for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-return {id, live}
+redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', id)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {'added', live, id}
 """
 )
 
-# A whole batch in one step. KEYS: nodes, feed. ARGV: prefix, maxlen, number of items, then per item: its
-# number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
-# Returns {{live nodes}, {id or false, ...}}: each item's 404 decision and XADD as in PUBLISH, in order.
+# A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
+# ARGV: prefix, maxlen, the request's token, the key's fingerprint ('' without a key), the record's TTL in ms,
+# the epoch the node knows, the number of items, then per item: its number of targets (0: everyone), the
+# targets, its number of fields, the field, value pairs.
+# Returns {outcome, {live nodes}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy', 'other'; never
+# 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id, or '-' when
+# none of its targets is connected (the 404 decision and the XADD of each item as in PUBLISH). The record
+# is written only when some item was stored; its 'id' is the first stored id (what IDEM_BEGIN dates it by),
+# its 'ids' the marks after 'batch:' (what IDEM_BEGIN hands on for a batch that never answered).
 PUBLISH_BATCH = (
     _LIVE
     + """
-local prefix, maxlen, nitems = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, maxlen, token, fp, ttl, epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local nitems = tonumber(ARGV[7])
 local live = live_nodes(KEYS[1], prefix)
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', live} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids')
+if seen[3] then
+  if seen[1] == token and seen[4] then return {'added', live, string.sub(seen[4], 7)} end
+  if seen[2] ~= fp then return {'other', live} end
+  return {'busy', live}
+end
 local anyone_at_all = nil
 local function connected(i, ntargets)
   if ntargets == 0 then
@@ -83,8 +116,8 @@ local function connected(i, ntargets)
   end
   return false
 end
-local ids = {}
-local i = 4
+local marks, first_id = {}, nil
+local i = 8
 for _ = 1, nitems do
   local ntargets = tonumber(ARGV[i])
   local nfields = tonumber(ARGV[i + 1 + ntargets])
@@ -92,13 +125,20 @@ for _ = 1, nitems do
   if connected(i + 1, ntargets) then
     local fields = {}
     for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
-    table.insert(ids, redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields)))
+    local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    first_id = first_id or id
+    table.insert(marks, id)
   else
-    table.insert(ids, false)
+    table.insert(marks, '-')
   end
   i = first + 2 * nfields
 end
-return {live, ids}
+local joined = table.concat(marks, ',')
+if first_id then
+  redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', first_id, 'ids', 'batch:' .. joined)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return {'added', live, joined}
 """
 )
 
@@ -161,7 +201,8 @@ end
 """
 
 # KEYS: feed, epoch. ARGV: the last id this reader saw ("0-0" if none). Run by every reader when it
-# (re)connects. Returns {1 if the data was lost, last id}.
+# (re)connects. Returns {1 if the data was lost, last id, epoch, max deleted id}. The epoch names this
+# Redis's data: a reader that finds another one than it knew has missed whatever the old data held.
 # Without the epoch key this Redis has lost its data (a restart without persistence) or never had any: the
 # stream is marked "everything up to now was deleted", so a `since` from before reads `recovered: false`.
 # "Now" is the later of Redis's clock and the reader's last id, so new ids follow the old ones even if the
@@ -169,9 +210,10 @@ end
 REPAIR = (
     _INFO
     + """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local last = last_and_deleted(KEYS[1])
-  return {0, last}
+local known = redis.call('GET', KEYS[2])
+if known then
+  local last, deleted = last_and_deleted(KEYS[1])
+  return {0, last, known, deleted}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -192,8 +234,9 @@ end
 local last = last_and_deleted(KEYS[1])
 local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
 redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
-redis.call('SET', KEYS[2], string.format('%.0f', now))
-return {1, top}
+local epoch = t[1] .. '.' .. t[2]
+redis.call('SET', KEYS[2], epoch)
+return {1, top, epoch, top}
 """
 )
 
@@ -231,18 +274,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {taken, string.format('%.6f', tokens)}
 """
 
-# Idempotency keys. KEYS: the key's hash. BEGIN ARGV: fingerprint, busy TTL in ms.
-# Returns {'first'} | {'other'} | {'busy'} | {'done', status, body}.
+# Idempotency keys. PUBLISH records a key with its message (fingerprint, entry id); FINISH adds the answer.
+# BEGIN, before a publish, reads the record. KEYS: the key's hash, nodes. ARGV: fingerprint, busy window in ms.
+# Returns {'first'} (no message under this key) | {'other'} (another notification) | {'done', status, body} |
+# {'busy'} (stored less than the busy window ago, by Redis's clock, and no answer yet: the first request may
+# still be answering) | {'stale', id, nodes} (stored, and the request that stored it never answered).
 IDEM_BEGIN = """
-local e = redis.call('HMGET', KEYS[1], 'fp', 'status', 'body')
-if not e[1] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'first'}
-end
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body', 'ids')
+if not e[2] then return {'first'} end
 if e[1] ~= ARGV[1] then return {'other'} end
-if not e[2] then return {'busy'} end
-return {'done', e[2], e[3]}
+if e[3] then return {'done', e[3], e[4]} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = tonumber(string.match(e[2], '^(%d+)-'))
+if now - ms < tonumber(ARGV[2]) then return {'busy'} end
+return {'stale', e[5] or e[2], redis.call('SCARD', KEYS[2])}
 """
 
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
@@ -254,8 +300,11 @@ end
 return 0
 """
 
+# A key with a stored message is never forgotten before its TTL: a retry must find it.
 IDEM_ABANDON = """
-if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1]) end
+if redis.call('HEXISTS', KEYS[1], 'id') == 0 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
+  redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
