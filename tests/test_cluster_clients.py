@@ -94,6 +94,11 @@ async def test_idempotency_and_rate_limits_hold_across_the_cluster_for_batches()
             assert again.headers["idempotent-replayed"] == "true"
             assert again.json() == first.json()
             assert [(await next_frame(alice))["message"] for _ in range(6)] == [f"m{i}" for i in range(6)]
+            other = batch(b, items[:2], **{"Idempotency-Key": "cluster-batch"})  # another body, the same key
+            assert other.status_code == 422
+            assert "Idempotency-Key" in other.json()["message"]
+            single = a.post({"message": "m0", "user_ids": ["alice"]}, headers={"Idempotency-Key": "cluster-batch"})
+            assert single.status_code == 422  # a single POST under a batch's key is another request
             over = batch(b, items)  # 6 more tokens from the shared bucket of 10: 4 left, not 6
             assert over.status_code == 429
             assert batch(b, items[:4]).status_code == 200
