@@ -83,7 +83,9 @@ def _check_outcome(outcome: str, unknown: bool, what: str) -> None:
             headers={"Retry-After": "1"},
         )
     if outcome == "other":
-        raise ValidationError("Idempotency-Key", f"was already used for a different request than {what}; use a new key")
+        raise ValidationError(
+            "Idempotency-Key", "was already used for a different notification or batch; use a new key"
+        )
 
 
 def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Published:
