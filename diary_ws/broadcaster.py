@@ -330,7 +330,9 @@ class Hub:
             conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
             return
         resume = {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)}
-        conn.start(replay.messages, resume, since)
+        # A `since` the history does not know (recovered: false) is no floor: from the future, it would
+        # hold back every live message.
+        conn.start(replay.messages, resume, since if replay.recovered else None)
 
     def drop(self, conn: Connection) -> None:
         """Forget a socket; safe to call more than once."""

@@ -120,7 +120,7 @@ class Notify:
         # backstop over all of it: past it the outcome is unknown, which is what a 504 says.
         with deadline.request():
             try:
-                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                async with asyncio.timeout(backstop(scope["app"].state.hub)):
                     return await self._handle_in_time(scope, receive)
             except TimeoutError:
                 raise OutcomeUnknown(
@@ -157,6 +157,12 @@ def wanted_headers(scope: Scope) -> dict[bytes, str]:
         if name in _WANTED and name not in found:
             found[name] = value.decode("latin-1")
     return found
+
+
+def backstop(hub: Hub) -> float | None:
+    """The cut-off over a request's broker calls, with a broker (None without: memory mode waits on nothing
+    but its own fan-out, which a cut-off would stop half way)."""
+    return deadline.BACKSTOP_SECONDS if hub.backend.shared() is not None else None
 
 
 async def publish_once(
@@ -222,7 +228,7 @@ class NotifyMany:
         # As for one notification: one deadline for every broker call, and a backstop past which it is a 504.
         with deadline.request():
             try:
-                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                async with asyncio.timeout(backstop(scope["app"].state.hub)):
                     return await self._handle_in_time(scope, receive)
             except TimeoutError:
                 raise OutcomeUnknown(
@@ -319,7 +325,7 @@ async def status(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     with deadline.request():
         try:
-            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+            async with asyncio.timeout(backstop(hub)):
                 return json_response(await hub.status(limit))
         except TimeoutError:
             raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
@@ -330,7 +336,12 @@ async def presence(request: Request) -> Response:
     check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
-    count = await hub.connections_of(user_id)
+    with deadline.request():  # as for the status: a broker that does not answer in time is a 503
+        try:
+            async with asyncio.timeout(backstop(hub)):
+                count = await hub.connections_of(user_id)
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
     return json_response({"user_id": user_id, "connected": count > 0, "connections": count})
 
 
@@ -352,7 +363,7 @@ async def disconnect(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     with deadline.request():
         try:
-            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+            async with asyncio.timeout(backstop(hub)):
                 closed, missing = await hub.disconnect_user(user_id)
         except TimeoutError:
             raise OutcomeUnknown(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from diary_ws import deadline
 from diary_ws.backends.base import Replay
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import RedisCore
@@ -16,7 +17,8 @@ class ReplayMixin(RedisCore):
     # --- history -------------------------------------------------------------------------------------------
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
-        answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
+        with deadline.request():  # a resuming handshake waits for the history no longer than a request would
+            answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
         seconds, micros, last, deleted, entries = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         cutoff = now_ms - self._ttl * 1000
