@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 from redis import Redis
 
 from diary_ws import Sender, Sent
+from diary_ws.backends.redis.client import _hashed
+from diary_ws.validation import parse_batch
 from tests.test_cluster import cluster, listeners, readyz_is
 from tests.utils import RedisServer, Server, next_frame, wait_until
 
@@ -121,4 +124,35 @@ async def test_with_the_broker_down_presence_and_batches_are_503_and_the_sender_
             refused = batch(a, [{"message": "lost?", "user_ids": ["alice"]}])
             assert refused.status_code == 503
             assert "no notification of the batch was sent" in refused.json()["message"]
+        a.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_first_request_never_answered_is_replayed_as_a_whole_batch() -> None:
+    # What a request that stored its batch and then lost its answer (a 504) leaves in Redis: the key's record
+    # with the stored ids, older than the busy window. A retry under the key is told what was stored, item by
+    # item, with the invalid item back in its place, and nothing is sent again.
+    with cluster(nodes=1) as (redis, (a,)):
+        async with listeners(a.listen_url("alice")) as (alice,):
+            items: list[dict[str, Any]] = [
+                {"message": "stored", "user_ids": ["alice"]}, {"message": ""}, {"message": "x", "user_ids": ["bob"]},
+            ]  # fmt: skip
+            body = orjson.dumps({"notifications": items})
+            print_ = parse_batch(body, 1000, 65536, 262144).fingerprint.hex()
+            old = f"{int(time.time() * 1000) - 60_000}-0"
+            with Redis(port=redis.port, socket_timeout=5) as client:
+                record = _hashed("idem", "lost-answer")
+                client.hset(record, mapping={"r": "earlier", "fp": print_, "id": old, "ids": f"batch:{old},-"})
+                client.pexpire(record, 60_000)
+            retry = batch(a, items, **{"Idempotency-Key": "lost-answer"})
+            assert retry.status_code == 200, retry.text
+            assert retry.headers["idempotent-replayed"] == "true"
+            doc = retry.json()
+            assert [r["status"] for r in doc["results"]] == ["success", "error", "error"]
+            assert doc["results"][0]["id"] == old
+            assert doc["results"][0]["nodes_missing"] >= 1  # its counts were never gathered, and it says so
+            assert [r["code"] for r in doc["results"][1:]] == [422, 404]
+            assert doc["failed"] == 2
+            with pytest.raises(TimeoutError):
+                await next_frame(alice, 0.5)  # nothing sent again (a bounded wait for a negative)
         a.assert_clean_log()
