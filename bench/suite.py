@@ -19,6 +19,7 @@ instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attack
 `--chaos SECONDS` runs bench/chaos.py (Redis under faults) instead.
 
     make bench                                   # N = 1,000, 5,000, 10,000
+    make bench BENCH_ARGS=--batch                # bench/batch.py: single POSTs against batches
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
     .venv-bench/bin/python -m bench.suite --servers diary-ws+asyncio diary-ws+uvloop --broker memory  # the loops
 """
@@ -402,7 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
     parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
     parser.add_argument("--hostile-seconds", type=float, default=20.0, help="how long each of its attacks runs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--batch", action="store_true", help="run bench/batch.py instead: single POSTs against "
+                        "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
+    args, rest = parser.parse_known_args(argv)
+    if args.batch:
+        from bench import batch
+
+        return batch.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.hostile:
         from bench import hostile
 

@@ -75,6 +75,73 @@ return {'added', live, id}
 """
 )
 
+# A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
+# ARGV: prefix, maxlen, the request's token, the key's fingerprint ('' without a key), the record's TTL in ms,
+# the epoch the node knows, the number of items, then per item: its number of targets (0: everyone), the
+# targets, its number of fields, the field, value pairs.
+# Returns {outcome, {live nodes}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy', 'other'; never
+# 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id, or '-' when
+# none of its targets is connected (the 404 decision and the XADD of each item as in PUBLISH). The record
+# is written only when some item was stored; its 'id' is the first stored id (what IDEM_BEGIN dates it by),
+# its 'ids' the marks after 'batch:' (what IDEM_BEGIN hands on for a batch that never answered).
+PUBLISH_BATCH = (
+    _LIVE
+    + """
+local prefix, maxlen, token, fp, ttl, epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local nitems = tonumber(ARGV[7])
+local live = live_nodes(KEYS[1], prefix)
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', live} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids')
+if seen[3] then
+  if seen[1] == token and seen[4] then return {'added', live, string.sub(seen[4], 7)} end
+  if seen[2] ~= fp then return {'other', live} end
+  return {'busy', live}
+end
+local anyone_at_all = nil
+local function connected(i, ntargets)
+  if ntargets == 0 then
+    if anyone_at_all == nil then
+      anyone_at_all = false
+      for _, n in ipairs(live) do
+        if redis.call('HLEN', prefix .. 'presence:' .. n) > 0 then anyone_at_all = true break end
+      end
+    end
+    return anyone_at_all
+  end
+  for _, n in ipairs(live) do
+    local key = prefix .. 'presence:' .. n
+    for j = i, i + ntargets - 1 do
+      if redis.call('HEXISTS', key, ARGV[j]) == 1 then return true end
+    end
+  end
+  return false
+end
+local marks, first_id = {}, nil
+local i = 8
+for _ = 1, nitems do
+  local ntargets = tonumber(ARGV[i])
+  local nfields = tonumber(ARGV[i + 1 + ntargets])
+  local first = i + 2 + ntargets
+  if connected(i + 1, ntargets) then
+    local fields = {}
+    for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
+    local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    first_id = first_id or id
+    table.insert(marks, id)
+  else
+    table.insert(marks, '-')
+  end
+  i = first + 2 * nfields
+end
+local joined = table.concat(marks, ',')
+if first_id then
+  redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', first_id, 'ids', 'batch:' .. joined)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return {'added', live, joined}
+"""
+)
+
 # KEYS: nodes. ARGV: prefix, this node, user, this node's count of the user (the new socket included),
 # limit, presence TTL in ms. Returns {accepted 0/1, sockets of the user on other nodes, registered 0/1}.
 JOIN = (
@@ -104,6 +171,18 @@ for _, n in ipairs(live_nodes(KEYS[1], ARGV[1])) do
   table.insert(out, redis.call('HGETALL', ARGV[1] .. 'presence:' .. n))
 end
 return out
+"""
+)
+
+# KEYS: nodes. ARGV: prefix, user. Returns the user's sockets summed over the live nodes (presence query).
+PRESENCE = (
+    _LIVE
+    + """
+local total = 0
+for _, n in ipairs(live_nodes(KEYS[1], ARGV[1])) do
+  total = total + tonumber(redis.call('HGET', ARGV[1] .. 'presence:' .. n, ARGV[2]) or '0')
+end
+return total
 """
 )
 
@@ -174,8 +253,9 @@ return {t[1], t[2], last, deleted, entries}
 """
 )
 
-# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms.
-# Returns {1 if a token was taken, the tokens left as a string}. Redis's clock, so nodes' clocks do not matter.
+# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms, cost.
+# Returns {1 if `cost` tokens were taken (all or none), the tokens left as a string}. Redis's clock, so nodes'
+# clocks do not matter.
 RATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -183,9 +263,10 @@ local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'when')
 local tokens, when = tonumber(b[1]) or burst, tonumber(b[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - when) * rate)
+local cost = tonumber(ARGV[4]) or 1
 local taken = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= cost then
+  tokens = tokens - cost
   taken = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'when', string.format('%.6f', now))
@@ -199,7 +280,7 @@ return {taken, string.format('%.6f', tokens)}
 # {'busy'} (stored less than the busy window ago, by Redis's clock, and no answer yet: the first request may
 # still be answering) | {'stale', id, nodes} (stored, and the request that stored it never answered).
 IDEM_BEGIN = """
-local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body')
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body', 'ids')
 if not e[2] then return {'first'} end
 if e[1] ~= ARGV[1] then return {'other'} end
 if e[3] then return {'done', e[3], e[4]} end
@@ -207,7 +288,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ms = tonumber(string.match(e[2], '^(%d+)-'))
 if now - ms < tonumber(ARGV[2]) then return {'busy'} end
-return {'stale', e[2], redis.call('SCARD', KEYS[2])}
+return {'stale', e[5] or e[2], redis.call('SCARD', KEYS[2])}
 """
 
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
@@ -227,4 +308,4 @@ end
 return 0
 """
 
-ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+ALL = (PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
