@@ -409,6 +409,8 @@ class Hub:
         Per item, a PublishResult or the NobodyListening (404) it got. For the whole batch: BrokerUnavailable
         (503, nothing stored), OutcomeUnknown (504), and with a `claim` Conflict (409) or ValidationError (422).
         """
+        if not self.launched:
+            raise NotStarted()
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: no notification of the batch was sent; retry later")
         started = time.perf_counter()
@@ -435,6 +437,8 @@ class Hub:
 
     async def connections_of(self, user_id: str) -> int:
         """How many sockets and streams `user_id` has open, on every live node (the presence query)."""
+        if not self.launched:
+            raise NotStarted()
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: presence is not known now; retry later")
         return await self.backend.connections(user_id)

@@ -107,9 +107,11 @@ def test_sse_and_publishes_are_refused_before_the_hub_starts(forgetful: str) -> 
         post = client.post(f"{http}/api/v1/ws/notification", json={"message": "hello"})
         targeted = client.post(f"{http}/api/v1/ws/notification", json={"message": "hi", "user_ids": ["alice"]})
         kick = client.delete(f"{http}/api/v1/ws/users/alice/connections")
+        batch = client.post(f"{http}/api/v1/ws/notifications", json={"notifications": [{"message": "hello"}]})
+        presence = client.get(f"{http}/api/v1/ws/users/alice")
         ready = client.get(f"{http}/readyz")
         alive = client.get(f"{http}/healthz")
-    for refused in (stream, post, targeted, kick):
+    for refused in (stream, post, targeted, kick, batch, presence):
         assert refused.status_code == 503, refused.text
         assert refused.json()["status"] == "error"
         assert LIFESPAN_HINT in refused.json()["message"]
