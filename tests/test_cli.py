@@ -21,6 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from tests.docs import block
 from tests.utils import ROOT, Server, free_port, run_server, wait_until
 
 PAGE = (ROOT / "docs" / "cli.md").read_text()
@@ -171,10 +172,9 @@ def test_every_row_of_the_exit_code_table(world: dict[str, str], code: str, mean
 
 
 def test_the_examples_at_the_top_run_as_written() -> None:
-    block = re.search(r"^```bash\n(.*?)^```$", PAGE, re.MULTILINE | re.DOTALL)
-    assert block
+    examples = block("cli-examples")
     with run_server() as server, listening(server, "alice"):
-        for line in block.group(1).splitlines():
+        for line in examples.splitlines():
             command = line.split("  #")[0].strip()
             result = shell(command, {"DIARY_WS_URL": server.http})
             assert result.returncode == 0, (command, result.stderr)

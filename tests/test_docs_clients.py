@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -15,10 +14,16 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from tests.docs import block
 from tests.utils import ROOT, Server, run_server, wait_until
 
 PAGE = (ROOT / "docs" / "clients.md").read_text()
-BLOCKS = re.findall(r"^```(bash|python)\n(.*?)^```$", PAGE, re.MULTILINE | re.DOTALL)
+BLOCKS = [
+    ("bash", block("clients-batch-curl")),
+    ("bash", block("clients-presence-curl")),
+    ("python", block("clients-sender")),
+    ("python", block("clients-async-sender")),
+]
 LIMIT = 30.0
 
 
