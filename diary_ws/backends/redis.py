@@ -35,7 +35,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from diary_ws.backends import scripts
-from diary_ws.backends.base import Counts, Node, Published, Replay
+from diary_ws.backends.base import Counts, Node, Page, Published, Replay
 from diary_ws.errors import BrokerUnavailable, NobodyListening, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 
@@ -488,6 +488,18 @@ class RedisBackend:
         # between misses nothing (a client that saw no message yet resumes from the time it connected).
         top = max(parse_id(last) or MessageId(0, 0), MessageId(now_ms, 2**64 - 1))
         return Replay(found, floor <= since <= top)
+
+    async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
+        # Not paged yet: reads the whole window and returns the first page of it.
+        replay = await self.replay(user_id, after)
+        found: list[Message] = []
+        size = 0
+        for message in replay.messages:
+            if len(found) >= limit or size >= max_bytes:
+                return Page(found, found[-1].id, True, replay.recovered)
+            found.append(message)
+            size += message.size
+        return Page(found, found[-1].id if found else after, False, replay.recovered)
 
     # --- state the cluster shares: rate-limit buckets and idempotency keys ---------------------------------
 
