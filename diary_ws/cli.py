@@ -82,7 +82,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
     import uvicorn
 
-    from diary_ws.edge import DiaryHttpProtocol, DiaryWebSocketProtocol
+    from diary_ws.edge import DiaryHttpProtocol, DiaryWebSocketProtocol, FramePolicy
 
     return uvicorn.Config(
         app,
@@ -90,7 +90,9 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         port=settings.port,
         root_path=settings.root_path,
         http=DiaryHttpProtocol,
-        ws=DiaryWebSocketProtocol,
+        ws=DiaryWebSocketProtocol.with_policy(
+            FramePolicy(settings.max_incoming_rate, settings.ping_timeout, settings.send_queue_bytes)
+        ),
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,

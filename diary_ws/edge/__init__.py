@@ -16,10 +16,10 @@ from __future__ import annotations
 from diary_ws.edge.http import DiaryHttpProtocol, OneWrite, StreamControl
 from diary_ws.edge.serve import DiaryServer, RecordPeer, supervise, with_proxy_headers
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
-from diary_ws.edge.websocket import DiaryWebSocketProtocol, ReceiveQueue, SocketControl, WritableGate
+from diary_ws.edge.websocket import DiaryWebSocketProtocol, FramePolicy, ReceiveQueue, SocketControl, WritableGate
 
 __all__ = [
-    "CLOSE_GRACE", "DiaryHttpProtocol", "DiaryServer", "DiaryWebSocketProtocol", "OneWrite", "ReceiveQueue",
-    "RecordPeer", "SocketControl", "StallWatch", "StreamControl", "WritableGate", "hard_abort", "supervise",
-    "with_proxy_headers",
+    "CLOSE_GRACE", "DiaryHttpProtocol", "DiaryServer", "DiaryWebSocketProtocol", "FramePolicy", "OneWrite",
+    "ReceiveQueue", "RecordPeer", "SocketControl", "StallWatch", "StreamControl", "WritableGate", "hard_abort",
+    "supervise", "with_proxy_headers",
 ]  # fmt: skip
