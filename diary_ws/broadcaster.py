@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diary_ws.backends import Backend, Counts
+from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
@@ -315,8 +315,9 @@ class Connection:
             if self._close is not None:
                 return False
             recovered = recovered and page.recovered
+            stuck = page.last <= after and not page.messages  # a page that moved nowhere: never ask again
             after = max(after, page.last)
-            if not page.more:
+            if not page.more or stuck:
                 # Caught up. From here on live messages are no longer left to the replay: they queue in the
                 # backlog behind this page (the writer exists) and are sent after it and the resume frame.
                 self._resume = None
@@ -439,17 +440,18 @@ class Hub:
 
     # --- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, note: Notification) -> PublishResult:
+    async def publish(self, note: Notification, claim: Claim | None = None) -> PublishResult:
         """Store and deliver one notification on every node.
 
         NobodyListening (404) when no targeted user is connected anywhere; BrokerUnavailable (503) when the
-        broker is down, checked first, so an outage never reads as "nobody there".
+        broker is down, checked first, so an outage never reads as "nobody there"; OutcomeUnknown (504) when
+        the broker did not answer in time. `claim`: the request's Idempotency-Key, for the backend to record.
         """
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
+        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
         seconds = time.perf_counter() - started
         self.stats.published += 1

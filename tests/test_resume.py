@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 
@@ -143,3 +144,49 @@ async def test_since_between_the_last_id_and_now_is_recovered(server: Server) ->
     assert as_pair(now) > as_pair(sent["id"])
     async with connect(server.listen_url("alice", f"since={now}")) as ws:
         assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 0}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("held", [0, 2])
+async def test_a_node_whose_reader_is_behind_never_resends_what_the_client_has(held: int) -> None:
+    """The client resumes from an id this node's feed has not reached yet (it read it from another node).
+
+    The history it reads is up to date; the node's reader then delivers the older messages live. None of
+    them, at or below `since` or the last replayed id, may reach the socket, whether or not a replay found
+    any messages.
+    """
+    from diary_ws.backends.memory import MemoryBackend
+    from diary_ws.broadcaster import Hub, Limits
+    from diary_ws.messages import Draft, Message, MessageId
+    from diary_ws.validation import Notification
+    from tests.test_heartbeat import RecordingSink
+
+    hub = Hub(MemoryBackend(history_size=100, history_ttl=60), Limits(10, 10, 100, 1 << 20))
+    await hub.start()
+    try:
+        keeper = await hub.attach("u", RecordingSink())
+        await hub.listen(keeper, None)
+        ids = [(await hub.publish(Notification(message=f"m{i}", user_ids=("u",)))).id for i in range(5)]
+        since = ids[len(ids) - 1 - held]  # `held` messages after since are still in the history to replay
+        sink = RecordingSink()
+        conn = await hub.attach("u", sink)
+        await hub.listen(conn, since)
+        # The lagging reader now delivers every message of the feed, from the first.
+        for i, msg_id in enumerate(ids):
+            await hub.deliver(Message.build(msg_id, None, Draft("notification", f"m{i}", None).render(msg_id)), False)
+        later = await hub.publish(Notification(message="live", user_ids=("u",)))
+        await async_wait_until(lambda: any('"live"' in t for t in sink.sent), 5, "the live message")
+        sent = [orjson.loads(t) for t in sink.sent]
+        got = [as_pair(f["id"]) for f in sent if "id" in f]
+        assert got == sorted(set(got)), sent  # strictly increasing: no duplicate, no reordering
+        assert [MessageId(*p) for p in got] == [*ids[len(ids) - held :], later.id], sent
+        # The replay is pulled by the socket's writer, which may first run after "live" was published: then
+        # "live" came with the replay (once, in order), and the resume frame counts it.
+        resumes = [f for f in sent if f["type"] == "resume"]
+        assert len(resumes) == 1
+        assert resumes[0]["recovered"] is True
+        assert resumes[0]["replayed"] in (held, held + 1)
+        await conn.stop()
+        await keeper.stop()
+    finally:
+        await hub.stop()

@@ -7,6 +7,7 @@ from bisect import bisect_right
 
 from diary_ws.backends.base import Node, Page, Published, Replay
 from diary_ws.errors import NobodyListening
+from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, IdClock, Message, MessageId
 
 # One history entry: (ms, seq, targets, created, wire, offset, cost), the fields of a Message and what the
@@ -60,7 +61,8 @@ class MemoryBackend:
     def ready(self) -> bool:
         return True
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
+        # The claim is for a shared store: in one process, idempotency.IdempotencyCache has the key already.
         node = self._node
         users = node.presence() if node is not None else {}  # not started: nobody can be listening
         if node is None or not users or (targets is not None and users.keys().isdisjoint(targets)):

@@ -26,16 +26,33 @@ local function live_nodes(nodes_key, prefix)
 end
 """
 
-# KEYS: nodes, feed. ARGV: prefix, maxlen, number of targets, the targets..., then field, value pairs.
-# Returns {id or false, {live nodes}}: the 404 decision and the XADD in one step, so no node can miss it.
-# A number of targets of -1 adds the entry whoever is connected (a control entry).
+# KEYS: nodes, feed, epoch, the request's record (its Idempotency-Key's, or one of its own).
+# ARGV: prefix, maxlen, number of targets, the targets..., then the request's token, the key's fingerprint
+# ('' without a key), the record's TTL in ms, the epoch the node knows, then field, value pairs.
+# Returns {outcome, {live nodes}, id}, where outcome is
+# - 'added' (id: the entry's): stored now, or by an earlier attempt of this same request (its token), so a
+#   request may send this script again after a lost answer and still store the message once;
+# - 'nobody': no target is connected, nothing stored (the 404 decision and the XADD in one step, so no node
+#   can miss it); a number of targets of -1 adds the entry whoever is connected (a control entry);
+# - 'epoch': Redis is not the one the node knows (it lost its data and no reader has repaired the stream
+#   yet), nothing stored;
+# - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one.
 PUBLISH = (
     _LIVE
     + """
 local prefix, maxlen, ntargets = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local live = live_nodes(KEYS[1], prefix)
 local anyone = ntargets < 0
 if anyone then ntargets = 0 end
+local base = 3 + ntargets
+local token, fp, ttl, epoch = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+local live = live_nodes(KEYS[1], prefix)
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', live} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id')
+if seen[3] then
+  if seen[1] == token then return {'added', live, seen[3]} end
+  if seen[2] ~= fp then return {'other', live} end
+  return {'busy', live}
+end
 for _, n in ipairs(live) do
   if anyone then break end
   local key = prefix .. 'presence:' .. n
@@ -48,11 +65,13 @@ for _, n in ipairs(live) do
   end
   if anyone then break end
 end
-if not anyone then return {false, live} end
+if not anyone then return {'nobody', live} end
 local fields = {}
-for i = 4 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
+for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-return {id, live}
+redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', id)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {'added', live, id}
 """
 )
 
@@ -103,7 +122,8 @@ end
 """
 
 # KEYS: feed, epoch. ARGV: the last id this reader saw ("0-0" if none). Run by every reader when it
-# (re)connects. Returns {1 if the data was lost, last id}.
+# (re)connects. Returns {1 if the data was lost, last id, epoch, max deleted id}. The epoch names this
+# Redis's data: a reader that finds another one than it knew has missed whatever the old data held.
 # Without the epoch key this Redis has lost its data (a restart without persistence) or never had any: the
 # stream is marked "everything up to now was deleted", so a `since` from before reads `recovered: false`.
 # "Now" is the later of Redis's clock and the reader's last id, so new ids follow the old ones even if the
@@ -111,9 +131,10 @@ end
 REPAIR = (
     _INFO
     + """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local last = last_and_deleted(KEYS[1])
-  return {0, last}
+local known = redis.call('GET', KEYS[2])
+if known then
+  local last, deleted = last_and_deleted(KEYS[1])
+  return {0, last, known, deleted}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -134,8 +155,9 @@ end
 local last = last_and_deleted(KEYS[1])
 local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
 redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
-redis.call('SET', KEYS[2], string.format('%.0f', now))
-return {1, top}
+local epoch = t[1] .. '.' .. t[2]
+redis.call('SET', KEYS[2], epoch)
+return {1, top, epoch, top}
 """
 )
 
@@ -171,18 +193,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {taken, string.format('%.6f', tokens)}
 """
 
-# Idempotency keys. KEYS: the key's hash. BEGIN ARGV: fingerprint, busy TTL in ms.
-# Returns {'first'} | {'other'} | {'busy'} | {'done', status, body}.
+# Idempotency keys. PUBLISH records a key with its message (fingerprint, entry id); FINISH adds the answer.
+# BEGIN, before a publish, reads the record. KEYS: the key's hash, nodes. ARGV: fingerprint, busy window in ms.
+# Returns {'first'} (no message under this key) | {'other'} (another notification) | {'done', status, body} |
+# {'busy'} (stored less than the busy window ago, by Redis's clock, and no answer yet: the first request may
+# still be answering) | {'stale', id, nodes} (stored, and the request that stored it never answered).
 IDEM_BEGIN = """
-local e = redis.call('HMGET', KEYS[1], 'fp', 'status', 'body')
-if not e[1] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'first'}
-end
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body')
+if not e[2] then return {'first'} end
 if e[1] ~= ARGV[1] then return {'other'} end
-if not e[2] then return {'busy'} end
-return {'done', e[2], e[3]}
+if e[3] then return {'done', e[3], e[4]} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = tonumber(string.match(e[2], '^(%d+)-'))
+if now - ms < tonumber(ARGV[2]) then return {'busy'} end
+return {'stale', e[2], redis.call('SCARD', KEYS[2])}
 """
 
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
@@ -194,9 +219,25 @@ end
 return 0
 """
 
+# A key with a stored message is never forgotten before its TTL: a retry must find it.
 IDEM_ABANDON = """
-if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1]) end
+if redis.call('HEXISTS', KEYS[1], 'id') == 0 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
+  redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
-ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+# One page of a replay. KEYS: the feed. ARGV: the id to read after, the most entries to read. Returns
+# {Redis's TIME seconds, microseconds, the last id, max-deleted-entry-id, up to ARGV[2] entries after ARGV[1]}.
+REPLAY_PAGE = (
+    _INFO
+    + """
+local t = redis.call('TIME')
+local last, deleted = last_and_deleted(KEYS[1])
+local entries = redis.pcall('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+if type(entries) ~= 'table' or entries.err then entries = {} end
+return {t[1], t[2], last, deleted, entries}
+"""
+)
+
+ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, REPLAY_PAGE, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)

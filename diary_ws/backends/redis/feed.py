@@ -1,0 +1,249 @@
+"""The feed: publish (the 404 decision and the XADD in one script), the stream reader, and the count gather."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any, cast
+
+import orjson
+
+from diary_ws import deadline
+from diary_ws.backends.base import Counts, Published
+from diary_ws.backends.redis import scripts
+from diary_ws.backends.redis.client import (
+    CLOSE_TRY_AGAIN,
+    FEED_MIN,
+    HEARTBEAT_TTL,
+    PREFIX,
+    PUBLISH_WAIT,
+    READ_BLOCK,
+    READ_COUNT,
+    REPORT_MAX_AGE_MS,
+    TOKEN_TTL,
+    RedisCore,
+    _hashed,
+    log,
+)
+from diary_ws.errors import BrokerUnavailable, Conflict, NobodyListening, OutcomeUnknown, ValidationError
+from diary_ws.idempotency import Claim
+from diary_ws.messages import Draft, Message, MessageId, parse_id
+
+
+class _Gather:
+    """The reports for one publish, as they come in."""
+
+    __slots__ = ("expected", "reports", "done")
+
+    def __init__(self) -> None:
+        self.expected: set[str] | None = None
+        self.reports: dict[str, Counts] = {}
+        self.done = asyncio.Event()
+
+    def add(self, node: str, counts: Counts) -> None:
+        self.reports[node] = counts
+        self._check()
+
+    def expect(self, nodes: set[str]) -> None:
+        self.expected = nodes
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.expected <= self.reports.keys():
+            self.done.set()
+
+
+class FeedMixin(RedisCore):
+    """Publishing, closing a user everywhere, and this node's stream reader and count-reply reader."""
+
+    # --- publish -----------------------------------------------------------------------------------------
+
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
+        fields: dict[str, str] = {"k": draft.kind, "m": draft.message}
+        if draft.data is not None:
+            fields["d"] = orjson.dumps(draft.data).decode()
+        if targets is not None:
+            fields["t"] = ",".join(targets)  # user ids never contain a comma
+        msg_id, reports, missing = await self._gather(
+            sorted(targets) if targets is not None else [], fields, claim, "the notification"
+        )
+        if msg_id is None:
+            raise NobodyListening(targeted=targets is not None)
+        users: set[str] = set()
+        sent = total = lost = 0
+        for counts in reports:
+            sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
+            users.update(counts.users or ())
+        return Published(msg_id, sent, total, lost, len(users), missing)
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        # A control entry on the same stream: every node closes its sockets of the user and reports how many.
+        # Replay skips it (it has no message kind), and it is ordered after every message before it.
+        fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
+        _id, reports, missing = await self._gather(None, fields, None, "the close of the connections")
+        return sum(counts.sent for counts in reports), missing
+
+    async def _gather(
+        self, targets: list[str] | None, fields: dict[str, str], claim: Claim | None, what: str
+    ) -> tuple[MessageId | None, list[Counts], int]:
+        """Add an entry unless no target is connected (targets None: add it anyway) and gather the counts.
+
+        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT and the
+        request's deadline; the number of live nodes that did not report). Raises BrokerUnavailable when
+        nothing was stored, OutcomeUnknown when that is not known, Conflict or ValidationError when another
+        request holds the claim's key.
+        """
+        token = secrets.token_hex(8)
+        gather = self._pending[token] = _Gather()
+        try:
+            head = [PREFIX, max(self._size, FEED_MIN), -1 if targets is None else len(targets), *(targets or ())]
+            if claim is None:  # a record of this request alone: its retries after a lost answer store once
+                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+            else:  # the Idempotency-Key's record: a later request with the key finds the message
+                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
+            entry = {"o": self.node_id, "r": token, **fields}
+            argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
+            (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
+            if outcome != "added" and unknown:
+                # This attempt was refused, but an earlier one may still be run by Redis (sent, then the
+                # connection failed): only a stored answer is sure.
+                raise OutcomeUnknown(
+                    f"the broker answered late: {what} may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                )
+            if outcome == "nobody":
+                return None, [], 0
+            if outcome == "epoch":
+                raise BrokerUnavailable(f"broker unavailable (it lost its data and is being repaired): {what} was "
+                                        "not sent; retry later")  # fmt: skip
+            if outcome == "busy":
+                raise Conflict(
+                    "a request with this Idempotency-Key is still being processed; retry in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            if outcome == "other":
+                raise ValidationError("Idempotency-Key", "was already used for a different notification; use a new key")
+            msg_id = parse_id(found[0])
+            assert msg_id is not None, found
+            gather.expect(set(live))
+            if not gather.done.is_set():
+                # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
+                        await gather.done.wait()
+        finally:
+            del self._pending[token]
+        missing = sorted((gather.expected or set()) - gather.reports.keys())
+        if missing:
+            log.warning("entry %s: no counts in time from node(s) %s", msg_id, ", ".join(missing))
+        return msg_id, list(gather.reports.values()), len(missing)
+
+    # --- the reader ----------------------------------------------------------------------------------------
+
+    async def _read_once(self) -> None:
+        assert self._blocking is not None
+        if not self._reader.up:
+            await self._repair()
+        # After a reconnect the first read barely blocks, and only once it has come back is the reader up:
+        # a blocking connection that went stale in a Redis restart fails on its first command,
+        # and a node must not say ready while its reader is still in backoff.
+        first = not self._reader.up
+        block = 1 if first else int(READ_BLOCK * 1000)
+        # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
+            Any, await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=block)
+        )
+        self._last_read = time.monotonic()
+        if first:
+            self._reader.ok()
+            if self._presence.up:
+                self._up.set()
+        reports: list[tuple[str, bytes]] = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                try:
+                    report = await self._deliver(entry_id, fields)
+                except Exception:  # a bad entry must not stop the feed: skip it, loudly
+                    log.exception("skipping stream entry %s", entry_id)
+                    report = None
+                if report is not None:
+                    reports.append(report)
+                self._last_id = entry_id
+        self._last_read = time.monotonic()
+        if reports:
+            assert self._cmd is not None
+            async with self._cmd.pipeline(transaction=False) as pipe:
+                for origin, body in reports:
+                    key = f"{PREFIX}replies:{origin}"
+                    pipe.rpush(key, body)
+                    pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
+                await pipe.execute()
+
+    async def _repair(self) -> None:
+        """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
+        entries (Redis lost them, or trimmed them before this reader got there). If it did, its sockets are
+        closed with 1013, so they resume with `since` and hear `recovered: false`, never a silent gap."""
+        lost, last, epoch, deleted = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
+        position = parse_id(self._last_id) or MessageId(0, 0)
+        if lost and self._last_id != "0-0":
+            log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
+        elif lost:
+            log.info("Redis holds no diary-ws data yet: history starts now")
+        if self._last_id == "0-0":
+            self._last_id = last  # a fresh process starts at the end of the feed
+        elif epoch != self._epoch or (parse_id(deleted) or MessageId(0, 0)) > position:
+            # Lost with Redis, or trimmed unread: whatever this reader had not read yet is gone. Read on from
+            # where the repaired stream starts, and tell every socket here.
+            self._last_id = deleted if epoch != self._epoch else self._last_id
+            self._resync("Redis lost entries this node had not delivered yet")
+        self._epoch = epoch
+
+    def _resync(self, why: str) -> None:
+        assert self._node is not None
+        users = list(self._node.presence())
+        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
+                     for user in users)  # fmt: skip
+        if closed:
+            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
+
+    async def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
+        """Fan one entry out here; the report to send to its publisher, if it is another node."""
+        msg_id = parse_id(entry_id)
+        assert self._node is not None
+        if msg_id is not None and fields.get("c") == "close":
+            closed = self._node.close_local(fields["u"], int(fields["code"]), fields["why"])
+            counts = Counts(closed, closed, 0, int(closed > 0), None)
+        elif msg_id is not None and "k" in fields:
+            targets = frozenset(fields["t"].split(",")) if "t" in fields else None
+            data = orjson.loads(fields["d"]) if "d" in fields else None
+            message = Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id))
+            counts = await self._node.deliver(message, True)
+        else:
+            log.warning("skipping stream entry %s: not a diary-ws entry", entry_id)
+            return None
+        origin, token = fields.get("o"), fields.get("r", "")
+        if origin == self.node_id:
+            gather = self._pending.get(token)
+            if gather is not None:
+                gather.add(self.node_id, counts)
+            return None
+        now = self._redis_ms()  # the age of an entry on Redis's own clock: node clocks do not matter
+        if origin is None or (now is not None and now - msg_id.ms > REPORT_MAX_AGE_MS):
+            return None
+        return origin, orjson.dumps({"t": token, "n": self.node_id, "c": counts[:4], "u": counts.users})
+
+    async def _replies_once(self) -> None:
+        assert self._blocking is not None
+        first = not self._replies.up  # as for the stream reader: up once a command has come back
+        popped = await self._blocking.blpop([self._replies_key], timeout=0.01 if first else READ_BLOCK)
+        if first:
+            self._replies.ok()
+        if popped is None:
+            return
+        report = orjson.loads(popped[1])
+        gather = self._pending.get(report["t"])
+        if gather is not None:
+            sent, total, lost, reached = report["c"]
+            gather.add(report["n"], Counts(sent, total, lost, reached, report["u"]))

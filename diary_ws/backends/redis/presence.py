@@ -1,0 +1,151 @@
+"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from diary_ws import deadline
+from diary_ws.backends.redis import scripts
+from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
+from diary_ws.errors import BrokerUnavailable, TooManyConnections
+
+
+class PresenceMixin(RedisCore):
+    """The presence writer (the only task that writes this node's presence) and the reads of everyone's."""
+
+    # --- presence ------------------------------------------------------------------------------------------
+
+    async def join(self, user_id: str, limit: int) -> None:
+        if not self._presence.up:
+            raise BrokerUnavailable("broker unavailable: cannot record the connection; retry later")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._joins.append((user_id, limit, done))
+        self._wake.set()
+        try:
+            # A handshake waits no longer than a request would: the writer may be stuck on a silent Redis.
+            async with asyncio.timeout(deadline.left(COMMAND_TIMEOUT)):
+                await done  # cancelled on timeout: the writer then skips it
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: cannot record the connection in time; retry later") from None
+
+    def left(self, user_id: str) -> None:
+        self._dirty.add(user_id)
+        self._wake.set()
+
+    async def status(self) -> tuple[list[str], int]:
+        answer = await self._run(scripts.STATUS, [self._keys[0]], [PREFIX])
+        users: set[str] = set()
+        total = 0
+        for pairs in answer[1::2]:
+            users.update(pairs[0::2])
+            total += sum(int(n) for n in pairs[1::2])
+        return sorted(users), total
+
+    async def _presence_once(self) -> None:
+        """One turn of the presence writer: the only task that writes this node's presence, so writes never race."""
+        if not self._joins and not self._dirty and not self._rewrite:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), HEARTBEAT_INTERVAL)
+        self._wake.clear()
+        try:
+            if self._rewrite or time.monotonic() >= self._next_beat:
+                await self._beat()
+            await self._write_joins()
+            await self._write_dirty()
+        except BaseException as exc:
+            self._rewrite = True  # Redis may come back without our data
+            for _user, _limit, done in self._joins:
+                if not done.done():
+                    done.set_exception(BrokerUnavailable("broker unavailable: cannot record the connection"))
+            self._joins = []
+            raise exc
+
+    async def _beat(self) -> None:
+        """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again."""
+        assert self._cmd is not None
+        ttl = int(HEARTBEAT_TTL * 1000)
+        async with self._cmd.pipeline(transaction=True) as pipe:
+            pipe.set(self._heartbeat_key, "1", px=ttl, get=True)
+            pipe.sadd(self._keys[0], self.node_id)
+            pipe.pexpire(self._presence_key, ttl)
+            pipe.time()
+            asked = time.monotonic()
+            previous, _added, _expiring, (seconds, micros) = await pipe.execute()
+            # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
+            self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
+        if previous is None or self._rewrite:
+            counts = self._counts(self._presence_snapshot())
+            async with self._cmd.pipeline(transaction=True) as pipe:
+                pipe.delete(self._presence_key)
+                if counts:
+                    pipe.hset(self._presence_key, mapping=counts)  # type: ignore[arg-type]
+                    pipe.pexpire(self._presence_key, ttl)
+                await pipe.execute()
+            self._dirty.clear()
+            if previous is None and self._presence.ever:
+                log.warning("presence: heartbeat had expired or Redis lost it; rewrote %d users", len(counts))
+            self._rewrite = False
+        self._next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+        self._presence.ok()
+        if self._reader.up:
+            self._up.set()
+
+    async def _write_joins(self) -> None:
+        joins, self._joins = self._joins, []
+        presence = self._presence_snapshot()
+        for index, (user_id, limit, done) in enumerate(joins):
+            if done.done():
+                continue
+            mine = len(presence.get(user_id, ()))
+            try:
+                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000)]
+                accepted, others, registered = await self._run(scripts.JOIN, [self._keys[0]], argv)
+            except BaseException:
+                self._joins = joins[index:] + self._joins
+                raise
+            if not registered:
+                self._rewrite = True
+                self._wake.set()
+            if done.done():
+                # The handshake gave up waiting (and the socket went away): a presence write put right what
+                # the script counted.
+                self._dirty.add(user_id)
+            elif accepted:
+                done.set_result(None)
+            else:
+                done.set_exception(
+                    TooManyConnections(
+                        f"user {user_id} already has {others + mine - 1} open connections across the cluster, "
+                        f"the most allowed (MAX_CONNECTIONS_PER_USER); close one first"
+                    )
+                )
+
+    async def _write_dirty(self) -> None:
+        if not self._dirty:
+            return
+        assert self._cmd is not None
+        users, self._dirty = self._dirty, set()
+        presence = self._presence_snapshot()
+        try:
+            async with self._cmd.pipeline(transaction=False) as pipe:
+                for user_id in users:
+                    count = len(presence.get(user_id, ()))
+                    if count:
+                        pipe.hset(self._presence_key, user_id, count)
+                    else:
+                        pipe.hdel(self._presence_key, user_id)
+                await pipe.execute()
+        except BaseException:
+            self._dirty |= users
+            raise
+
+    def _presence_snapshot(self) -> dict[str, Any]:
+        assert self._node is not None
+        return dict(self._node.presence())
+
+    @staticmethod
+    def _counts(presence: dict[str, Any]) -> dict[str, int]:
+        return {user_id: len(conns) for user_id, conns in presence.items() if len(conns)}
