@@ -15,7 +15,7 @@ pins itself to core 1. For every N it measures, per server:
 Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux. It measures and asserts nothing. `--deflate`
 adds one run of diary-ws with PER_MESSAGE_DEFLATE on and clients that negotiate it (the `websockets`
 client, as the guide's clients and browsers do); `--soak` runs connect/disconnect churn with publishes
-instead and reports RSS over time.
+instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attacks of issue 12) instead.
 
     make bench                                   # N = 1,000, 5,000, 10,000
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
@@ -395,7 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
+    parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
+    parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
+    parser.add_argument("--hostile-seconds", type=float, default=20.0, help="how long each of its attacks runs")
     args = parser.parse_args(argv)
+    if args.hostile:
+        from bench import hostile
+
+        return hostile.main(["--scale", str(args.hostile_scale), "--seconds", str(args.hostile_seconds)])
     os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
     raise_nofile()
     import uvloop
