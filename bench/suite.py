@@ -15,7 +15,8 @@ pins itself to core 1. For every N it measures, per server:
 Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux. It measures and asserts nothing. `--deflate`
 adds one run of diary-ws with PER_MESSAGE_DEFLATE on and clients that negotiate it (the `websockets`
 client, as the guide's clients and browsers do); `--soak` runs connect/disconnect churn with publishes
-instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attacks of issue 12) instead.
+instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attacks of issue 12) instead;
+`--chaos SECONDS` runs bench/chaos.py (Redis under faults) instead.
 
     make bench                                   # N = 1,000, 5,000, 10,000
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="diary-ws broker(s) to measure; redis starts its own redis-server")  # fmt: skip
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
+    parser.add_argument("--chaos", type=float, metavar="SECONDS",
+                        help="run the Redis chaos run (bench/chaos.py) for this long instead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
     parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
     parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
@@ -403,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import hostile
 
         return hostile.main(["--scale", str(args.hostile_scale), "--seconds", str(args.hostile_seconds)])
+    if args.chaos:
+        from bench import chaos
+
+        return chaos.main(["--seconds", str(args.chaos)])
     os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
     raise_nofile()
     import uvloop

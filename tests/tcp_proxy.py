@@ -10,6 +10,8 @@ Modes, one at a time:
 - `blackhole()`: every connection, open or new, has its bytes accepted and read, and nothing is answered or
   forwarded (a peer that went silent, or a dropped route with a stale NAT entry). `heal()` ends it and closes
   the connections it swallowed: the bytes they sent are gone, as on a real network.
+- `lose_answers_to(pattern)`: a connection that sends `pattern` gets no byte back from then on, while what it
+  sends still arrives (a command that reaches the server whose answer is lost on the way back).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class TcpProxy:
         self.held = False
         self.refusing = False
         self.blackholed = False
+        self._pattern: bytes | None = None
+        self._muted: set[socket.socket] = set()  # upstream sockets whose answers are thrown away
         self.accepted = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -70,6 +74,11 @@ class TcpProxy:
             victims, self._open = self._open, []
         _close_all(victims)
 
+    def lose_answers_to(self, pattern: bytes | None) -> None:
+        """From now on, lose every answer to a connection that sent `pattern` (None: stop watching)."""
+        with self._lock:
+            self._pattern = pattern
+
     def close(self) -> None:
         self._listener.close()
         self.cut(hold=False)
@@ -105,13 +114,16 @@ class TcpProxy:
         upstream.settimeout(None)
         with self._lock:
             self._open += [client, upstream]
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._pump, args=(client, upstream, upstream), daemon=True).start()
         threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket | None) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket | None, upstream: socket.socket | None = None) -> None:
         with contextlib.suppress(OSError):
             while chunk := source.recv(65536):
-                if sink is not None and not self.blackholed:
+                pattern = self._pattern
+                if upstream is not None and pattern is not None and pattern in chunk:
+                    self._muted.add(upstream)
+                if sink is not None and not self.blackholed and source not in self._muted:
                     sink.sendall(chunk)
         for sock in (source, sink):
             if sock is not None:

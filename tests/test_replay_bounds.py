@@ -24,6 +24,9 @@ from diary_ws.messages import Draft, MessageId
 from tests.sse_client import raw_stream
 from tests.utils import Server, drain_until_closed, next_frame, raw_handshake, run_server, vm_rss_kib, wait_until
 
+# Filling a 10k-message history takes a while on a busy, shared machine: past the suite's default timeout.
+pytestmark = pytest.mark.timeout(600)
+
 HISTORY = 10_000
 BODY = "x" * 1000  # 1 KB messages, as in the issue's measurement
 
@@ -33,7 +36,7 @@ def as_pair(msg_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-async def fill(server: Server, count: int, message: str, workers: int = 8) -> list[str]:
+async def fill(server: Server, count: int, message: str, workers: int = 16) -> list[str]:
     """Publish `count` broadcasts over a few keep-alive connections; their ids, in id order."""
     ids: list[str] = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from diary_ws import deadline
 from diary_ws.backends.base import Page, Replay
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import RedisCore
@@ -24,7 +25,8 @@ class ReplayMixin(RedisCore):
         is at most a page. Entries past HISTORY_TTL count as deleted. HISTORY_SIZE bounds the stream through
         XADD's approximate MAXLEN, so a page may reach a little further back than `replay`'s exact window.
         """
-        answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], [str(after), PAGE_SCAN])
+        with deadline.request():  # each page waits for Redis no longer than a request would
+            answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], [str(after), PAGE_SCAN])
         seconds, micros, last, deleted, entries = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         cutoff = now_ms - self._ttl * 1000
@@ -60,7 +62,8 @@ class ReplayMixin(RedisCore):
     # --- history -------------------------------------------------------------------------------------------
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
-        answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
+        with deadline.request():  # a resuming handshake waits for the history no longer than a request would
+            answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
         seconds, micros, last, deleted, entries = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         cutoff = now_ms - self._ttl * 1000
