@@ -27,10 +27,15 @@ class ReplayMixin(RedisCore):
         """
         with deadline.request():  # each page waits for Redis no longer than a request would
             answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], [str(after), PAGE_SCAN])
-        seconds, micros, last, deleted, entries = answer
+        seconds, micros, last, deleted, entries, first, lost = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         cutoff = now_ms - self._ttl * 1000
         floor = parse_id(deleted) or MessageId(0, 0)
+        oldest = parse_id(first)
+        if lost and oldest is not None:  # trimmed: anything before the first entry may have been there
+            floor = max(
+                floor, MessageId(oldest.ms, oldest.seq - 1) if oldest.seq else MessageId(oldest.ms - 1, 2**64 - 1)
+            )
         found: list[Message] = []
         size = 0
         looked = after
