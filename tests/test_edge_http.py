@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from tests.utils import Server, open_fds, run_server, vm_rss_kib, wait_until
+from tests.utils import Server, open_fds, raw_handshake, run_server, vm_rss_kib, wait_until
 
 LOG_BOUND = 5 * 1024 * 1024  # bytes of log any attack may cost
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -396,3 +396,30 @@ def test_settings_past_the_open_file_limit_stop_start_up(tmp_path: object) -> No
     lines = proc.stderr.decode().strip().splitlines()
     assert len(lines) == 1, lines
     assert "open-file limit" in lines[0], lines
+
+
+def test_listeners_do_not_count_as_http_connections() -> None:
+    """SSE streams and upgraded WebSockets are listeners (MAX_CONNECTIONS): they leave the HTTP cap free."""
+    with run_server({"max_http_connections": "4"}) as server:
+        streams = []
+        for i in range(6):
+            sock = connect(server.port)
+            sock.sendall(f"GET /api/v1/sse/s{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert b" 200 " in sock.recv(4096).split(b"\r\n", 1)[0]
+            streams.append(sock)
+        sockets = [raw_handshake(server.port, f"/api/v1/ws/w{i}") for i in range(6)]
+        for _ in range(3):  # each answer is a new connection: it is admitted, not refused
+            still_serves(server)
+        assert server.status()["total_connections"] == 12
+        for sock in streams + sockets:
+            sock.close()
+        assert "503" not in server.log()
+        assert_bounded_log(server)
+
+
+@pytest.mark.parametrize(("limit", "http", "listeners"), [(1024, 102, 730), (65536, 1000, 64344), (4096, 409, 3495)])
+def test_the_descriptor_budget_follows_the_open_file_limit(limit: int, http: int, listeners: int) -> None:
+    from diary_ws.settings import FD_RESERVE, Settings, fd_budget
+
+    assert fd_budget(Settings(), limit) == (http, listeners)
+    assert http + listeners + FD_RESERVE == limit
