@@ -4,7 +4,8 @@ For every attack in `ATTACKS` it starts `diary-ws serve` (from the project's env
 settings), connects one healthy WebSocket reader, publishes to it every 20 ms, runs the attack for
 `--seconds`, and prints: the server's RSS growth (peak during the attack, and after it), the bytes it
 logged, and the reader's delivery latency p50/p99 (POST sent to frame received) with how many arrived. It
-measures and asserts nothing; the bounds themselves are asserted by tests/test_edge_http.py.
+measures and asserts nothing; the bounds themselves are asserted by tests/test_edge_http.py,
+tests/test_edge_frames.py and tests/test_replay_bounds.py.
 
 `ATTACKS` is a table: to add an attack, write `async def my_attack(target: Target) -> str` (it runs until
 `target.deadline`, and returns a note for the table) and append an `Attack` row. Sizes are the issue's at
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import os
 import resource
@@ -61,6 +63,8 @@ class Attack:
     run: Callable[[Target], Coroutine[Any, Any, str]]
     settings: dict[str, str] = field(default_factory=dict)
     open_files: int | None = None
+    # Run before the figures' baseline is taken (e.g. filling the history a resume attack replays).
+    prepare: Callable[[Server, float], Coroutine[Any, Any, None]] | None = None
 
 
 # --- the attacks ----------------------------------------------------------------------------------------------
@@ -170,6 +174,154 @@ async def endless_header(target: Target) -> str:
     return f"{sent / 1e6:.1f} MB sent; {status}"
 
 
+# --- WebSocket frames, replay and history ------------------------------------------------------------------
+
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _ws_open(port: int, path: str, rcvbuf: int | None = None) -> Stream:
+    """A WebSocket handshake over a bare connection; the reader is left just after the 101 head."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    return reader, writer
+
+
+def _frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """One masked client frame (payloads under 126 bytes)."""
+    mask = os.urandom(4)
+    return (
+        bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+async def fill_history(server: Server, count: int, size: int, to_keeper: bool = False) -> None:
+    """Publish `count` broadcasts (or messages to the keeper only) of about `size` bytes, with a keeper
+    listening so that none is a 404."""
+    async with connect(f"{server.ws}/api/v1/ws/keeper", max_size=None) as keeper:
+        reading = asyncio.create_task(_drain_ws(keeper))
+        async with httpx.AsyncClient(base_url=server.http, timeout=30) as client:
+            body: dict[str, Any] = {"message": "€" * (size // 3) if size > 10_000 else "x" * size}
+            if to_keeper:
+                body["user_ids"] = ["keeper"]  # not to the healthy reader, whose frames carry their send time
+
+            async def worker(share: int) -> None:
+                for _ in range(share):
+                    await client.post("/api/v1/ws/notification", json=body)
+
+            await asyncio.gather(*(worker(count // 16 + (i < count % 16)) for i in range(16)))
+        reading.cancel()
+
+
+async def _drain_ws(ws: Any) -> None:
+    with contextlib.suppress(Exception):
+        while True:
+            await ws.recv()
+
+
+async def _prepare_resume(server: Server, scale: float) -> None:
+    await fill_history(server, max(1, int(10_000 * scale)), 1000)
+
+
+async def resume_flood(target: Target) -> str:
+    """100 sockets resuming with ?since=0-0 over the 10k x 1 KB history, never reading."""
+    held: list[Stream] = []
+    for i in range(target.count(100)):
+        with contextlib.suppress(OSError, TimeoutError):
+            held.append(await _ws_open(target.server.port, f"/api/v1/ws/resumer-{i}?since=0-0", rcvbuf=4096))
+    await asyncio.sleep(max(0.0, target.left()))
+    for _reader, writer in held:
+        writer.close()
+    return f"{len(held)} never-reading resumes"
+
+
+async def resume_reconnects(target: Target) -> str:
+    """Reconnects with ?since=0-0 at about 10 a second, each hanging up after 0.1 s."""
+    done = 0
+    while target.left() > 0:
+        with contextlib.suppress(OSError, TimeoutError):
+            _reader, writer = await _ws_open(target.server.port, f"/api/v1/ws/looper-{done % 4}?since=0-0")
+            await asyncio.sleep(0.1)
+            writer.close()
+            done += 1
+    return f"{done} resumes"
+
+
+async def big_history(target: Target) -> str:
+    """10k messages of 196 KB each (the longest message, 3-byte characters), within the POST limits."""
+    started = time.monotonic()
+    count = target.count(10_000)
+    task = asyncio.create_task(fill_history(target.server, count, 196_000, to_keeper=True))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), max(0.1, target.left()))
+    if not task.done():
+        task.cancel()
+        return f"stopped at the deadline ({time.monotonic() - started:.0f} s) of {count} messages"
+    return f"{count} messages published"
+
+
+async def _frame_flood(target: Target, name: str, chunk: bytes) -> str:
+    """Flood `chunk` from a peer that reads nothing, reconnecting each time the server ends it."""
+    ended = 0
+    while target.left() > 0:
+        try:
+            _reader, writer = await _ws_open(target.server.port, f"/api/v1/ws/{name}", rcvbuf=4096)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(0.1)
+            continue
+        try:
+            while target.left() > 0:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), max(0.1, target.left()))
+        except (OSError, TimeoutError):
+            ended += 1
+        finally:
+            writer.close()
+    return f"{ended} connections ended by the server"
+
+
+async def ping_flood(target: Target) -> str:
+    return await _frame_flood(target, "pinger", _frame(0x9, b"p" * 125) * 200)
+
+
+async def pong_flood(target: Target) -> str:
+    return await _frame_flood(target, "ponger", _frame(0xA, b"q" * 10) * 500)
+
+
+async def continuation_flood(target: Target) -> str:
+    return await _frame_flood(target, "continuer", _frame(0x1, b"a", fin=False) + _frame(0x0, b"", fin=False) * 2000)
+
+
+async def tiny_frames(target: Target) -> str:
+    return await _frame_flood(target, "tiny", _frame(0x1, b"x") * 2000)
+
+
+async def invalid_utf8(target: Target) -> str:
+    """1,000 text frames with invalid UTF-8, 25 a connection, over and over."""
+    frames = 0
+    while target.left() > 0:
+        with contextlib.suppress(OSError, TimeoutError):
+            reader, writer = await _ws_open(target.server.port, "/api/v1/ws/mangler")
+            writer.write(_frame(0x1, b"\xff\xfe not utf-8") * 25)
+            frames += 25
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(reader.read(), max(0.1, target.left()))
+            writer.close()
+    return f"{frames} invalid frames sent"
+
+
 ATTACKS: list[Attack] = [
     Attack("none", "no attack: the reference figures", no_attack),
     Attack(
@@ -181,6 +333,16 @@ ATTACKS: list[Attack] = [
     Attack("slow-mixed", "2,000 slow heads, upgrades, bodies and chunked bodies, a byte every 3 s", slow_everything),
     Attack("pipelined", "20 MB of pipelined GET /healthz, answers never read", pipelined_unread),
     Attack("endless-header", "a header line that never ends, 50 MB", endless_header),
+    Attack(
+        "resume-flood", "100 never-reading ?since=0-0 resumes over 10k x 1 KB", resume_flood, prepare=_prepare_resume
+    ),
+    Attack("resume-loop", "?since=0-0 reconnects at ~10/s over 10k x 1 KB", resume_reconnects, prepare=_prepare_resume),
+    Attack("big-history", "10k messages of 196 KB (HISTORY_BYTES 64 MiB)", big_history),
+    Attack("ping-flood", "pings from a peer that reads no pongs", ping_flood),
+    Attack("pong-flood", "unsolicited pongs", pong_flood),
+    Attack("continuation-flood", "empty continuation frames", continuation_flood),
+    Attack("tiny-frames", "1-byte text frames", tiny_frames),
+    Attack("invalid-utf8", "text frames with invalid UTF-8", invalid_utf8),
 ]
 
 
@@ -231,6 +393,8 @@ async def measure(attack: Attack, server: Server, seconds: float, scale: float) 
     log_before = server.log_path.stat().st_size
     latencies: list[float] = []
     stop = asyncio.Event()
+    if attack.prepare is not None:
+        await attack.prepare(server, scale)
     reader = asyncio.create_task(healthy_reader(server, stop, latencies))
     await asyncio.sleep(1)  # the reader connected and warm
     rss_before = vm_rss_kib(pid)

@@ -180,9 +180,10 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     ws: Any = "websockets-sansio"
     if unsupported() is None:
         from diary_ws.edge.http import DiaryHttpProtocol
-        from diary_ws.edge.websocket import DiaryWebSocketProtocol
+        from diary_ws.edge.websocket import DiaryWebSocketProtocol, FramePolicy
 
-        http, ws = DiaryHttpProtocol, DiaryWebSocketProtocol
+        policy = FramePolicy(settings.max_incoming_rate, settings.ping_timeout, settings.send_queue_bytes)
+        http, ws = DiaryHttpProtocol, DiaryWebSocketProtocol.with_policy(policy)
     config = uvicorn.Config(
         app,
         host=settings.host,

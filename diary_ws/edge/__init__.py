@@ -21,7 +21,13 @@ if TYPE_CHECKING:  # for the type checker: at run time each name is imported on 
     from diary_ws.edge.http import DiaryHttpProtocol, OneWrite, StreamControl
     from diary_ws.edge.serve import DiaryServer, RecordPeer, supervise, with_proxy_headers
     from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
-    from diary_ws.edge.websocket import DiaryWebSocketProtocol, ReceiveQueue, SocketControl, WritableGate
+    from diary_ws.edge.websocket import (
+        DiaryWebSocketProtocol,
+        FramePolicy,
+        ReceiveQueue,
+        SocketControl,
+        WritableGate,
+    )
 
 # Imported lazily, so that `edge.internals` can check the installed uvicorn before anything imports its
 # internals (an unknown version may not even have them: the CLI then runs uvicorn's stock protocols).
@@ -30,13 +36,13 @@ _HOMES = {
     "DiaryServer": "serve", "RecordPeer": "serve", "supervise": "serve", "with_proxy_headers": "serve",
     "CLOSE_GRACE": "transport", "StallWatch": "transport", "hard_abort": "transport",
     "DiaryWebSocketProtocol": "websocket", "ReceiveQueue": "websocket", "SocketControl": "websocket",
-    "WritableGate": "websocket",
+    "WritableGate": "websocket", "FramePolicy": "websocket",
 }  # fmt: skip
 
 __all__ = [
-    "CLOSE_GRACE", "DiaryHttpProtocol", "DiaryServer", "DiaryWebSocketProtocol", "OneWrite", "ReceiveQueue",
-    "RecordPeer", "SocketControl", "StallWatch", "StreamControl", "WritableGate", "hard_abort", "supervise",
-    "with_proxy_headers",
+    "CLOSE_GRACE", "DiaryHttpProtocol", "DiaryServer", "DiaryWebSocketProtocol", "FramePolicy", "OneWrite",
+    "ReceiveQueue", "RecordPeer", "SocketControl", "StallWatch", "StreamControl", "WritableGate", "hard_abort",
+    "supervise", "with_proxy_headers",
 ]  # fmt: skip
 
 

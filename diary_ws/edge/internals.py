@@ -164,6 +164,28 @@ INTERNALS: tuple[Internal, ...] = (
         "8e1ceb6ec446de9d",
     ),
     Internal(f"{WS}:WebSocketsSansIOProtocol.run_asgi", "name", "puts SocketControl in the scope first"),
+    Internal(
+        f"{WS}:WebSocketsSansIOProtocol.handle_events",
+        "copied",
+        "its dispatch is copied, each frame counted against MAX_INCOMING_RATE before it (FramePolicy)",
+        "b2c9351a5d13493f",
+    ),
+    Internal(
+        f"{WS}:WebSocketsSansIOProtocol.send_receive_event_to_app",
+        "copied",
+        "invalid UTF-8 is caught before it (1007, no traceback); it joins `frames` and decodes as the check does",
+        "a2b10de91477dc1d",
+    ),
+    Internal(
+        f"{WS}:WebSocketsSansIOProtocol.handle_ping",
+        "copied",
+        "it writes the pong websockets queued; not when the peer leaves over SEND_QUEUE_BYTES unread",
+        "41bcf345d372c55c",
+    ),
+    *(
+        Internal(f"{WS}:WebSocketsSansIOProtocol.{name}", "name", "dispatched to from the copied handle_events")
+        for name in ("handle_connect", "handle_cont", "handle_text", "handle_bytes", "handle_pong", "handle_close")
+    ),
     Internal(f"{WS}:WebSocketsSansIOProtocol.data_received", "name", "an unparsable upgrade is answered"),
     Internal(f"{WS}:WebSocketsSansIOProtocol.stop_keepalive", "name", "called at shutdown"),
     Internal(
@@ -190,6 +212,9 @@ INTERNALS: tuple[Internal, ...] = (
             ("client", "named in log lines"),
             ("scope", "SocketControl goes into its extensions"),
             ("request", "dropped once the socket is open"),
+            ("frames", "a violation drops the fragments gathered so far"),
+            ("curr_msg_data_type", "text messages are checked for UTF-8"),
+            ("read_paused", "a violation stops reading at once"),
             ("response", "dropped once the socket is open"),
         )
     ),
@@ -201,6 +226,9 @@ INTERNALS: tuple[Internal, ...] = (
         "45aaf900644b63c4",
     ),
     Internal("websockets.protocol:OPEN", "name", "the state in which the parser is rebuilt"),
+    Internal("websockets.frames:Frame", "name", "each frame the peer sends is counted (FramePolicy)"),
+    Internal("websockets.frames:Opcode", "name", "the dispatch of the copied handle_events"),
+    Internal("websockets.http11:Request", "name", "the handshake event in the copied handle_events"),
     Internal("websockets.http11:MAX_LINE_LENGTH", "name", "named in the 414/431 answer to an upgrade"),
     Internal("websockets.http11:MAX_NUM_HEADERS", "name", "named in the 431 answer to an upgrade"),
     Internal("websockets.exceptions:RequestLineTooLong", "name", "a 414 for an upgrade"),

@@ -1,23 +1,53 @@
 """The WebSocket side of the edge: uvicorn's default (sans-I/O websockets) protocol with transport hooks for
-the handler, hard aborts for stalled peers, a quiet denial path and slimmer idle sockets."""
+the handler, hard aborts for stalled peers, a quiet denial path and slimmer idle sockets.
+
+It also polices every frame a client sends (see `FramePolicy`), below uvicorn's dispatch, because websockets'
+sans-I/O protocol answers pings and gathers continuation frames itself: the app never sees those, and a
+flood of them cost the server memory and CPU without ever reaching the app's own rate check.
+
+uvicorn internals this module relies on, beside those of the rest of the edge: `handle_events`' dispatch
+(copied, to count each frame before it), `handle_ping`, `send_receive_event_to_app`, and the attributes
+`frames`, `curr_msg_data_type`, `close_sent`, `read_paused`, `queue`, `conn` (websockets `ServerProtocol`:
+`events_received`, `data_to_send`, `send_close`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets.frames import Frame, Opcode
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import OPEN, Protocol
 
 from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, log
+from diary_ws.logs import warn_throttled
 from diary_ws.routes import SOCKET_EXTENSION
+
+CLOSE_POLICY = 1008
+CLOSE_BAD_DATA = 1007
+
+
+@dataclass(frozen=True, slots=True)
+class FramePolicy:
+    """What a client may send: every frame (data, continuation, ping, pong, close) counts toward the rate.
+
+    `max_rate` frames a second with bursts of as many (MAX_INCOMING_RATE); a message left unfinished
+    (a first fragment without its last) for `unfinished_timeout` (PING_TIMEOUT); pongs the server owes a
+    peer that does not read them up to `backlog_bytes` unsent (SEND_QUEUE_BYTES), as any other frame.
+    """
+
+    max_rate: float = 50.0
+    unfinished_timeout: float = 20.0
+    backlog_bytes: int = 1024 * 1024
 
 
 class SocketControl:
@@ -118,11 +148,121 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     writable flag, and no handshake request or response once the socket is open.
     """
 
+    policy: ClassVar[FramePolicy] = FramePolicy()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stall = StallWatch("a WebSocket whose peer", self._hard_abort)
         self.queue = ReceiveQueue()  # type: ignore[assignment]
         self.writable = WritableGate()  # type: ignore[assignment]
+        self._tokens = self.policy.max_rate
+        self._refilled = 0.0
+        self._unfinished: asyncio.TimerHandle | None = None
+        self._violated = False
+
+    @classmethod
+    def with_policy(cls, policy: FramePolicy) -> type[DiaryWebSocketProtocol]:
+        """This protocol with `policy` instead of the defaults: what `diary-ws serve` gives uvicorn."""
+        return type(cls.__name__, (cls,), {"policy": policy})
+
+    # --- every incoming frame --------------------------------------------------------------------------
+
+    def handle_events(self) -> None:
+        # uvicorn's dispatch, with each frame counted first. After a violation nothing more is dispatched:
+        # not even the pongs websockets has already queued for pings in the same read.
+        for event in self.conn.events_received():
+            if self._violated:
+                return
+            if isinstance(event, Request):
+                self.handle_connect(event)
+            elif isinstance(event, Frame) and self._admit(event):
+                opcode = event.opcode
+                if opcode == Opcode.CONT:
+                    self.handle_cont(event)
+                elif opcode == Opcode.TEXT:
+                    self.handle_text(event)
+                elif opcode == Opcode.BINARY:
+                    self.handle_bytes(event)
+                elif opcode == Opcode.PING:
+                    self.handle_ping()
+                elif opcode == Opcode.PONG:
+                    self.handle_pong(event)
+                elif opcode == Opcode.CLOSE:
+                    self.handle_close(event)
+
+    def _admit(self, frame: Frame) -> bool:
+        """Count one frame against the rate, and watch fragmented messages; False once it broke a rule."""
+        if frame.opcode == Opcode.CLOSE:
+            return True  # the peer's close (or its answer to ours) is always let through
+        rate = self.policy.max_rate
+        now = self.loop.time()
+        self._tokens = min(rate, self._tokens + (now - self._refilled) * rate) - 1
+        self._refilled = now
+        if self._tokens < 0:
+            self._violate(
+                CLOSE_POLICY, f"too many frames: at most {rate:g} a second, control frames included", "frame_rate"
+            )
+            return False
+        if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            if not frame.fin and self._unfinished is None:
+                timeout = self.policy.unfinished_timeout
+                self._unfinished = self.loop.call_later(timeout, self._unfinished_too_long, timeout)
+            elif frame.fin and self._unfinished is not None:
+                self._unfinished.cancel()
+                self._unfinished = None
+        return True
+
+    def _unfinished_too_long(self, timeout: float) -> None:
+        self._unfinished = None
+        self._violate(CLOSE_POLICY, f"a message was left unfinished for {timeout:g} s", "unfinished_message")
+
+    def handle_ping(self) -> None:
+        # websockets has queued the pong already; a peer that reads nothing would pile pongs up unsent.
+        if self.transport.get_write_buffer_size() > self.policy.backlog_bytes:
+            warn_throttled(
+                log, "pong_backlog", "aborting a WebSocket from %s: over %d bytes of pongs and frames unread",
+                self.client, self.policy.backlog_bytes,
+            )  # fmt: skip
+            self.conn.data_to_send()  # dropped with the connection
+            self._violated = True
+            self._hard_abort()
+            return
+        super().handle_ping()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError:  # uvicorn would log a traceback for each such message
+                self.frames = []
+                self._violate(CLOSE_BAD_DATA, "a text message is not valid UTF-8", "invalid_utf8")
+                return
+        super().send_receive_event_to_app()
+
+    def _violate(self, code: int, reason: str, kind: str) -> None:
+        """Close for a broken rule: read nothing more from this peer, and abort if it is not gone in a second."""
+        if self._violated:
+            return
+        self._violated = True
+        warn_throttled(log, kind, "closing a WebSocket from %s with %d: %s", self.client, code, reason)
+        if self._unfinished is not None:
+            self._unfinished.cancel()
+            self._unfinished = None
+        self.frames = []
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self.conn.data_to_send()  # pongs owed for pings of this same read: dropped
+        if not self.close_sent and not self.transport.is_closing():
+            self.conn.send_close(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code})
+        # As the close timer: uvicorn then leaves the transport open when the handler ends, so the close
+        # frame is not cut short by a reset, and the peer has a second to take it before the abort.
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(CLOSE_GRACE, self._hard_abort)
 
     async def run_asgi(self) -> None:
         self.scope["extensions"][SOCKET_EXTENSION] = SocketControl(self)  # type: ignore[assignment]
@@ -185,6 +325,9 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stall.cancel()
+        if self._unfinished is not None:
+            self._unfinished.cancel()
+            self._unfinished = None
         super().connection_lost(exc)
 
     def keepalive_timeout(self) -> None:

@@ -308,4 +308,46 @@ end
 return 0
 """
 
-ALL = (PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+# One page of a replay. KEYS: the feed. ARGV: the id to read after, the most entries to read. Returns
+# {Redis's TIME seconds, microseconds, the last id, max-deleted-entry-id, up to ARGV[2] entries after ARGV[1],
+# the first entry's id or '', 1 if the stream ever lost entries}. Trimming (MAXLEN, XTRIM) does not move
+# max-deleted-entry-id, so a stream that has lost entries (entries-added over its length) is taken to have
+# lost everything before its first entry.
+REPLAY_PAGE = """
+local t = redis.call('TIME')
+local last, deleted, first, lost = '0-0', '0-0', '', 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  local added, length = 0, 0
+  for i = 1, #info, 2 do
+    local k, v = info[i], info[i + 1]
+    if k == 'last-generated-id' then last = v
+    elseif k == 'max-deleted-entry-id' then deleted = v
+    elseif k == 'entries-added' then added = v
+    elseif k == 'length' then length = v
+    elseif k == 'first-entry' and type(v) == 'table' then first = v[1] end
+  end
+  if added > length then lost = 1 end
+end
+local entries = redis.pcall('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+if type(entries) ~= 'table' or entries.err then entries = {} end
+return {t[1], t[2], last, deleted, entries, first, lost}
+"""
+
+# HISTORY_BYTES on the stream. KEYS: the feed. ARGV: the cap in bytes. When the stream's memory, as Redis
+# estimates it (MEMORY USAGE, sampled), is over the cap, the oldest entries go (XTRIM MAXLEN, exact) in the
+# share by which it is over. Returns {the bytes estimated, the entries trimmed}.
+TRIM_BYTES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local used = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', 16)
+local cap = tonumber(ARGV[1])
+if used <= cap then return {used, 0} end
+local n = redis.call('XLEN', KEYS[1])
+local keep = math.max(1, math.floor(n * cap / used))
+return {used, redis.call('XTRIM', KEYS[1], 'MAXLEN', keep)}
+"""
+
+ALL = (
+    PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, REPLAY_PAGE, TRIM_BYTES, RATE, IDEM_BEGIN,
+    IDEM_FINISH, IDEM_ABANDON,
+)  # fmt: skip
