@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readers", type=int, default=16)
     parser.add_argument("--rate", type=float, default=40.0, help="POSTs per second, both nodes together")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--aof", action="store_true",
+                        help="run Redis with appendfsync always, so a kill loses no acknowledged write")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     args = parser.parse_args(argv)
     plan = Plan(
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         healthy=(3.0, 8.0),
         lengths={"pause": (2.0, 10.0), "kill": (1.0, 5.0), "cut": (2.0, 15.0), "blackhole": (3.0, 60.0)},
         seed=args.seed,
+        persistent=args.aof,
     )
     started = time.monotonic()
     report = asyncio.run(run(plan, lambda line: print(line, flush=True)))

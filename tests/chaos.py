@@ -61,6 +61,7 @@ class Plan:
         default_factory=lambda: {"pause": (3.0, 4.0), "kill": (2.0, 3.0), "cut": (2.0, 3.0), "blackhole": (4.0, 5.0)}
     )
     seed: int | None = None
+    persistent: bool = False  # Redis with an append-only file synced on every write: a kill loses no key
 
 
 @dataclass
@@ -428,7 +429,7 @@ def redis_now(port: int) -> str:
 
 async def run(plan: Plan, log: Callable[[str], None] = lambda line: None) -> Report:
     """One chaos run; returns what the clients saw."""
-    with redis_server() as redis, tcp_proxy(redis.port) as proxy, contextlib.ExitStack() as stack:
+    with redis_server(plan.persistent) as redis, tcp_proxy(redis.port) as proxy, contextlib.ExitStack() as stack:
         url = f"redis://127.0.0.1:{proxy.port}/0"
         nodes = [stack.enter_context(run_server({"broker_url": url})) for _ in range(2)]
         for node in nodes:

@@ -266,11 +266,13 @@ async def next_frame(ws: ClientConnection, limit: float = 5) -> dict[str, Any]:
 
 @dataclass
 class RedisServer:
-    """A `redis-server` of our own on a free port: no persistence, so a restart loses everything."""
+    """A `redis-server` of our own on a free port: no persistence, so a restart loses everything, unless
+    `persistent` (an append-only file synced on every write, as a deployment that must not lose keys runs it)."""
 
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    persistent: bool = False
 
     @property
     def url(self) -> str:
@@ -283,7 +285,8 @@ class RedisServer:
             pytest.skip("redis-server not found: install Debian's redis-server package (.ci/run does)")
         log = (self.workdir / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *(("--appendonly", "yes", "--appendfsync", "always") if self.persistent else ("--appendonly", "no")),
              "--dir", str(self.workdir)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -299,17 +302,17 @@ class RedisServer:
             return False
 
     def kill(self) -> None:
-        """SIGKILL: the data goes with it."""
+        """SIGKILL: the data goes with it (unless persistent: then what was acknowledged is in the file)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(persistent: bool = False) -> Iterator[RedisServer]:
     """A fresh redis-server for a test (never the one on 6379); skips when the binary is missing."""
     with tempfile.TemporaryDirectory(prefix="diary-ws-redis-") as workdir:
-        server = RedisServer(free_port(), Path(workdir))
+        server = RedisServer(free_port(), Path(workdir), persistent=persistent)
         try:
             server.start()
             yield server
