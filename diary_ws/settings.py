@@ -74,7 +74,7 @@ class Settings:
     max_batch_bytes: int = 1024 * 1024
     log_level: str = "info"
     log_format: str = "text"
-    loop: str = "auto"
+    loop: str = "asyncio"
 
     def __post_init__(self) -> None:
         check_combinations(self)
@@ -405,7 +405,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "max_batch_bytes": (_size(64), "largest batch POST body"),
     "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
     "log_format": (_choice("text", "json"), "log line format"),
-    "loop": (_choice("auto", "asyncio", "uvloop"), "event loop: auto (uvloop when installed), asyncio or uvloop"),
+    "loop": (_choice("auto", "asyncio", "uvloop"), "event loop: asyncio, uvloop, or auto (uvloop when installed)"),
 }
 
 # On/off settings: `serve` offers --NAME and --no-NAME for each.

@@ -66,8 +66,9 @@ async def test_a_batch_is_one_round_trip_with_counts_summed_over_the_nodes() -> 
             answer = batch(a, items)
             after = script_calls(redis)
             assert answer.status_code == 200, answer.text
-            # One script for the batch; the rest is the nodes' own background work, never one per item.
-            assert after - before < 5, after - before
+            # One script for the batch; the rest is the nodes' own background work (presence, and each reader's
+            # HISTORY_BYTES check at most once a second), never one per item: the batch has 82.
+            assert after - before < 10, after - before
             results = answer.json()["results"]
             assert answer.json()["failed"] == 40
             for i in range(40):

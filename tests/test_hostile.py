@@ -474,7 +474,7 @@ def test_wrong_method_is_405_with_allow(shared_server: Server, method: str, path
     [
         ("GET", "/"),
         ("GET", "/nope"),
-        ("POST", "/api/v1/ws/notifications"),
+        ("POST", "/api/v1/ws/notificationz"),
         ("POST", "/api/v2/ws/notification"),
         ("GET", "/api/v1/ws/status/extra"),
         ("GET", "/api/v1/ws/alice"),

@@ -94,7 +94,8 @@ class PresenceMixin(RedisCore):
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
         async with self._cmd.pipeline(transaction=True) as pipe:
-            pipe.set(self._heartbeat_key, "1", px=ttl, get=True)
+            # The value is when this node beat (its own clock): the console shows it; nothing compares it.
+            pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
             pipe.sadd(self._keys[0], self.node_id)
             pipe.pexpire(self._presence_key, ttl)
             pipe.time()
