@@ -72,7 +72,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
-    """The counts of DESIGN §1, all in sockets and summed over the cluster, plus the distinct users reached."""
+    """The counts of the POST's answer (docs/api.md): sockets, summed over the cluster; plus distinct users reached."""
 
     id: MessageId
     sent_count: int
@@ -143,7 +143,8 @@ class Connection:
         floor = self._floor
         if floor is not None and message.id <= floor:
             # Replayed already: this socket resumed while the message was on its way here (a paused fan-out
-            # here, or a Redis reader that had not reached it yet when the history was read). PITFALLS 8.
+            # here, or a Redis reader that had not reached it yet when the history was read).
+            # See docs/delivery.md, "Resume and the live feed".
             return True
         if self._writer is None and self._started:
             outcome = self.sink.try_write(message)
@@ -223,7 +224,7 @@ class Connection:
         )  # fmt: skip
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
-        # for it forever (PITFALLS 1): free the connection, buffers and file descriptor, now.
+        # for it forever (docs/delivery.md, "Slow consumers"): free the connection, buffers and file descriptor, now.
         if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
             self._writer.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
 

@@ -4,7 +4,7 @@
         async for note in client:
             print(note["message"])
 
-It stands alone: it speaks the wire contract of DESIGN §1 through the `websockets` library and imports
+It stands alone: it speaks the wire contract of docs/api.md through the `websockets` library and imports
 neither uvicorn nor starlette (tests/test_layers.py keeps it so).
 
 Reconnecting: exponential backoff with full jitter (a random delay between 0 and `base * factor**attempt`,

@@ -20,7 +20,7 @@ class DiaryWSError(Exception):
         self.extra = extra or {}  # more keys for the JSON body, such as the zero counters of a 404
 
     def body(self) -> dict[str, Any]:
-        """The JSON error body of DESIGN §1."""
+        """The JSON error body every error answer has (docs/api.md)."""
         return {"status": "error", "message": self.message, **self.extra}
 
 

@@ -50,7 +50,7 @@ def redact(text: str) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """Takes tokens out of log records (PITFALLS 3: uvicorn logs the WebSocket path with its query string
+    """Takes tokens out of log records (docs/security.md: uvicorn logs the WebSocket path with its query string
     through uvicorn.error as well as uvicorn.access, and at debug level the request headers too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -120,7 +120,7 @@ def _second(epoch_seconds: int) -> str:
 
 
 def render(kind: str, message: str, data: dict[str, Any] | None, msg_id: MessageId) -> bytes:
-    """The frame of DESIGN §1: the guide's `message`, plus `type`, `id`, `sent_at` and `data` when given."""
+    """The frame of docs/api.md: the guide's `message`, plus `type`, `id`, `sent_at` and `data` when given."""
     frame: dict[str, Any] = {"type": kind, "message": message, "id": str(msg_id), "sent_at": rfc3339(msg_id.ms)}
     if data is not None:
         frame["data"] = data

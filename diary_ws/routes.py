@@ -61,7 +61,7 @@ def json_response(body: dict[str, Any], status_code: int = 200, headers: dict[st
 
 
 def error_response(exc: DiaryWSError) -> Response:
-    """The JSON error body of DESIGN §1 with the error's status."""
+    """The JSON error body (docs/api.md) with the error's status."""
     return json_response(exc.body(), exc.status_code, exc.headers)
 
 
@@ -539,7 +539,8 @@ class Stream:
             scope["app"].state.metrics.refused(exc.status_code, "sse")
             return
         expiry = close_when_expired(conn, admission.expires_at)
-        if control is not None:  # uvicorn would wait on an open stream at shutdown (PITFALLS 5): end it first
+        # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
+        if control is not None:
             control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
         try:
             await sink.open()

@@ -29,7 +29,7 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every knob of DESIGN §2; the defaults are the ones a fresh `make run` uses."""
+    """Every knob of docs/configuration.md; the defaults are the ones a fresh `make run` uses."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -88,7 +88,7 @@ REDIS_MISSING = (
 )
 
 
-# Settings whose feature is not built yet. DESIGN §2: refused at start, never accepted and ignored.
+# Settings whose feature is not built yet. docs/configuration.md: refused at start, never accepted and ignored.
 NOT_BUILT_YET: dict[str, str] = {}
 
 

@@ -1,7 +1,7 @@
 """The integration guide's own examples, run unchanged against a real server.
 
 docs/websocket-integration-guide.md is a contract: its Python clients, its curl sequence and the JSON shapes it
-shows must work as written, with only the host and port changed. DESIGN §1 extends the shapes (`id`, `sent_at`,
+shows must work as written, with only the host and port changed. docs/api.md extends the shapes (`id`, `sent_at`,
 `data`, `total_connections`, `?limit=`); these tests hold the server to both.
 """
 

@@ -1,4 +1,4 @@
-"""Hostile input against a real server: every refusal is the JSON error body of DESIGN §1, never a 500.
+"""Hostile input against a real server: every refusal is the JSON error body of docs/api.md, never a 500.
 
 All cases share one server (`shared_server`); its teardown checks that the log holds no traceback and no
 ERROR line, and the last test proves the server still delivers after all of this.
@@ -36,7 +36,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 def error_message(status: int, content_type: str | None, body: bytes, extra_keys: frozenset[str] = frozenset()) -> str:
-    """Check the JSON error body of DESIGN §1 and return its message."""
+    """Check the JSON error body of docs/api.md and return its message."""
     assert content_type is not None, f"no Content-Type on a {status} answer: {body!r}"
     assert content_type.split(";")[0].strip() == "application/json", f"{status} {content_type}: {body!r}"
     doc = orjson.loads(body)

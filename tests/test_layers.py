@@ -1,4 +1,4 @@
-"""The layers of DESIGN §3 stay as drawn: imports point one way, and the public surface stays put."""
+"""The layers of docs/development.md stay as drawn: imports point one way, and the public surface stays put."""
 
 from __future__ import annotations
 

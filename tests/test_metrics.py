@@ -118,7 +118,8 @@ async def test_a_slow_consumer_is_counted() -> None:
         stalled = raw_handshake(server.port, "/api/v1/ws/m-stalled", rcvbuf=4096)
         dropped = 0
         async with httpx.AsyncClient(base_url=server.http, timeout=10) as client:
-            # The kernel's buffers take a few MB first (PITFALLS 2); then the backlog of 4 overflows.
+            # The kernel's buffers take a few MB first (docs/delivery.md, "Slow consumers"); then the backlog
+            # of 4 overflows.
             for i in range(400):
                 answer = await client.post("/api/v1/ws/notification", json={"message": f"{i} " + "x" * 60000})
                 dropped += answer.json().get("disconnected_users", 0)

@@ -1,4 +1,4 @@
-"""`diary_ws.settings.from_env` and the `diary-ws serve` command line (DESIGN §2)."""
+"""`diary_ws.settings.from_env` and the `diary-ws serve` command line (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from diary_ws.settings import SettingError, Settings, from_env
 from tests.utils import ROOT
 
-# Every setting of DESIGN §2 but the two secrets, which are read from the environment or a *_FILE only.
+# Every setting of docs/configuration.md but the two secrets, which are read from the environment or a *_FILE only.
 FLAGS = [
     "--host",
     "--port",

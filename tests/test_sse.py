@@ -72,7 +72,7 @@ async def test_sse_carries_the_same_frames_as_the_websocket_and_counts_as_a_conn
         event = await events.next()
         frame = await asyncio.wait_for(ws.recv(), WAIT)
         assert isinstance(frame, str)
-        # Exactly `id:` then `data:` with the WebSocket's very JSON, and no `event:` line (DESIGN §1).
+        # Exactly `id:` then `data:` with the WebSocket's very JSON, and no `event:` line (docs/api.md).
         assert event.lines == [f"id: {answer['id']}", f"data: {frame}"]
         assert event.json() == {
             "type": "task.done", "message": "hi\nthere <b>", "id": answer["id"], "sent_at": event.json()["sent_at"],
@@ -215,7 +215,7 @@ async def test_a_stalled_stream_is_dropped_and_reset_while_a_reader_gets_everyth
         await connected(server, 2)
         dropped = 0
         async with httpx.AsyncClient(base_url=server.http, timeout=10) as client:
-            # 8 KB each: past what the kernel buffers hold (a few MB on loopback, PITFALLS 2), the 1 MiB backlog
+            # 8 KB each: past what the kernel buffers hold (a few MB on loopback, docs/delivery.md), the 1 MiB backlog
             # overflows after about 130 more.
             for i in range(1500):
                 body = (await client.post("/api/v1/ws/notification", json={"message": f"{i} " + "x" * 8000})).json()
