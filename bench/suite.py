@@ -395,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
+    parser.add_argument("--cluster", nargs=argparse.REMAINDER, metavar="ARGS",
+                        help="run bench/cluster_sim.py instead, with its own ARGS")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.cluster is not None:
+        from bench import cluster_sim
+
+        return cluster_sim.main(args.cluster)
     os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
     raise_nofile()
     import uvloop
