@@ -112,6 +112,7 @@ class RedisCore:
         self._presence_key = f"{PREFIX}presence:{self.node_id}"
         self._heartbeat_key = f"{PREFIX}node:{self.node_id}"
         self._replies_key = f"{PREFIX}replies:{self.node_id}"
+        self._inbox_key = f"{PREFIX}inbox:{self.node_id}"  # what the publish script routes to this node
 
     # --- plumbing -------------------------------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ class FeedMixin(RedisCore):
             fields["d"] = orjson.dumps(draft.data).decode()
         if targets is not None:
             fields["t"] = ",".join(targets)  # user ids never contain a comma
-        msg_id, reports, missing = await self._gather(sorted(targets) if targets is not None else [], fields)
+        mode, named = ("all", []) if targets is None else ("users", sorted(targets))
+        msg_id, reports, missing = await self._gather(mode, named, fields)
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
         users: set[str] = set()
@@ -72,24 +73,26 @@ class FeedMixin(RedisCore):
         return Published(msg_id, sent, total, lost, len(users), missing)
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
-        # A control entry on the same stream: every node closes its sockets of the user and reports how many.
-        # Replay skips it (it has no message kind), and it is ordered after every message before it.
+        # A control entry in the inboxes of the nodes that hold the user: each closes its sockets of the user
+        # and reports how many; it is ordered after every message before it. It is kept in no history index.
         fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
-        _id, reports, missing = await self._gather(None, fields)
+        _id, reports, missing = await self._gather("close", [user_id], fields)
         return sum(counts.sent for counts in reports), missing
 
     async def _gather(
-        self, targets: list[str] | None, fields: dict[str, str]
+        self, mode: str, targets: list[str], fields: dict[str, str]
     ) -> tuple[MessageId | None, list[Counts], int]:
-        """Add an entry unless no target is connected (targets None: add it anyway) and gather the counts.
+        """Add an entry unless nobody it is for is connected, and gather the counts of the nodes it went to.
 
+        `mode` is the publish script's: `all`, `users` (the nodes holding `targets`), `close` (likewise).
         Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT; the
         number of live nodes that did not report).
         """
         token = secrets.token_hex(8)
         gather = self._pending[token] = _Gather()
         try:
-            head = [PREFIX, max(self._size, FEED_MIN), -1 if targets is None else len(targets), *(targets or ())]
+            feed_max, index_ttl = max(self._size, FEED_MIN), int(self._ttl * 1000) + 1000
+            head = [PREFIX, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
             entry = {"o": self.node_id, "r": token, **fields}
             argv = [*head, *(x for kv in entry.items() for x in kv)]
             answer = await self._run(scripts.PUBLISH, [self._keys[0], self._keys[1]], argv)
@@ -129,7 +132,7 @@ class FeedMixin(RedisCore):
         block = 1 if first else int(READ_BLOCK * 1000)
         # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
-            Any, await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=block)
+            Any, await self._blocking.xread({self._inbox_key: self._last_id}, count=READ_COUNT, block=block)
         )
         self._last_read = time.monotonic()
         if first:

@@ -1,11 +1,16 @@
-"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`."""
+"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`.
+
+Each count is written twice: in this node's hash (`presence:<node>`, for `status` and for the rewrite after
+Redis lost it) and in the user's index (`where:<user>`, node -> count), which the publish script reads to
+route a targeted message to the nodes that hold its users and nowhere else.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, cast
 
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
@@ -65,14 +70,21 @@ class PresenceMixin(RedisCore):
             pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
             pipe.sadd(self._keys[0], self.node_id)
             pipe.pexpire(self._presence_key, ttl)
+            pipe.pexpire(self._inbox_key, ttl)  # a node gone without a word leaves no inbox behind
             previous = (await pipe.execute())[0]
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
+            # The per-user index too: this node's entry for every user here, and none for a user no longer here.
+            gone = set(cast(list[str], await self._cmd.hkeys(self._presence_key))) - counts.keys()
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(self._presence_key)
                 if counts:
                     pipe.hset(self._presence_key, mapping=counts)  # type: ignore[arg-type]
                     pipe.pexpire(self._presence_key, ttl)
+                for user_id in gone:
+                    pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                for user_id, count in counts.items():
+                    pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                 await pipe.execute()
             self._dirty.clear()
             if previous is None and self._presence.ever:
@@ -121,8 +133,10 @@ class PresenceMixin(RedisCore):
                     count = len(presence.get(user_id, ()))
                     if count:
                         pipe.hset(self._presence_key, user_id, count)
+                        pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                     else:
                         pipe.hdel(self._presence_key, user_id)
+                        pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
                 await pipe.execute()
         except BaseException:
             self._dirty |= users

@@ -1,4 +1,4 @@
-"""History: `?since=` read from the one stream, with the stream's state, in one script."""
+"""History: `?since=` read through the per-user and broadcast indexes, with the window's floor, in one script."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import orjson
 
 from diary_ws.backends.base import Replay
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import RedisCore
+from diary_ws.backends.redis.client import PREFIX, RedisCore
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 
 
@@ -16,24 +16,16 @@ class ReplayMixin(RedisCore):
     # --- history -------------------------------------------------------------------------------------------
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
-        answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
-        seconds, micros, last, deleted, entries = answer
+        argv = [PREFIX, user_id, str(since), self._size, int(self._ttl * 1000)]
+        seconds, micros, last, floor_id, entries = await self._run(scripts.REPLAY, [self._keys[1]], argv)
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        cutoff = now_ms - self._ttl * 1000
-        floor = parse_id(deleted) or MessageId(0, 0)
-        window: list[tuple[MessageId, dict[str, str]]] = []
-        for entry_id, flat in entries:  # newest first
-            msg_id = parse_id(entry_id)
-            if msg_id is None:
-                continue
-            if len(window) == self._size or msg_id.ms < cutoff:
-                floor = max(floor, msg_id)  # outside the history: as good as deleted
-                break
-            window.append((msg_id, dict(zip(flat[0::2], flat[1::2], strict=True))))
+        floor = parse_id(floor_id) or MessageId(0, 0)
         found: list[Message] = []
-        for msg_id, fields in reversed(window):
+        for entry_id, flat in entries:  # oldest first, each newer than the floor
+            msg_id = parse_id(entry_id)
+            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
             targets = frozenset(fields["t"].split(",")) if "t" in fields else None
-            if "k" not in fields or (targets is not None and user_id not in targets):
+            if msg_id is None or "k" not in fields or (targets is not None and user_id not in targets):
                 continue
             data = orjson.loads(fields["d"]) if "d" in fields else None
             found.append(Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id)))

@@ -1,7 +1,9 @@
 """The Lua scripts the Redis backend runs: each decision that reads presence is one atomic round trip.
 
 Plain strings, so this module imports no Redis client. Key names are built from a prefix passed as ARGV[1]
-(KEYS lists the fixed keys; per-node keys are derived, which is fine on a single Redis, not on a Cluster).
+(KEYS lists the fixed keys; per-node and per-user keys are derived, which is fine on a single Redis, not on a
+Cluster). The layout is in docs/cluster.md: a feed (the history's bodies), one inbox stream per node (what
+that node delivers, in id order), a per-user presence index and a per-user history index.
 
 A node is live while its heartbeat key `<prefix>node:<id>` exists. A script that finds a node in the set
 `<prefix>nodes` without a heartbeat forgets it and deletes its presence hash, so a killed node's users leave
@@ -10,49 +12,96 @@ A node is live while its heartbeat key `<prefix>node:<id>` exists. A script that
 
 from __future__ import annotations
 
-# The live nodes, pruning dead ones. Shared by the scripts below.
+# The live nodes, pruning dead ones; `forget` drops a dead node's presence, its inbox, and its entries in the
+# per-user index `<prefix>where:<user>` (node -> sockets), once, when a script first finds it dead.
 _LIVE = """
+local function forget(nodes_key, prefix, n)
+  redis.call('SREM', nodes_key, n)
+  local presence = prefix .. 'presence:' .. n
+  for _, user in ipairs(redis.call('HKEYS', presence)) do redis.call('HDEL', prefix .. 'where:' .. user, n) end
+  redis.call('DEL', presence, prefix .. 'inbox:' .. n)
+end
 local function live_nodes(nodes_key, prefix)
   local live = {}
   for _, n in ipairs(redis.call('SMEMBERS', nodes_key)) do
     if redis.call('EXISTS', prefix .. 'node:' .. n) == 1 then
       table.insert(live, n)
     else
-      redis.call('SREM', nodes_key, n)
-      redis.call('DEL', prefix .. 'presence:' .. n)
+      forget(nodes_key, prefix, n)
     end
   end
   return live
 end
+-- The live nodes that hold `user`, from the per-user index: its cost is the user's nodes, not the cluster's.
+-- An entry of a node whose heartbeat is gone is dropped here (the node is forgotten by the next full scan).
+local function holders(prefix, user)
+  local where = prefix .. 'where:' .. user
+  local out = {}
+  local flat = redis.call('HGETALL', where)
+  for i = 1, #flat, 2 do
+    if redis.call('EXISTS', prefix .. 'node:' .. flat[i]) == 1 then
+      table.insert(out, {flat[i], tonumber(flat[i + 1])})
+    else
+      redis.call('HDEL', where, flat[i])
+    end
+  end
+  return out
+end
 """
 
-# KEYS: nodes, feed. ARGV: prefix, maxlen, number of targets, the targets..., then field, value pairs.
-# Returns {id or false, {live nodes}}: the 404 decision and the XADD in one step, so no node can miss it.
-# A number of targets of -1 adds the entry whoever is connected (a control entry).
+# KEYS: nodes, feed. ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of
+# targets, the targets..., then field, value pairs. Mode `all`: a broadcast, to every live node (404 if nobody
+# is connected anywhere); `users`: to the nodes that hold a target (404 if none does); `close`: a control entry
+# to the nodes that hold the one target, stored nowhere else.
+# Returns {id or false, {the nodes it was written to}}: the 404 decision, the id, the history, the per-user
+# (or broadcast) index and every inbox in one step, so each inbox gets its entries in id order.
+# The history window is the last `size` messages: `seq` counts them and `ring` keeps each one's id at
+# seq mod (size + 1), so the newest message outside the window is one HGET away (see REPLAY).
 PUBLISH = (
     _LIVE
     + """
-local prefix, maxlen, ntargets = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local live = live_nodes(KEYS[1], prefix)
-local anyone = ntargets < 0
-if anyone then ntargets = 0 end
-for _, n in ipairs(live) do
-  if anyone then break end
-  local key = prefix .. 'presence:' .. n
-  if ntargets == 0 then
-    anyone = redis.call('HLEN', key) > 0
-  else
-    for i = 4, 3 + ntargets do
-      if redis.call('HEXISTS', key, ARGV[i]) == 1 then anyone = true break end
+local prefix, feedmax, inboxmax, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local mode, ntargets = ARGV[6], tonumber(ARGV[7])
+local to = {}
+if mode == 'all' then
+  local anyone = false
+  for _, n in ipairs(live_nodes(KEYS[1], prefix)) do
+    table.insert(to, n)
+    if not anyone then anyone = redis.call('HLEN', prefix .. 'presence:' .. n) > 0 end
+  end
+  if not anyone then return {false, {}} end
+else
+  local seen = {}
+  for i = 8, 7 + ntargets do
+    for _, h in ipairs(holders(prefix, ARGV[i])) do
+      if not seen[h[1]] then
+        seen[h[1]] = true
+        table.insert(to, h[1])
+      end
     end
   end
-  if anyone then break end
+  if #to == 0 then return {false, {}} end
 end
-if not anyone then return {false, live} end
 local fields = {}
-for i = 4 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
-return {id, live}
+for i = 8 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', feedmax, '*', unpack(fields))
+if mode ~= 'close' then
+  local seq = redis.call('INCR', prefix .. 'seq')
+  redis.call('HSET', prefix .. 'ring', seq % (size + 1), id)
+  if mode == 'all' then
+    redis.pcall('XADD', prefix .. 'all', 'MAXLEN', '~', size, id, 'x', '')
+  else
+    for i = 8, 7 + ntargets do
+      local index = prefix .. 'u:' .. ARGV[i]
+      redis.pcall('XADD', index, 'MAXLEN', '~', size, id, 'x', '')
+      redis.call('PEXPIRE', index, ttl)
+    end
+  end
+end
+for _, n in ipairs(to) do
+  redis.pcall('XADD', prefix .. 'inbox:' .. n, 'MAXLEN', '~', inboxmax, id, unpack(fields))
+end
+return {id, to}
 """
 )
 
@@ -63,14 +112,15 @@ JOIN = (
     + """
 local prefix, me, user, mine, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local others = 0
-for _, n in ipairs(live_nodes(KEYS[1], prefix)) do
-  if n ~= me then others = others + tonumber(redis.call('HGET', prefix .. 'presence:' .. n, user) or '0') end
+for _, h in ipairs(holders(prefix, user)) do
+  if h[1] ~= me then others = others + h[2] end
 end
 local registered = redis.call('EXISTS', prefix .. 'node:' .. me)
 if others + mine > limit then return {0, others, registered} end
 local key = prefix .. 'presence:' .. me
 redis.call('HSET', key, user, mine)
 redis.call('PEXPIRE', key, ARGV[6])
+redis.call('HSET', prefix .. 'where:' .. user, me, mine)
 return {1, others, registered}
 """
 )
@@ -87,6 +137,21 @@ end
 return out
 """
 )
+
+# Stream ids compared as numbers (as strings "1700000000000-12" do not sort). Both parts fit a Lua double
+# exactly for any id Redis hands out in this millennium.
+_IDS = """
+local function parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function later(a, b)
+  local ams, aseq = parts(a)
+  local bms, bseq = parts(b)
+  if ams > bms or (ams == bms and aseq >= bseq) then return a end
+  return b
+end
+"""
 
 _INFO = """
 local function last_and_deleted(stream)
@@ -110,6 +175,7 @@ end
 # restarted Redis's clock is behind.
 REPAIR = (
     _INFO
+    + _IDS
     + """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local last = last_and_deleted(KEYS[1])
@@ -121,16 +187,6 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], 'diary-ws-init', '$', 'MKSTREAM')
   redis.call('XGROUP', 'DESTROY', KEYS[1], 'diary-ws-init')
 end
-local function parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function later(a, b)
-  local ams, aseq = parts(a)
-  local bms, bseq = parts(b)
-  if ams > bms or (ams == bms and aseq >= bseq) then return a end
-  return b
-end
 local last = last_and_deleted(KEYS[1])
 local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
 redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
@@ -139,16 +195,43 @@ return {1, top}
 """
 )
 
-# KEYS: feed. ARGV: since (an id), count. Returns {seconds, microseconds, last id, max deleted id, entries
-# newest first}: the entries after `since`, at most `count`, read with the stream's state in one step.
+# KEYS: feed. ARGV: prefix, user, since (an id), history size, history TTL in ms.
+# Returns {seconds, microseconds, last id, floor, {entry, ...} oldest first}: the user's messages and the
+# broadcasts after `since` and inside the window, found through the per-user and broadcast indexes (so the
+# cost follows what is returned, not the history's size), with the floor: the newest id outside the window
+# (trimmed from the feed, pushed out by `size` newer messages, or older than the TTL).
 REPLAY = (
     _INFO
+    + _IDS
     + """
+local prefix, user, since, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
-local last, deleted = last_and_deleted(KEYS[1])
-local entries = redis.pcall('XREVRANGE', KEYS[1], '+', '(' .. ARGV[1], 'COUNT', ARGV[2])
-if type(entries) ~= 'table' or entries.err then entries = {} end
-return {t[1], t[2], last, deleted, entries}
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last, floor = last_and_deleted(KEYS[1])
+local seq = tonumber(redis.call('GET', prefix .. 'seq') or '0')
+if seq > size then
+  local out = redis.call('HGET', prefix .. 'ring', (seq + 1) % (size + 1))
+  if out then floor = later(floor, out) end
+end
+local cutoff = string.format('%.0f', now - ttl)
+local old = redis.pcall('XREVRANGE', KEYS[1], '(' .. cutoff .. '-0', '-', 'COUNT', 1)
+if type(old) == 'table' and not old.err and #old > 0 then floor = later(floor, old[1][1]) end
+local ids = {}
+for _, index in ipairs({prefix .. 'u:' .. user, prefix .. 'all'}) do
+  local found = redis.pcall('XREVRANGE', index, '+', '(' .. since, 'COUNT', size)
+  if type(found) == 'table' and not found.err then
+    for _, e in ipairs(found) do
+      if later(e[1], floor) ~= floor then table.insert(ids, e[1]) end
+    end
+  end
+end
+table.sort(ids, function(a, b) return a ~= b and later(a, b) == b end)
+local entries = {}
+for i = math.max(1, #ids - size + 1), #ids do
+  local e = redis.call('XRANGE', KEYS[1], ids[i], ids[i])
+  if #e > 0 then table.insert(entries, e[1]) end
+end
+return {t[1], t[2], last, floor, entries}
 """
 )
 
