@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -44,7 +45,7 @@ from diary_ws.backends.base import Counts
 from diary_ws.backends.redis import RedisBackend
 from diary_ws.errors import DiaryWSError
 from diary_ws.messages import Draft, Message, MessageId
-from tests.utils import redis_server, wait_until
+from tests.utils import async_wait_until, redis_server, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 REDIS_CORE, SIM_CORE = 0, 1
@@ -171,6 +172,7 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
             cpu_a, calls_a = await meter.read()
             start = time.perf_counter()
             latencies = await run()
+            await settled()
             elapsed = time.perf_counter() - start
             cpu_b, calls_b = await meter.read()
             cpu = max(0.0, cpu_b - cpu_a - idle_cpu * elapsed)
@@ -181,6 +183,14 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
         all_users = [u for node in nodes for u in node.users]
         expected = dict.fromkeys(all_users, 0)
         delivered_broadcasts: list[MessageId] = []
+
+        async def settled() -> None:
+            """Wait (no Redis command) until every node has delivered what was published, and a little for
+            the count replies that follow, so a phase is charged for all of its own work and no more."""
+            want = sum(expected.values()) + len(delivered_broadcasts) * len(all_users)
+            with contextlib.suppress(AssertionError):  # past a minute: measured as it stands
+                await async_wait_until(lambda: sum(n.deliveries for n in nodes) >= want, 60, "deliveries")
+            await asyncio.sleep(0.3)
 
         async def targeted_one() -> None:
             user = rng.choice(all_users)
@@ -207,6 +217,7 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
         # Fill the history to its size first (not measured), so a resume asks for a full window.
         fill = max(0, args.history - args.targeted - args.broadcasts)
         await open_loop(args.fill_rate, fill, targeted_one)
+        await settled()
 
         row.targeted_sent, row.targeted_rate = args.targeted, args.rate
         cpu, cmds, lat = await phase(lambda: open_loop(args.rate, args.targeted, targeted_one), args.targeted)
@@ -292,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 5, 10, 25, 50])
     parser.add_argument("--users", type=int, default=100, help="users per simulated node")
-    parser.add_argument("--history", type=int, default=500, help="HISTORY_SIZE")
-    parser.add_argument("--targeted", type=int, default=200, help="targeted messages measured")
-    parser.add_argument("--rate", type=float, default=50.0, help="targeted messages a second")
-    parser.add_argument("--fill-rate", type=float, default=100.0, help="rate of the unmeasured history fill")
+    parser.add_argument("--history", type=int, default=400, help="HISTORY_SIZE")
+    parser.add_argument("--targeted", type=int, default=100, help="targeted messages measured")
+    parser.add_argument("--rate", type=float, default=20.0, help="targeted messages a second")
+    parser.add_argument("--fill-rate", type=float, default=50.0, help="rate of the unmeasured history fill")
     parser.add_argument("--broadcasts", type=int, default=10)
-    parser.add_argument("--resumes", type=int, default=100)
-    parser.add_argument("--resume-rate", type=float, default=50.0)
+    parser.add_argument("--resumes", type=int, default=60)
+    parser.add_argument("--resume-rate", type=float, default=20.0)
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of idle measured per K")
     parser.add_argument("--pin", action="store_true", help="Redis on core 0, the simulator on core 1")
     parser.add_argument("--label", default="", help="a name for the results file")
