@@ -109,7 +109,7 @@ async def test_a_dead_node_leaves_the_users_index(redis: RedisServer) -> None:
     async with started(url, one) as first:
         second = RedisBackend(url, history_size=100, history_ttl=60)
         await second.start(two)
-        await join(second, two, "bob")  # type: ignore[arg-type]
+        await join(second, two, "bob")
         assert admin.hkeys(f"{PREFIX}where:bob") == [second.node_id]
         # The second node dies without a word: its tasks stop and its heartbeat goes (as after the TTL).
         for task in second._tasks:
