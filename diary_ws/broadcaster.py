@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from diary_ws.backends import Backend, Counts
+from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
@@ -369,17 +369,18 @@ class Hub:
 
     # --- publishing -------------------------------------------------------------------------------------
 
-    async def publish(self, note: Notification) -> PublishResult:
+    async def publish(self, note: Notification, claim: Claim | None = None) -> PublishResult:
         """Store and deliver one notification on every node.
 
         NobodyListening (404) when no targeted user is connected anywhere; BrokerUnavailable (503) when the
-        broker is down, checked first, so an outage never reads as "nobody there".
+        broker is down, checked first, so an outage never reads as "nobody there"; OutcomeUnknown (504) when
+        the broker did not answer in time. `claim`: the request's Idempotency-Key, for the backend to record.
         """
         targets = frozenset(note.user_ids) if note.user_ids is not None else None
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data))
+        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
         seconds = time.perf_counter() - started
         self.stats.published += 1

@@ -70,7 +70,15 @@ class ServerFull(DiaryWSError):
 
 
 class BrokerUnavailable(DiaryWSError):
+    """The broker could not be reached: nothing was stored, so nothing will be delivered (503)."""
+
     status_code = 503
+
+
+class OutcomeUnknown(DiaryWSError):
+    """The broker was asked and did not answer in time: the change may or may not have been made (504)."""
+
+    status_code = 504
 
 
 class NobodyListening(NotFound):

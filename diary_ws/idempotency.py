@@ -1,8 +1,11 @@
 """Idempotent publish: an `Idempotency-Key` seen again within the TTL gets the first answer, not a new send.
 
-Decisions (the README says the same):
-- Only a success is remembered. A refusal (404 nobody listening, 422, 503, ...) forgets the key, so the
-  sender can retry under it and have the message delivered once somebody listens.
+Decisions (docs/redis-failures.md says the same for Redis):
+- Only a stored message is remembered. A refusal (404 nobody listening, 422, 503, ...) forgets the key, so
+  the sender can retry under it and have the message delivered once somebody listens. With Redis the key is
+  recorded by the very script that stores the message, so a message whose answer was lost (504) is
+  remembered too: a retry gets the first answer once it is known, a 409 while it may still come, and, once
+  the first request is past its deadline without an answer, a 200 naming the stored id (its counts unknown).
 - The body is compared by meaning (the checked notification, keys sorted), so a retry that re-serialises
   the same JSON differently still matches; a different notification under the same key is 422.
 - A duplicate that arrives while the first is still being published gets 409 with `Retry-After: 1`
@@ -22,10 +25,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
+from diary_ws.deadline import REQUEST_SECONDS
 from diary_ws.errors import BadRequest, Conflict, DiaryWSError, ValidationError
 from diary_ws.validation import Notification
 
@@ -40,6 +44,14 @@ class Answer:
 
     status: int
     body: bytes
+
+
+class Claim(NamedTuple):
+    """An Idempotency-Key a publish carries to the backend: Redis records it in the step that stores the message."""
+
+    key: str
+    fingerprint: str  # hex: the notification's meaning (see `fingerprint`)
+    ttl: float  # seconds the key is kept
 
 
 @dataclass(slots=True)
@@ -128,7 +140,8 @@ class SharedKeys(Protocol):
     """Idempotency keys every node shares (the Redis backend)."""
 
     async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
-        """("first", 0, "") | ("busy", 0, "") | ("other", 0, "") | ("done", status, body)."""
+        """("first", 0, "") | ("busy", 0, "") | ("other", 0, "") | ("done", status, body) |
+        ("stale", live nodes, id): stored over `busy_ttl` seconds ago and never answered."""
         ...
 
     async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None:
@@ -136,14 +149,16 @@ class SharedKeys(Protocol):
         ...
 
     async def idem_abandon(self, key: str) -> None:
-        """Forget the key if no answer was kept."""
+        """Forget the key if no message was stored under it."""
         ...
 
 
 class Idempotency(Protocol):
-    """What the publish route needs: `IdempotencyCache`'s three steps, awaitable."""
+    """What the publish route needs: `IdempotencyCache`'s three steps, awaitable, and the claim for the
+    backend (None when the key is kept in this process)."""
 
     async def begin(self, key: str, print_: bytes) -> Answer | None: ...
+    def claim(self, key: str, print_: bytes) -> Claim | None: ...
     async def finish(self, key: str, answer: Answer) -> None: ...
     async def abandon(self, key: str) -> None: ...
 
@@ -157,6 +172,9 @@ class LocalIdempotency:
     async def begin(self, key: str, print_: bytes) -> Answer | None:
         return self.cache.begin(key, print_)
 
+    def claim(self, key: str, print_: bytes) -> Claim | None:
+        return None  # the cache holds the key already; the memory backend stores nothing of it
+
     async def finish(self, key: str, answer: Answer) -> None:
         self.cache.finish(key, answer)
 
@@ -164,16 +182,18 @@ class LocalIdempotency:
         self.cache.abandon(key)
 
 
-# How long a key may stay "still being published" in the shared store: a node that dies mid-publish must not
-# block the key for the whole TTL. A publish waits at most a few seconds (the broker's bounded gather).
-BUSY_TTL = 30.0
+# How long after its message was stored (by Redis's clock) a key without an answer makes a retry wait (409):
+# the first request may still be answering, within its deadline and the write of its answer. Past it, that
+# request has given up (504) and a retry is told the message was sent, under its id.
+BUSY_WINDOW = REQUEST_SECONDS + 2.0
 
 
 class SharedIdempotency:
     """The same contract as IdempotencyCache, kept in Redis, so a retry on another node is recognised too.
 
-    One difference: a key whose first request is still running expires after BUSY_TTL, and a finished key
-    is kept `ttl` seconds from its answer rather than from its first use.
+    The key is recorded with the message, in the script that stores it (`claim`), so even a request that
+    could not learn its own outcome (504) leaves the key for its retry. A finished key is kept `ttl` seconds
+    from its answer rather than from its first use.
     """
 
     def __init__(self, ttl: float, store: SharedKeys) -> None:
@@ -181,7 +201,7 @@ class SharedIdempotency:
         self.store = store
 
     async def begin(self, key: str, print_: bytes) -> Answer | None:
-        state, status, body = await self.store.idem_begin(key, print_.hex(), min(BUSY_TTL, self.ttl))
+        state, number, text = await self.store.idem_begin(key, print_.hex(), BUSY_WINDOW)
         if state == "other":
             raise ValidationError(
                 HEADER, f"was already used for a different notification in the last {self.ttl:g} s; use a new key"
@@ -191,17 +211,41 @@ class SharedIdempotency:
                 f"a request with this {HEADER} is still being processed; retry in a moment",
                 headers={"Retry-After": "1"},
             )
-        return Answer(status, body.encode()) if state == "done" else None
+        if state == "stale":
+            answer = Answer(200, stale_answer(text, number))
+            await self.finish(key, answer)  # every later retry gets the same answer
+            return answer
+        return Answer(number, text.encode()) if state == "done" else None
+
+    def claim(self, key: str, print_: bytes) -> Claim:
+        return Claim(key, print_.hex(), self.ttl)
 
     async def finish(self, key: str, answer: Answer) -> None:
-        # The message is out: if the answer cannot be kept, a retry would send it again, which is what a
-        # client without the key would get. Nothing better is possible then; the broker error is not raised.
+        # The message is out: if the answer cannot be kept, a retry finds the key without one, waits out
+        # BUSY_WINDOW (409) and is then told the id (see `stale_answer`). The broker error is not raised.
         with contextlib.suppress(DiaryWSError):
             await self.store.idem_finish(key, answer.status, answer.body.decode(), self.ttl)
 
     async def abandon(self, key: str) -> None:
         with contextlib.suppress(DiaryWSError):
             await self.store.idem_abandon(key)
+
+
+def stale_answer(msg_id: str, nodes: int) -> bytes:
+    """The answer for a key whose message was stored by a request that never answered (it said 504).
+
+    The guide's fields with the stored id; the counts were never gathered, so they are 0 and every live
+    node is in `nodes_missing`, which says exactly that.
+    """
+    return orjson.dumps({
+        "status": "success",
+        "message": f"Notification sent by an earlier request with this {HEADER}; its counts were not recorded",
+        "sent_count": 0,
+        "total_connections": 0,
+        "disconnected_users": 0,
+        "id": msg_id,
+        "nodes_missing": max(nodes, 1),
+    })  # fmt: skip
 
 
 def for_app(ttl: float, shared: SharedKeys | None) -> Idempotency:

@@ -13,12 +13,21 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from diary_ws import idempotency
+from diary_ws import deadline, idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
 from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
 from diary_ws.console import console
-from diary_ws.errors import BadRequest, DiaryWSError, NotFound, PayloadTooLarge, ServerFull
+from diary_ws.errors import (
+    BadRequest,
+    BrokerUnavailable,
+    DiaryWSError,
+    NotFound,
+    OutcomeUnknown,
+    PayloadTooLarge,
+    ServerFull,
+)
+from diary_ws.idempotency import Claim
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
@@ -101,6 +110,19 @@ class Notify:
         return status
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
+        # One deadline for every broker call of this request (rate limit, idempotency key, publish), and a
+        # backstop over all of it: past it the outcome is unknown, which is what a 504 says.
+        with deadline.request():
+            try:
+                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                    return await self._handle_in_time(scope, receive)
+            except TimeoutError:
+                raise OutcomeUnknown(
+                    "no answer in time: the notification may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                ) from None
+
+    async def _handle_in_time(self, scope: Scope, receive: Receive) -> Answer:
         state = scope["app"].state
         settings: Settings = state.settings
         found: dict[bytes, str] = {}
@@ -128,21 +150,22 @@ async def publish_once(
     cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
 ) -> Answer:
     """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
-    first = await cache.begin(key, idempotency.fingerprint(note))
+    print_ = idempotency.fingerprint(note)
+    first = await cache.begin(key, print_)
     if first is not None:
         return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
     try:
-        status, body, _ = await publish(hub, note, headers)
-    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry
+        status, body, _ = await publish(hub, note, headers, cache.claim(key, print_))
+    except BaseException:  # 404, 503, a cancelled request: the key is free for a retry (unless a message is stored)
         await cache.abandon(key)
         raise
     await cache.finish(key, idempotency.Answer(status, body))
     return status, body, headers
 
 
-async def publish(hub: Hub, note: Notification, headers: dict[str, str]) -> Answer:
+async def publish(hub: Hub, note: Notification, headers: dict[str, str], claim: Claim | None = None) -> Answer:
     """Publish and answer with the guide's fields plus `id`."""
-    result = await hub.publish(note)
+    result = await hub.publish(note, claim)
     noun = "user" if result.users_reached == 1 else "users"
     answer = {
         "status": "success",
@@ -202,7 +225,12 @@ async def status(request: Request) -> Response:
             raise BadRequest("query parameter limit must be a whole number of at least 0")
         limit = int(raw)
     hub: Hub = request.app.state.hub
-    return json_response(await hub.status(limit))
+    with deadline.request():
+        try:
+            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                return json_response(await hub.status(limit))
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
 
 
 async def metrics(request: Request) -> Response:
@@ -221,7 +249,14 @@ async def disconnect(request: Request) -> Response:
     check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
-    closed, missing = await hub.disconnect_user(user_id)
+    with deadline.request():
+        try:
+            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                closed, missing = await hub.disconnect_user(user_id)
+        except TimeoutError:
+            raise OutcomeUnknown(
+                "no answer in time: the connections may or may not have been closed; retrying is safe"
+            ) from None
     noun = "connection" if closed == 1 else "connections"
     answer = {"status": "success", "message": f"Closed {closed} {noun} of user {user_id}", "closed": closed}
     if missing:

@@ -193,14 +193,25 @@ async def test_redis_restart_503_while_down_then_recovery_with_presence_rewritte
             redis.start()  # the same port, and no data: everything Redis held is gone
             for srv in (a, b):
                 wait_until(partial(readyz_is, srv, 200), 15, "readyz to recover")
-            # Each node wrote its presence again, within one heartbeat.
+            # Whatever the old Redis held that a node had not read yet is gone: no socket may miss it
+            # silently, so each node closes its sockets with 1013 and they resume.
+            for ws in (alice, bob):
+                with pytest.raises(ConnectionClosed):
+                    await next_frame(ws)
+                assert ws.close_code == 1013
+                assert "reconnect with since" in (ws.close_reason or "")
+        async with listeners(
+            a.listen_url("alice", f"since={before['id']}"), b.listen_url("bob", f"since={before['id']}")
+        ) as (alice, bob):
+            for ws in (alice, bob):  # the history went with Redis: a since from before is not recovered
+                assert await next_frame(ws) == {"type": "resume", "recovered": False, "replayed": 0}
+            # Each node wrote its presence again.
             wait_until(lambda: a.status()["active_user_ids"] == ["alice", "bob"], 5, "presence to be rewritten")
             after = b.post({"message": "after"})
             assert after.status_code == 200, after.text
             assert counts(after.json()) == (2, 2, 0)
-            for ws in (alice, bob):  # the same sockets, open through the outage
+            for ws in (alice, bob):
                 assert (await next_frame(ws))["id"] == after.json()["id"]
-            # The history went with Redis: a since from before the restart is not recovered.
             async with connect(b.listen_url("alice", f"since={before['id']}")) as ws:
                 frame = await next_frame(ws)
                 assert frame["id"] == after.json()["id"]

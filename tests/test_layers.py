@@ -63,7 +63,7 @@ def test_nothing_below_imports_the_app_or_the_cli() -> None:
 
 
 def test_leaf_helpers_import_no_other_layer() -> None:
-    for leaf in ("diary_ws.errors", "diary_ws.messages", "diary_ws.settings"):
+    for leaf in ("diary_ws.errors", "diary_ws.messages", "diary_ws.settings", "diary_ws.deadline"):
         ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
         assert ours <= {"diary_ws.errors"}, (leaf, ours)
 
@@ -103,5 +103,11 @@ def test_the_client_stands_alone() -> None:
 @pytest.mark.parametrize("leaf", ["diary_ws.auth", "diary_ws.ratelimit", "diary_ws.idempotency", "diary_ws.logs"])
 def test_security_helpers_are_leaves(leaf: str) -> None:
     ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
-    assert ours <= {"diary_ws.errors", "diary_ws.settings", "diary_ws.validation", "diary_ws.messages"}, ours
+    assert ours <= {
+        "diary_ws.errors",
+        "diary_ws.settings",
+        "diary_ws.validation",
+        "diary_ws.messages",
+        "diary_ws.deadline",
+    }, ours
     assert not {d for d in MODULES[leaf] if d.split(".")[0] in ("starlette", "uvicorn")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from diary_ws.backends.base import Backend, Counts, Node, Published, Replay
+from diary_ws.idempotency import Claim
 from diary_ws.settings import Settings
 
 
@@ -20,4 +21,4 @@ def backend_for(settings: Settings) -> Backend:
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
 
 
-__all__ = ["Backend", "Counts", "Node", "Published", "Replay", "backend_for"]
+__all__ = ["Backend", "Claim", "Counts", "Node", "Published", "Replay", "backend_for"]

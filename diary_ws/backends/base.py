@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sized
 from typing import NamedTuple, Protocol
 
+from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, Message, MessageId
 
 
@@ -79,11 +80,13 @@ class Backend(Protocol):
     def ready(self) -> bool:
         """Whether publishes can be stored and delivered now."""
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
         """Give the message its id, keep it in the history, deliver it everywhere, and count.
 
-        Raises NobodyListening (404) when none of `targets` (None: anyone) is connected on any node, and
-        BrokerUnavailable (503) when the message cannot be stored now.
+        Raises NobodyListening (404) when none of `targets` (None: anyone) is connected on any node,
+        BrokerUnavailable (503) when the message was not stored, and OutcomeUnknown (504) when the broker
+        did not answer in time (stored or not). With a `claim`, a backend that shares idempotency keys records
+        the key with the message, and raises Conflict (409) or ValidationError (422) when the key is taken.
         """
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:

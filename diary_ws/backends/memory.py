@@ -7,6 +7,7 @@ from collections import deque
 
 from diary_ws.backends.base import Node, Published, Replay
 from diary_ws.errors import NobodyListening
+from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, IdClock, Message, MessageId
 
 # One history entry: (ms, seq, targets, created, wire, offset), the fields of a Message. A tuple of plain
@@ -40,7 +41,8 @@ class MemoryBackend:
     def ready(self) -> bool:
         return True
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
+        # The claim is for a shared store: in one process, idempotency.IdempotencyCache has the key already.
         node = self._node
         users = node.presence() if node is not None else {}  # not started: nobody can be listening
         if node is None or not users or (targets is not None and users.keys().isdisjoint(targets)):

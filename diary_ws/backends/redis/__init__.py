@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import cast
 
 from redis.exceptions import RedisError
 
@@ -81,7 +80,7 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
             # Leave at once, so status forgets this node now rather than when its heartbeat expires.
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(COMMAND_TIMEOUT):
-                    users = cast(list[str], await self._cmd.hkeys(self._presence_key))
+                    users = self._indexed
                     async with self._cmd.pipeline(transaction=True) as pipe:
                         pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key)
                         pipe.srem(self._keys[0], self.node_id)

@@ -12,17 +12,20 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from diary_ws import deadline
 from diary_ws.backends.base import Node
-from diary_ws.errors import BrokerUnavailable
+from diary_ws.backends.redis import scripts
+from diary_ws.errors import BrokerUnavailable, OutcomeUnknown
 
 if TYPE_CHECKING:
     from diary_ws.backends.redis.feed import _Gather
@@ -34,7 +37,7 @@ PREFIX = "diary-ws:"
 HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
 HEARTBEAT_TTL = 6.0  # a node silent this long is dead: its users leave status, publishes stop waiting for it
 PUBLISH_WAIT = 1.0  # the longest a publish waits for the other nodes' counts
-READ_BLOCK = 2.0  # XREAD BLOCK, seconds; a reader silent for longer than this plus READ_GRACE is stalled
+READ_BLOCK = 1.5  # XREAD BLOCK, seconds; a reader silent for longer than this plus READ_GRACE is stalled
 READ_GRACE = 1.0
 READ_COUNT = 500  # entries per XREAD
 REPORT_MAX_AGE_MS = 60_000  # entries older than this (a reader catching up) are delivered but not reported
@@ -42,6 +45,9 @@ REPORT_MAX_AGE_MS = 60_000  # entries older than this (a reader catching up) are
 # rewrites its presence within about one heartbeat of Redis coming back.
 RETRY_FIRST, RETRY_MAX = 0.1, HEARTBEAT_INTERVAL
 COMMAND_TIMEOUT = 2.0  # socket timeout of ordinary commands
+TOKEN_TTL = 30.0  # seconds a publish's own record lives: longer than any of its retries can take to run
+CLOSE_TRY_AGAIN = 1013  # the close code of a socket that must resume (as diary_ws.broadcaster.CLOSE_TRY_AGAIN)
+BACKGROUND_BOUND = 3 * COMMAND_TIMEOUT  # the longest a script outside a request may take, retries included
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 
 
@@ -82,6 +88,15 @@ class _State:
         self.up = False
 
 
+class _Attempt:
+    """Whether a command may have left for Redis (after that, a failure leaves its outcome unknown)."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
 class RedisCore:
     """The state of one node of a diary-ws cluster that shares one Redis, and the plumbing every part uses."""
 
@@ -113,18 +128,103 @@ class RedisCore:
         self._heartbeat_key = f"{PREFIX}node:{self.node_id}"
         self._replies_key = f"{PREFIX}replies:{self.node_id}"
         self._inbox_key = f"{PREFIX}inbox:{self.node_id}"  # what the publish script routes to this node
+        self._indexed: set[str] = set()  # users this node has an entry for in their `where:<user>` index
+        # Held by the reader while it delivers a batch and by the heartbeat while it finds out whether this node
+        # was taken for dead: a node that was must close its sockets before it delivers anything newer.
+        self._gate = asyncio.Lock()
+        self._epoch = ""  # the name of Redis's data this node's reader last repaired or found (scripts.REPAIR)
+        self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 
     # --- plumbing -------------------------------------------------------------------------------------------
 
     async def _run(self, source: str, keys: list[str], argv: list[Any]) -> Any:
-        """Run a script; any Redis failure becomes BrokerUnavailable for the caller."""
+        """Run a script that is safe to run twice (a read, a presence write, a token bucket), within the
+        request's deadline (diary_ws.deadline), redis-py's own retries included; any failure, a timeout
+        included, becomes BrokerUnavailable for the caller."""
         if self._cmd is None:
             raise BrokerUnavailable("broker unavailable: the backend is not started (run the app's lifespan)")
+        budget = deadline.left(BACKGROUND_BOUND)
+        if budget <= 0:
+            raise BrokerUnavailable("broker unavailable: no time was left for it; retry later")
         try:
-            # EVALSHA; after a Redis restart forgot the script, redis-py loads it again.
-            return await self._scripts[source](keys, argv)
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(budget):
+                # EVALSHA; after a Redis restart forgot the script, redis-py loads it again.
+                return await self._scripts[source](keys, argv)
+        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
             raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
+
+    async def _store(self, keys: list[str], argv: list[Any], what: str) -> Any:
+        """Run the PUBLISH script, which stores a message at most once per request token, until it answers
+        or the deadline passes.
+
+        Its own connection and no redis-py retry, so a failure is known to have come before the command
+        was sent (nothing stored: the caller answers 503) or after (maybe stored: 504). Within the deadline
+        it is sent again after either: the script recognises an earlier attempt of the same request.
+        Returns (the script's answer, whether an earlier attempt may have been run).
+        """
+        if self._cmd is None:
+            raise BrokerUnavailable("broker unavailable: the backend is not started (run the app's lifespan)")
+        until = deadline.until(COMMAND_TIMEOUT)
+        sent = False
+        delay = 0.05
+        while True:
+            attempt = _Attempt()
+            try:
+                async with asyncio.timeout(until - time.monotonic()):
+                    return await self._script_once(scripts.PUBLISH, keys, argv, attempt), sent
+            except (RedisError, OSError) as exc:
+                sent = sent or attempt.sent
+                failure: BaseException = exc
+            if time.monotonic() + delay >= until:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.4)
+        if sent:
+            raise OutcomeUnknown(
+                f"the broker did not answer in time ({type(failure).__name__}): {what} may or may not have been "
+                "sent; a retry with the same Idempotency-Key is safe (without one, a retry may send it twice)"
+            ) from failure
+        raise BrokerUnavailable(
+            f"broker unavailable ({type(failure).__name__}): {what} was not sent; retry later"
+        ) from failure
+
+    async def _script_once(self, source: str, keys: list[str], argv: list[Any], attempt: _Attempt) -> Any:
+        """Send one script on a pooled connection, noting in `attempt` when the command may have left."""
+        assert self._cmd is not None
+        pool = self._cmd.connection_pool
+        conn = await cast(Any, pool).get_connection()  # connects (and handshakes) if it must: nothing of ours sent yet
+        try:
+            await conn.check_health()  # the PING after an idle spell, before our command
+            attempt.sent = True
+            script = self._scripts[source]
+            await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *argv, check_health=False)
+            try:
+                return await conn.read_response()
+            except NoScriptError:  # a restarted Redis forgot it: it did not run, so sending the source is safe
+                await conn.send_command("EVAL", source, len(keys), *keys, *argv, check_health=False)
+                return await conn.read_response()
+        except BaseException:
+            await conn.disconnect(nowait=True)  # whatever is left unread on it must not reach the next user
+            raise
+        finally:
+            await pool.release(conn)
+
+    def _resync(self, why: str) -> None:
+        """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
+        assert self._node is not None
+        users = list(self._node.presence())
+        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
+                     for user in users)  # fmt: skip
+        if closed:
+            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
+
+    def _redis_ms(self) -> float | None:
+        """Redis's clock now, in ms, from its last TIME and this process's monotonic clock since; None before
+        the first. Ages of stream ids are measured on it, so no node's wall clock matters."""
+        if self._clock is None:
+            return None
+        redis_ms, at = self._clock
+        return redis_ms + (time.monotonic() - at) * 1000
 
     async def _guarded(self, what: str, once: Callable[[], Awaitable[None]], state: _State | None) -> None:
         """Run `once` forever; on a Redis failure, log the change of state and retry with backoff."""

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import orjson
 
+from diary_ws import deadline
 from diary_ws.backends.base import Counts, Published
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
@@ -20,10 +21,13 @@ from diary_ws.backends.redis.client import (
     READ_BLOCK,
     READ_COUNT,
     REPORT_MAX_AGE_MS,
+    TOKEN_TTL,
     RedisCore,
+    _hashed,
     log,
 )
-from diary_ws.errors import NobodyListening
+from diary_ws.errors import BrokerUnavailable, Conflict, NobodyListening, OutcomeUnknown, ValidationError
+from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 
 
@@ -55,14 +59,14 @@ class FeedMixin(RedisCore):
 
     # --- publish -----------------------------------------------------------------------------------------
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
         fields: dict[str, str] = {"k": draft.kind, "m": draft.message}
         if draft.data is not None:
             fields["d"] = orjson.dumps(draft.data).decode()
         if targets is not None:
             fields["t"] = ",".join(targets)  # user ids never contain a comma
         mode, named = ("all", []) if targets is None else ("users", sorted(targets))
-        msg_id, reports, missing = await self._gather(mode, named, fields)
+        msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification")
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
         users: set[str] = set()
@@ -76,41 +80,64 @@ class FeedMixin(RedisCore):
         # A control entry in the inboxes of the nodes that hold the user: each closes its sockets of the user
         # and reports how many; it is ordered after every message before it. It is kept in no history index.
         fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
-        _id, reports, missing = await self._gather("close", [user_id], fields)
+        _id, reports, missing = await self._gather("close", [user_id], fields, None, "the close of the connections")
         return sum(counts.sent for counts in reports), missing
 
     async def _gather(
-        self, mode: str, targets: list[str], fields: dict[str, str]
+        self, mode: str, targets: list[str], fields: dict[str, str], claim: Claim | None, what: str
     ) -> tuple[MessageId | None, list[Counts], int]:
         """Add an entry unless nobody it is for is connected, and gather the counts of the nodes it went to.
 
         `mode` is the publish script's: `all`, `users` (the nodes holding `targets`), `close` (likewise).
-        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT; the
-        number of live nodes that did not report).
+        Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT and the
+        request's deadline; the number of nodes it went to that did not report). Raises BrokerUnavailable
+        when nothing was stored, OutcomeUnknown when that is not known, Conflict or ValidationError when
+        another request holds the claim's key.
         """
         token = secrets.token_hex(8)
         gather = self._pending[token] = _Gather()
         try:
             feed_max, index_ttl = max(self._size, FEED_MIN), int(self._ttl * 1000) + 1000
             head = [PREFIX, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
+            if claim is None:  # a record of this request alone: its retries after a lost answer store once
+                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+            else:  # the Idempotency-Key's record: a later request with the key finds the message
+                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
             entry = {"o": self.node_id, "r": token, **fields}
-            argv = [*head, *(x for kv in entry.items() for x in kv)]
-            answer = await self._run(scripts.PUBLISH, [self._keys[0], self._keys[1]], argv)
-            if not answer[0]:
+            argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
+            (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
+            if outcome != "added" and unknown:
+                # This attempt was refused, but an earlier one may still be run by Redis (sent, then the
+                # connection failed): only a stored answer is sure.
+                raise OutcomeUnknown(
+                    f"the broker answered late: {what} may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                )
+            if outcome == "nobody":
                 return None, [], 0
-            msg_id = parse_id(answer[0])
-            assert msg_id is not None, answer
-            gather.expect(set(answer[1]))
+            if outcome == "epoch":
+                raise BrokerUnavailable(f"broker unavailable (it lost its data and is being repaired): {what} was "
+                                        "not sent; retry later")  # fmt: skip
+            if outcome == "busy":
+                raise Conflict(
+                    "a request with this Idempotency-Key is still being processed; retry in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            if outcome == "other":
+                raise ValidationError("Idempotency-Key", "was already used for a different notification; use a new key")
+            msg_id = parse_id(found[0])
+            assert msg_id is not None, found
+            gather.expect(set(live))
             if not gather.done.is_set():
                 # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(PUBLISH_WAIT):
+                    async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
                         await gather.done.wait()
         finally:
             del self._pending[token]
         missing = sorted((gather.expected or set()) - gather.reports.keys())
         if missing:
-            log.warning("entry %s: no counts within %.1f s from node(s) %s", msg_id, PUBLISH_WAIT, ", ".join(missing))
+            log.warning("entry %s: no counts in time from node(s) %s", msg_id, ", ".join(missing))
         return msg_id, list(gather.reports.values()), len(missing)
 
     # --- the reader ----------------------------------------------------------------------------------------
@@ -118,13 +145,7 @@ class FeedMixin(RedisCore):
     async def _read_once(self) -> None:
         assert self._blocking is not None
         if not self._reader.up:
-            lost, last = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
-            if lost and self._last_id != "0-0":
-                log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
-            elif lost:
-                log.info("Redis holds no diary-ws data yet: history starts now")
-            if self._last_id == "0-0":
-                self._last_id = last  # a fresh process starts at the end of the feed
+            await self._repair()
         # After a reconnect the first read barely blocks, and only once it has come back is the reader up:
         # a blocking connection that went stale in a Redis restart fails on its first command,
         # and a node must not say ready while its reader is still in backoff.
@@ -140,16 +161,17 @@ class FeedMixin(RedisCore):
             if self._presence.up:
                 self._up.set()
         reports: list[tuple[str, bytes]] = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                try:
-                    report = await self._deliver(entry_id, fields)
-                except Exception:  # a bad entry must not stop the feed: skip it, loudly
-                    log.exception("skipping stream entry %s", entry_id)
-                    report = None
-                if report is not None:
-                    reports.append(report)
-                self._last_id = entry_id
+        async with self._gate:  # not while the heartbeat finds out whether this node was taken for dead
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    try:
+                        report = await self._deliver(entry_id, fields)
+                    except Exception:  # a bad entry must not stop the feed: skip it, loudly
+                        log.exception("skipping stream entry %s", entry_id)
+                        report = None
+                    if report is not None:
+                        reports.append(report)
+                    self._last_id = entry_id
         self._last_read = time.monotonic()
         if reports:
             assert self._cmd is not None
@@ -159,6 +181,26 @@ class FeedMixin(RedisCore):
                     pipe.rpush(key, body)
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()
+
+    async def _repair(self) -> None:
+        """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
+        entries (Redis lost them, or trimmed them before this reader got there). If it did, its sockets are
+        closed with 1013, so they resume with `since` and hear `recovered: false`, never a silent gap."""
+        keys = [self._keys[1], self._keys[2], self._inbox_key]
+        lost, last, epoch, deleted = await self._run(scripts.REPAIR, keys, [self._last_id])
+        position = parse_id(self._last_id) or MessageId(0, 0)
+        if lost and self._last_id != "0-0":
+            log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
+        elif lost:
+            log.info("Redis holds no diary-ws data yet: history starts now")
+        if self._last_id == "0-0":
+            self._last_id = last  # a fresh process starts at the end of the feed
+        elif epoch != self._epoch or (parse_id(deleted) or MessageId(0, 0)) > position:
+            # Lost with Redis, or trimmed unread: whatever this reader had not read yet is gone. Read on from
+            # where the repaired stream starts, and tell every socket here.
+            self._last_id = deleted if epoch != self._epoch else self._last_id
+            self._resync("Redis lost entries this node had not delivered yet")
+        self._epoch = epoch
 
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
@@ -181,7 +223,8 @@ class FeedMixin(RedisCore):
             if gather is not None:
                 gather.add(self.node_id, counts)
             return None
-        if origin is None or time.time() * 1000 - msg_id.ms > REPORT_MAX_AGE_MS:
+        now = self._redis_ms()  # the age of an entry on Redis's own clock: node clocks do not matter
+        if origin is None or (now is not None and now - msg_id.ms > REPORT_MAX_AGE_MS):
             return None
         return origin, orjson.dumps({"t": token, "n": self.node_id, "c": counts[:4], "u": counts.users})
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, cast
+from typing import Any
 
+from diary_ws import deadline
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
+from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
 
 
@@ -28,7 +29,12 @@ class PresenceMixin(RedisCore):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._joins.append((user_id, limit, done))
         self._wake.set()
-        await done
+        try:
+            # A handshake waits no longer than a request would: the writer may be stuck on a silent Redis.
+            async with asyncio.timeout(deadline.left(COMMAND_TIMEOUT)):
+                await done  # cancelled on timeout: the writer then skips it
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: cannot record the connection in time; retry later") from None
 
     def left(self, user_id: str) -> None:
         self._dirty.add(user_id)
@@ -66,16 +72,25 @@ class PresenceMixin(RedisCore):
         """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again."""
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
-        async with self._cmd.pipeline(transaction=True) as pipe:
-            pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
+        async with self._gate, self._cmd.pipeline(transaction=True) as pipe:
+            pipe.set(self._heartbeat_key, "1", px=ttl, get=True)
             pipe.sadd(self._keys[0], self.node_id)
             pipe.pexpire(self._presence_key, ttl)
             pipe.pexpire(self._inbox_key, ttl)  # a node gone without a word leaves no inbox behind
-            previous = (await pipe.execute())[0]
+            pipe.time()
+            asked = time.monotonic()
+            previous, _added, _expiring, _inbox, (seconds, micros) = await pipe.execute()
+            # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
+            self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
+            if previous is None and self._presence.ever:
+                # Taken for dead meanwhile: publishes stopped routing here (scripts.PUBLISH goes by the users'
+                # index and the live nodes), so its sockets may have missed messages. They resume, before the
+                # reader (held at the gate) delivers anything routed here from now on.
+                self._resync("this node's heartbeat had expired")
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
             # The per-user index too: this node's entry for every user here, and none for a user no longer here.
-            gone = set(cast(list[str], await self._cmd.hkeys(self._presence_key))) - counts.keys()
+            gone = self._indexed - counts.keys()
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(self._presence_key)
                 if counts:
@@ -86,6 +101,7 @@ class PresenceMixin(RedisCore):
                 for user_id, count in counts.items():
                     pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                 await pipe.execute()
+            self._indexed = set(counts)
             self._dirty.clear()
             if previous is None and self._presence.ever:
                 log.warning("presence: heartbeat had expired or Redis lost it; rewrote %d users", len(counts))
@@ -108,10 +124,16 @@ class PresenceMixin(RedisCore):
             except BaseException:
                 self._joins = joins[index:] + self._joins
                 raise
+            if accepted:
+                self._indexed.add(user_id)
             if not registered:
                 self._rewrite = True
                 self._wake.set()
-            if accepted:
+            if done.done():
+                # The handshake gave up waiting (and the socket went away): a presence write put right what
+                # the script counted.
+                self._dirty.add(user_id)
+            elif accepted:
                 done.set_result(None)
             else:
                 done.set_exception(
@@ -138,6 +160,8 @@ class PresenceMixin(RedisCore):
                         pipe.hdel(self._presence_key, user_id)
                         pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
                 await pipe.execute()
+            self._indexed |= {user_id for user_id in users if presence.get(user_id)}
+            self._indexed -= {user_id for user_id in users if not presence.get(user_id)}
         except BaseException:
             self._dirty |= users
             raise

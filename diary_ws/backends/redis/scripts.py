@@ -49,19 +49,42 @@ local function holders(prefix, user)
 end
 """
 
-# KEYS: nodes, feed. ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of
-# targets, the targets..., then field, value pairs. Mode `all`: a broadcast, to every live node (404 if nobody
-# is connected anywhere); `users`: to the nodes that hold a target (404 if none does); `close`: a control entry
-# to the nodes that hold the one target, stored nowhere else.
-# Returns {id or false, {the nodes it was written to}}: the 404 decision, the id, the history, the per-user
-# (or broadcast) index and every inbox in one step, so each inbox gets its entries in id order.
-# The history window is the last `size` messages: `seq` counts them and `ring` keeps each one's id at
-# seq mod (size + 1), so the newest message outside the window is one HGET away (see REPLAY).
+# KEYS: nodes, feed, epoch, the request's record (its Idempotency-Key's, or one of its own).
+# ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of targets, the
+# targets..., then the request's token, the key's fingerprint ('' without a key), the record's TTL in ms, the
+# epoch the node knows, then field, value pairs.
+# Mode `all`: a broadcast, to every live node (nobody if no one is connected anywhere); `users`: to the nodes
+# that hold a target, found in the per-user index (nobody if none does); `close`: a control entry to the nodes
+# that hold the one target, kept in no history index.
+# Returns {outcome, {the nodes it was written to}, id}, where outcome is
+# - 'added' (id: the entry's): stored now, or by an earlier attempt of this same request (its token, and the
+#   nodes it went to then), so a request may send this script again after a lost answer and store it once;
+# - 'nobody': no target is connected, nothing stored (the 404 decision and the XADD in one step);
+# - 'epoch': Redis is not the one the node knows (it lost its data and no reader has repaired the stream
+#   yet), nothing stored;
+# - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one.
+# One step writes the feed (the bodies), the history window, the per-user (or broadcast) index and the inbox
+# of every node it goes to, so each inbox gets its entries in id order. The window is the last `size`
+# messages: `seq` counts them and `ring` keeps each one's id at seq mod (size + 1), so the newest message
+# outside the window is one HGET away (see REPLAY).
 PUBLISH = (
     _LIVE
     + """
 local prefix, feedmax, inboxmax, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local mode, ntargets = ARGV[6], tonumber(ARGV[7])
+local base = 7 + ntargets
+local token, fp, recttl, epoch = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', {}} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'to')
+if seen[3] then
+  if seen[1] == token then
+    local went = {}
+    for n in string.gmatch(seen[4] or '', '[^,]+') do table.insert(went, n) end
+    return {'added', went, seen[3]}
+  end
+  if seen[2] ~= fp then return {'other', {}} end
+  return {'busy', {}}
+end
 local to = {}
 if mode == 'all' then
   local anyone = false
@@ -69,21 +92,21 @@ if mode == 'all' then
     table.insert(to, n)
     if not anyone then anyone = redis.call('HLEN', prefix .. 'presence:' .. n) > 0 end
   end
-  if not anyone then return {false, {}} end
+  if not anyone then return {'nobody', {}} end
 else
-  local seen = {}
+  local have = {}
   for i = 8, 7 + ntargets do
     for _, h in ipairs(holders(prefix, ARGV[i])) do
-      if not seen[h[1]] then
-        seen[h[1]] = true
+      if not have[h[1]] then
+        have[h[1]] = true
         table.insert(to, h[1])
       end
     end
   end
-  if #to == 0 then return {false, {}} end
+  if #to == 0 then return {'nobody', {}} end
 end
 local fields = {}
-for i = 8 + ntargets, #ARGV do table.insert(fields, ARGV[i]) end
+for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', feedmax, '*', unpack(fields))
 if mode ~= 'close' then
   local seq = redis.call('INCR', prefix .. 'seq')
@@ -101,7 +124,9 @@ end
 for _, n in ipairs(to) do
   redis.pcall('XADD', prefix .. 'inbox:' .. n, 'MAXLEN', '~', inboxmax, id, unpack(fields))
 end
-return {id, to}
+redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', id, 'to', table.concat(to, ','))
+redis.call('PEXPIRE', KEYS[4], recttl)
+return {'added', to, id}
 """
 )
 
@@ -167,8 +192,10 @@ local function last_and_deleted(stream)
 end
 """
 
-# KEYS: feed, epoch. ARGV: the last id this reader saw ("0-0" if none). Run by every reader when it
-# (re)connects. Returns {1 if the data was lost, last id}.
+# KEYS: feed, epoch, this node's inbox. ARGV: the last id this reader saw ("0-0" if none). Run by every reader
+# when it (re)connects. Returns {1 if the data was lost, the feed's last id, epoch, the newest id deleted from
+# the inbox (trimmed before this reader got there) or, after a loss, from the feed}. The epoch names this
+# Redis's data: a reader that finds another one than it knew has missed whatever the old data held.
 # Without the epoch key this Redis has lost its data (a restart without persistence) or never had any: the
 # stream is marked "everything up to now was deleted", so a `since` from before reads `recovered: false`.
 # "Now" is the later of Redis's clock and the reader's last id, so new ids follow the old ones even if the
@@ -177,9 +204,15 @@ REPAIR = (
     _INFO
     + _IDS
     + """
-if redis.call('EXISTS', KEYS[2]) == 1 then
+local known = redis.call('GET', KEYS[2])
+if known then
   local last = last_and_deleted(KEYS[1])
-  return {0, last}
+  local trimmed = '0-0'
+  if KEYS[3] then
+    local _inbox_last, inbox_deleted = last_and_deleted(KEYS[3])
+    trimmed = inbox_deleted
+  end
+  return {0, last, known, trimmed}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -190,8 +223,9 @@ end
 local last = last_and_deleted(KEYS[1])
 local top = later(later(last, ARGV[1]), string.format('%.0f', now) .. '-0')
 redis.call('XSETID', KEYS[1], top, 'MAXDELETEDID', top)
-redis.call('SET', KEYS[2], string.format('%.0f', now))
-return {1, top}
+local epoch = t[1] .. '.' .. t[2]
+redis.call('SET', KEYS[2], epoch)
+return {1, top, epoch, top}
 """
 )
 
@@ -254,18 +288,26 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {taken, string.format('%.6f', tokens)}
 """
 
-# Idempotency keys. KEYS: the key's hash. BEGIN ARGV: fingerprint, busy TTL in ms.
-# Returns {'first'} | {'other'} | {'busy'} | {'done', status, body}.
+# Idempotency keys. PUBLISH records a key with its message (fingerprint, entry id); FINISH adds the answer.
+# BEGIN, before a publish, reads the record. KEYS: the key's hash, nodes. ARGV: fingerprint, busy window in ms.
+# Returns {'first'} (no message under this key) | {'other'} (another notification) | {'done', status, body} |
+# {'busy'} (stored less than the busy window ago, by Redis's clock, and no answer yet: the first request may
+# still be answering) | {'stale', id, nodes} (stored, and the request that stored it never answered; nodes:
+# how many it went to).
 IDEM_BEGIN = """
-local e = redis.call('HMGET', KEYS[1], 'fp', 'status', 'body')
-if not e[1] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'first'}
-end
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body')
+if not e[2] then return {'first'} end
 if e[1] ~= ARGV[1] then return {'other'} end
-if not e[2] then return {'busy'} end
-return {'done', e[2], e[3]}
+if e[3] then return {'done', e[3], e[4]} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = tonumber(string.match(e[2], '^(%d+)-'))
+if now - ms < tonumber(ARGV[2]) then return {'busy'} end
+local to = redis.call('HGET', KEYS[1], 'to')
+if not to then return {'stale', e[2], redis.call('SCARD', KEYS[2])} end
+local went = 0
+for _ in string.gmatch(to, '[^,]+') do went = went + 1 end
+return {'stale', e[2], went}
 """
 
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
@@ -277,8 +319,11 @@ end
 return 0
 """
 
+# A key with a stored message is never forgotten before its TTL: a retry must find it.
 IDEM_ABANDON = """
-if redis.call('HEXISTS', KEYS[1], 'status') == 0 then redis.call('DEL', KEYS[1]) end
+if redis.call('HEXISTS', KEYS[1], 'id') == 0 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
+  redis.call('DEL', KEYS[1])
+end
 return 0
 """
 

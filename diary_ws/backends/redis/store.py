@@ -22,9 +22,13 @@ class StoreMixin(RedisCore):
         return bool(taken), float(tokens)
 
     async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
-        answer = await self._run(scripts.IDEM_BEGIN, [_hashed("idem", key)], [print_, int(busy_ttl * 1000)])
+        # Read only: the key is recorded by the script that stores the message (feed.py), in the same step.
+        argv = [print_, int(busy_ttl * 1000)]
+        answer = await self._run(scripts.IDEM_BEGIN, [_hashed("idem", key), self._keys[0]], argv)
         if answer[0] == "done":
             return "done", int(answer[1]), answer[2]
+        if answer[0] == "stale":
+            return "stale", int(answer[2]), answer[1]
         return answer[0], 0, ""
 
     async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None:
