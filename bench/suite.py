@@ -18,6 +18,7 @@ client, as the guide's clients and browsers do); `--soak` runs connect/disconnec
 instead and reports RSS over time.
 
     make bench                                   # N = 1,000, 5,000, 10,000
+    make bench BENCH_ARGS=--batch                # bench/batch.py: single POSTs against batches
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
 """
 
@@ -395,13 +396,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
-    parser.add_argument("--cluster", nargs=argparse.REMAINDER, metavar="ARGS",
-                        help="run bench/cluster_sim.py instead, with its own ARGS")  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.cluster is not None:
+    parser.add_argument("--batch", action="store_true", help="run bench/batch.py instead: single POSTs against "
+                        "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
+    parser.add_argument("--cluster", action="store_true",
+                        help="run bench/cluster_sim.py instead (its own flags follow --cluster)")  # fmt: skip
+    args, rest = parser.parse_known_args(argv)
+    if args.batch:
+        from bench import batch
+
+        return batch.main(rest)
+    if args.cluster:
         from bench import cluster_sim
 
-        return cluster_sim.main(args.cluster)
+        return cluster_sim.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
     raise_nofile()
     import uvloop

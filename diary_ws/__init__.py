@@ -7,10 +7,12 @@ __version__ = "0.1.0"
 from diary_ws.app import create_app, lifespan
 from diary_ws.broadcaster import Hub, PublishResult
 from diary_ws.errors import DiaryWSError, NobodyListening, ValidationError
+from diary_ws.sender import AsyncSender, Failed, NoListeners, Presence, Refused, Sender, SenderError, Sent, Unavailable
 from diary_ws.settings import Settings
 from diary_ws.validation import Notification
 
 __all__ = [
-    "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
+    "AsyncSender", "DiaryWSError", "Failed", "Hub", "NoListeners", "NobodyListening", "Notification", "Presence",
+    "PublishResult", "Refused", "Sender", "SenderError", "Sent", "Settings", "Unavailable", "ValidationError",
     "__version__", "create_app", "lifespan",
 ]  # fmt: skip

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from diary_ws.backends import Backend, Claim, Counts
-from diary_ws.errors import BrokerUnavailable, ServerFull, TooManyConnections
+from diary_ws.errors import BrokerUnavailable, NobodyListening, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
 from diary_ws.validation import Notification, check_notification
 
@@ -388,6 +388,44 @@ class Hub:
         if log.isEnabledFor(logging.INFO):  # skip building the fields when nobody logs them
             self._log_publish(note, result, seconds)
         return result
+
+    async def publish_batch(
+        self, notes: Sequence[Notification], claim: Claim | None = None
+    ) -> list[PublishResult | NobodyListening]:
+        """Store and deliver each notification in order, each on its own; the backend makes it one round trip.
+
+        Per item, a PublishResult or the NobodyListening (404) it got. For the whole batch: BrokerUnavailable
+        (503, nothing stored), OutcomeUnknown (504), and with a `claim` Conflict (409) or ValidationError (422).
+        """
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: no notification of the batch was sent; retry later")
+        started = time.perf_counter()
+        items = [
+            (None if n.user_ids is None else frozenset(n.user_ids), Draft(n.type, n.message, n.data)) for n in notes
+        ]
+        done = await self.backend.publish_batch(items, claim)
+        seconds = time.perf_counter() - started
+        results: list[PublishResult | NobodyListening] = [
+            d
+            if isinstance(d, NobodyListening)
+            else PublishResult(d.id, d.sent, d.total, d.lost, d.reached, d.nodes_missing)
+            for d in done
+        ]
+        stored = sum(1 for r in results if isinstance(r, PublishResult))
+        self.stats.published += stored
+        if log.isEnabledFor(logging.INFO):  # one line per batch: a thousand items must not make a thousand lines
+            log.info(
+                "published a batch: %d of %d notifications stored, in %.2f ms", stored, len(results), seconds * 1000,
+                extra={"event": "publish_batch", "items": len(results), "stored": stored,
+                       "duration_ms": round(seconds * 1000, 3)},
+            )  # fmt: skip
+        return results
+
+    async def connections_of(self, user_id: str) -> int:
+        """How many sockets and streams `user_id` has open, on every live node (the presence query)."""
+        if not self.backend.ready():
+            raise BrokerUnavailable("broker unavailable: presence is not known now; retry later")
+        return await self.backend.connections(user_id)
 
     def _log_publish(self, note: Notification, result: PublishResult, seconds: float) -> None:
         log.info(

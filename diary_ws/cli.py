@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import resource
@@ -14,33 +15,64 @@ from typing import TYPE_CHECKING, Any
 
 from diary_ws import __version__
 from diary_ws import commands as client_commands
-from diary_ws.settings import SECRETS, SPECS, SettingError, Settings, env_name, flag_name, from_env
+from diary_ws.settings import SECRETS, SPECS, SWITCHES, SettingError, Settings, env_name, flag_name, from_env
 
 if TYPE_CHECKING:
     import uvicorn
 
+EXIT_CANNOT_START = 1
 EXIT_BAD_SETTING = 2
+
+
+class CannotStart(Exception):
+    """The server cannot start for a reason outside the settings (its port is taken); one line for stderr."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one flag per setting, named after it."""
-    parser = argparse.ArgumentParser(prog="diary-ws", description="Real-time notifications over WebSocket.")
+    parser = argparse.ArgumentParser(
+        prog="diary-ws",
+        description="Real-time notifications over WebSocket: `serve` runs the server; the other commands talk to "
+        "one (DIARY_WS_URL, else http://DIARY_WS_HOST:DIARY_WS_PORT). Exit codes: see docs/cli.md.",
+    )
     parser.add_argument("--version", action="version", version=f"diary-ws {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server", description="Run the server. Every flag is also "
                                 "a DIARY_WS_* variable; a flag wins over its variable.")  # fmt: skip
+    defaults = Settings()
     for name, (_parser, help_text) in SPECS.items():
         # A secret on the command line shows in `ps` and shell history; the flag exists, but says so.
         caution = "; prefer the environment or the *_FILE setting" if name in SECRETS else ""
-        serve.add_argument(flag_name(name), dest=name, metavar="VALUE", default=None,
-                           help=f"{help_text} [{env_name(name)}]{caution}")  # fmt: skip
+        shown = f"{help_text} [{env_name(name)}]{caution}{_default_of(getattr(defaults, name))}"
+        if name in SWITCHES:
+            # --console and --no-console, as git and httpie do; `--console 1` (a value) still works.
+            serve.add_argument(flag_name(name), dest=name, nargs="?", const="1", default=None, metavar="on|off",
+                               help=shown)  # fmt: skip
+            serve.add_argument("--no-" + flag_name(name)[2:], dest=name, action="store_const", const="0",
+                               help=f"turn {flag_name(name)} off")  # fmt: skip
+        else:
+            serve.add_argument(flag_name(name), dest=name, metavar="VALUE", default=None, help=shown)
     client_commands.add_parsers(commands)
     return parser
 
 
+def _default_of(value: object) -> str:
+    if value is None or value == "" or value == ():
+        return ""  # unset, or decided at start: the help text says how
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    if isinstance(value, tuple):
+        return f" (default: {','.join(value)})"
+    return f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `diary-ws`: what it can do, as git and httpie print, and no error
+        parser.print_help()
+        return 0
     if args.command != "serve":
         return client_commands.run(args)
     overrides = {name: value for name, value in vars(args).items() if name in SPECS and value is not None}
@@ -50,6 +82,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:
         print(f"diary-ws: error: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTING
+    except CannotStart as exc:
+        print(f"diary-ws: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+
+
+def check_port(settings: Settings) -> None:
+    """Refuse to start, with one line, when the address cannot be bound, before anything logs "startup".
+
+    uvicorn would run the app's startup first and only then fail to bind, with a traceback-like error line.
+    """
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET  # as uvicorn's Config.bind_socket
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            hint = (
+                ": another process listens there; stop it, or pick another port with --port or DIARY_WS_PORT"
+                if exc.errno == errno.EADDRINUSE
+                else "; check --host / DIARY_WS_HOST"
+            )
+            raise CannotStart(f"cannot listen on {settings.host}:{settings.port}: {why.lower()}{hint}") from None
 
 
 def raise_open_file_limit() -> None:
@@ -67,6 +122,7 @@ def serve(settings: Settings) -> int:
 
     raise_open_file_limit()
     logs.configure(settings.log_level, settings.log_format)
+    check_port(settings)
     if settings.workers == 1:
         return 0 if run_worker(settings) else 1
     from diary_ws.app import create_app

@@ -235,9 +235,16 @@ def stale_answer(msg_id: str, nodes: int) -> bytes:
     """The answer for a key whose message was stored by a request that never answered (it said 504).
 
     The guide's fields with the stored id; the counts were never gathered, so they are 0 and every live
-    node is in `nodes_missing`, which says exactly that.
+    node is in `nodes_missing`, which says exactly that. For a batch (`msg_id` is then "batch:" and one mark
+    per item: an id, or "-" for an item nobody was listening for), the batch answer made of those.
     """
-    return orjson.dumps({
+    if msg_id.startswith("batch:"):
+        return _stale_batch(msg_id.removeprefix("batch:").split(","), nodes)
+    return orjson.dumps(_stale_item(msg_id, nodes))
+
+
+def _stale_item(msg_id: str, nodes: int) -> dict[str, object]:
+    return {
         "status": "success",
         "message": f"Notification sent by an earlier request with this {HEADER}; its counts were not recorded",
         "sent_count": 0,
@@ -245,7 +252,13 @@ def stale_answer(msg_id: str, nodes: int) -> bytes:
         "disconnected_users": 0,
         "id": msg_id,
         "nodes_missing": max(nodes, 1),
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def _stale_batch(marks: list[str], nodes: int) -> bytes:
+    nobody = {"status": "error", "code": 404, "message": "No active connections: not sent or stored"}
+    results = [nobody if mark == "-" else _stale_item(mark, nodes) for mark in marks]
+    return orjson.dumps({"status": "success", "results": results, "failed": marks.count("-")})
 
 
 def for_app(ttl: float, shared: SharedKeys | None) -> Idempotency:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from diary_ws.errors import RateLimited
+from diary_ws.errors import RateLimited, ValidationError
 from diary_ws.settings import rate_parts
 
 MAX_BUCKETS = 50_000  # about 150 bytes each: a few MB at most
@@ -65,8 +65,8 @@ class Verdict:
 class SharedBuckets(Protocol):
     """Buckets every node shares (the Redis backend): the same token bucket, kept in one place."""
 
-    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]:
-        """Take one token from `bucket` if there is one: (taken, whole and partial tokens left)."""
+    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]:
+        """Take `cost` tokens from `bucket` if it has them all: (taken, whole and partial tokens left)."""
         ...
 
 
@@ -99,43 +99,55 @@ class RateLimiter:
         """A limiter for a RATE_LIMIT-style setting; None when the setting is unset."""
         return None if text is None else cls(Rate.parse(text), name=name, shared=shared)
 
-    async def acquire(self, key: str, what: str) -> dict[str, str]:
-        """`enforce`, on the shared buckets when there are some (BrokerUnavailable, 503, if they are down)."""
+    async def acquire(self, key: str, what: str, cost: int = 1) -> dict[str, str]:
+        """`enforce`, on the shared buckets when there are some (BrokerUnavailable, 503, if they are down).
+
+        `cost` tokens are taken at once (a batch counts its items), or none. A cost over the burst could never
+        pass, however long the sender waited: that is a ValidationError (422) naming the burst, not a 429.
+        """
+        if cost > self.rate.burst:
+            raise ValidationError(
+                "notifications",
+                f"{cost} items can never pass the rate limit: it allows bursts of up to {self.rate.burst} (RATE_LIMIT "
+                f"{self.rate.count}/{_period_unit(self.rate.period)}:{self.rate.burst}); send smaller batches",
+            )
         if self.shared is None:
-            return self.enforce(key, what)
-        allowed, tokens = await self.shared.take_token(f"{self.name}:{key}", self.rate.burst, self.rate.per_second)
-        return self._answer(self._verdict(allowed, tokens), what)
+            return self.enforce(key, what, cost)
+        allowed, tokens = await self.shared.take_token(
+            f"{self.name}:{key}", self.rate.burst, self.rate.per_second, cost
+        )
+        return self._answer(self._verdict(allowed, tokens, cost), what)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: str) -> Verdict:
-        """Take one token from `key`'s bucket if there is one."""
+    def take(self, key: str, cost: int = 1) -> Verdict:
+        """Take `cost` tokens from `key`'s bucket if it has them all, or none."""
         rate = self.rate
         now = self._clock()
         tokens, when = self._buckets.pop(key, (float(rate.burst), now))
         tokens = min(float(rate.burst), tokens + (now - when) * rate.per_second)
-        allowed = tokens >= 1.0
+        allowed = tokens >= cost
         if allowed:
-            tokens -= 1.0
+            tokens -= cost
         self._buckets[key] = (tokens, now)  # popped and put back: the most recently used is last
         if len(self._buckets) > self.max_buckets:
             self._buckets.popitem(last=False)
-        return self._verdict(allowed, tokens)
+        return self._verdict(allowed, tokens, cost)
 
-    def _verdict(self, allowed: bool, tokens: float) -> Verdict:
+    def _verdict(self, allowed: bool, tokens: float, cost: int = 1) -> Verdict:
         rate = self.rate
         return Verdict(
             allowed=allowed,
             limit=rate.burst,
             remaining=int(tokens),
             reset=math.ceil((rate.burst - tokens) / rate.per_second),
-            retry_after=max(1, math.ceil((1.0 - tokens) / rate.per_second)),
+            retry_after=max(1, math.ceil((cost - tokens) / rate.per_second)),
         )
 
-    def enforce(self, key: str, what: str) -> dict[str, str]:
-        """Take a token or raise RateLimited (429); the `RateLimit-*` headers for the answer."""
-        return self._answer(self.take(key), what)
+    def enforce(self, key: str, what: str, cost: int = 1) -> dict[str, str]:
+        """Take `cost` tokens or raise RateLimited (429); the `RateLimit-*` headers for the answer."""
+        return self._answer(self.take(key, cost), what)
 
     def _answer(self, verdict: Verdict, what: str) -> dict[str, str]:
         if not verdict.allowed:
@@ -146,6 +158,10 @@ class RateLimiter:
                 headers=verdict.headers(),
             )
         return verdict.headers()
+
+
+def _period_unit(period: float) -> str:
+    return {1.0: "s", 60.0: "m", 3600.0: "h"}.get(period, f"{period:g}s")
 
 
 def _period_name(period: float) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
@@ -16,7 +18,7 @@ from starlette.websockets import WebSocket
 from diary_ws import deadline, idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
-from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub
+from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, PublishResult
 from diary_ws.console import console
 from diary_ws.errors import (
     BadRequest,
@@ -26,6 +28,7 @@ from diary_ws.errors import (
     OutcomeUnknown,
     PayloadTooLarge,
     ServerFull,
+    ValidationError,
 )
 from diary_ws.idempotency import Claim
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
@@ -35,10 +38,12 @@ from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
 from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
 from diary_ws.validation import (
+    Batch,
     ListenQuery,
     Notification,
     check_content_type,
     check_user_id,
+    parse_batch,
     parse_notification,
     parse_stream_query,
 )
@@ -62,6 +67,7 @@ def error_response(exc: DiaryWSError) -> Response:
 
 
 NOTIFY_ROUTE = f"{API}/notification"
+BATCH_ROUTE = f"{API}/notifications"
 LISTEN_PREFIX = f"{API}/"  # every WebSocket path under it is a listener's, valid user id or not
 SERVER_ERROR = orjson.dumps({"status": "error", "message": "internal server error; the server log has the details"})
 _JSON_TYPE = (b"content-type", b"application/json")
@@ -125,10 +131,7 @@ class Notify:
     async def _handle_in_time(self, scope: Scope, receive: Receive) -> Answer:
         state = scope["app"].state
         settings: Settings = state.settings
-        found: dict[bytes, str] = {}
-        for name, value in scope["headers"]:
-            if name in _WANTED and name not in found:
-                found[name] = value.decode("latin-1")
+        found = wanted_headers(scope)
         security: Security = state.security
         sender = security.sender(found.get(b"authorization"), found.get(b"x-api-key"))  # 401 before the body
         limiter: RateLimiter | None = state.publish_limiter
@@ -143,19 +146,35 @@ class Notify:
         hub: Hub = state.hub
         if key is None:
             return await publish(hub, note, limit_headers)
-        return await publish_once(state.idempotency, key, hub, note, limit_headers)
+        run = functools.partial(publish, hub, note, limit_headers)
+        return await publish_once(state.idempotency, key, idempotency.fingerprint(note), run, limit_headers)
+
+
+def wanted_headers(scope: Scope) -> dict[bytes, str]:
+    """The request headers a POST reads, picked out of the raw list in one pass."""
+    found: dict[bytes, str] = {}
+    for name, value in scope["headers"]:
+        if name in _WANTED and name not in found:
+            found[name] = value.decode("latin-1")
+    return found
 
 
 async def publish_once(
-    cache: idempotency.Idempotency, key: str, hub: Hub, note: Notification, headers: dict[str, str]
+    cache: idempotency.Idempotency,
+    key: str,
+    print_: bytes,
+    run: Callable[[Claim | None], Awaitable[Answer]],
+    headers: dict[str, str],
 ) -> Answer:
-    """Publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent."""
-    print_ = idempotency.fingerprint(note)
+    """Run a publish under an Idempotency-Key: a repeat gets the first answer again, and nothing is sent.
+
+    `run` gets the key's claim, for a backend that records the key in the step that stores the message.
+    """
     first = await cache.begin(key, print_)
     if first is not None:
         return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
     try:
-        status, body, _ = await publish(hub, note, headers, cache.claim(key, print_))
+        status, body, headers = await run(cache.claim(key, print_))
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry (unless a message is stored)
         await cache.abandon(key)
         raise
@@ -165,7 +184,11 @@ async def publish_once(
 
 async def publish(hub: Hub, note: Notification, headers: dict[str, str], claim: Claim | None = None) -> Answer:
     """Publish and answer with the guide's fields plus `id`."""
-    result = await hub.publish(note, claim)
+    return 200, orjson.dumps(sent_answer(await hub.publish(note, claim))), headers
+
+
+def sent_answer(result: PublishResult) -> dict[str, Any]:
+    """The success answer of one publish: the guide's fields plus `id` (and `nodes_missing` when some were)."""
     noun = "user" if result.users_reached == 1 else "users"
     answer = {
         "status": "success",
@@ -176,8 +199,77 @@ async def publish(hub: Hub, note: Notification, headers: dict[str, str], claim: 
         "id": str(result.id),
     }
     if result.nodes_missing:
-        answer["nodes_missing"] = result.nodes_missing  # DESIGN §1: the key appears only then
-    return 200, orjson.dumps(answer), headers
+        answer["nodes_missing"] = result.nodes_missing  # the key appears only then (see docs/clients.md)
+    return answer
+
+
+class NotifyMany:
+    """POST /api/v1/ws/notifications: a batch of notifications, each checked and published on its own.
+
+    Raw ASGI like `Notify`, so the body is read with the same bounded reader (MAX_BATCH_BYTES here).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            status, body, headers = await self._handle(scope, receive)
+        except DiaryWSError as exc:
+            status, body, headers = exc.status_code, orjson.dumps(exc.body()), exc.headers
+        except ClientGone:
+            status, body, headers = 400, orjson.dumps({"status": "error", "message": "client disconnected"}), None
+        await send_json(send, status, body, headers)
+
+    async def _handle(self, scope: Scope, receive: Receive) -> Answer:
+        # As for one notification: one deadline for every broker call, and a backstop past which it is a 504.
+        with deadline.request():
+            try:
+                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                    return await self._handle_in_time(scope, receive)
+            except TimeoutError:
+                raise OutcomeUnknown(
+                    "no answer in time: the batch may or may not have been sent; a retry with the same "
+                    "Idempotency-Key is safe (without one, a retry may send it twice)"
+                ) from None
+
+    async def _handle_in_time(self, scope: Scope, receive: Receive) -> Answer:
+        state = scope["app"].state
+        settings: Settings = state.settings
+        found = wanted_headers(scope)
+        security: Security = state.security
+        sender = security.sender(found.get(b"authorization"), found.get(b"x-api-key"))  # 401 before the body
+        key = found.get(b"idempotency-key")
+        key = None if key is None else idempotency.check_key(key)
+        check_content_type(found.get(b"content-type"))
+        body = await read_body(receive, found.get(b"content-length"), settings.max_batch_bytes, "MAX_BATCH_BYTES")
+        batch = parse_batch(body, settings.max_batch, settings.max_message_chars, settings.max_body_bytes)
+        limiter: RateLimiter | None = state.publish_limiter
+        run = functools.partial(limit_and_publish, state.hub, batch, limiter, sender or client_address(scope))
+        if key is None:
+            return await run(None)
+        # The limit is taken inside the keyed run: a replay of a batch (a retry after a 504) costs no tokens.
+        return await publish_once(state.idempotency, key, batch.fingerprint, run, {})
+
+
+async def limit_and_publish(
+    hub: Hub, batch: Batch, limiter: RateLimiter | None, who: str, claim: Claim | None
+) -> Answer:
+    """Take one token per item (checked or not: each is a request's worth), then publish the batch."""
+    headers = {} if limiter is None else await limiter.acquire(who, "notifications", len(batch.items))
+    return await publish_batch(hub, batch, headers, claim)
+
+
+async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str], claim: Claim | None) -> Answer:
+    """Publish a batch's valid items in one go; 200 with one result per item, in order."""
+    notes = [item for item in batch.items if isinstance(item, Notification)]
+    published = iter(await hub.publish_batch(notes, claim) if notes else ())
+    results: list[dict[str, Any]] = []
+    for item in batch.items:
+        done = item if isinstance(item, ValidationError) else next(published)
+        if isinstance(done, PublishResult):
+            results.append(sent_answer(done))
+        else:
+            results.append({"status": "error", "code": done.status_code, "message": done.message})
+    failed = sum(1 for r in results if r["status"] == "error")
+    return 200, orjson.dumps({"status": "success", "results": results, "failed": failed}), headers
 
 
 def check_sender(request: Request) -> None:
@@ -186,13 +278,13 @@ def check_sender(request: Request) -> None:
     security.sender(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+async def read_body(receive: Receive, declared: str | None, limit: int, setting: str = "MAX_BODY_BYTES") -> bytes:
     """The body, refused with 413 as soon as it passes `limit` (Content-Length or not)."""
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("Content-Length must be a whole number of bytes")
         if int(declared) > limit:
-            raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit} (MAX_BODY_BYTES)")
+            raise PayloadTooLarge(f"body is {declared} bytes; the limit is {limit} ({setting})")
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -211,7 +303,7 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
         chunks.append(chunk)
         if not more:
             return b"".join(chunks)
-    raise PayloadTooLarge(f"body is over {limit} bytes, the limit (MAX_BODY_BYTES)")
+    raise PayloadTooLarge(f"body is over {limit} bytes, the limit ({setting})")
 
 
 async def status(request: Request) -> Response:
@@ -231,6 +323,15 @@ async def status(request: Request) -> Response:
                 return json_response(await hub.status(limit))
         except TimeoutError:
             raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
+
+
+async def presence(request: Request) -> Response:
+    """GET /api/v1/ws/users/{user_id}: whether a user is connected anywhere, and with how many sockets."""
+    check_sender(request)
+    user_id = check_user_id(request.path_params["user_id"])
+    hub: Hub = request.app.state.hub
+    count = await hub.connections_of(user_id)
+    return json_response({"user_id": user_id, "connected": count > 0, "connections": count})
 
 
 async def metrics(request: Request) -> Response:
@@ -443,13 +544,28 @@ class AnythingConvertor(Convertor[str]):
 register_url_convertor("anything", AnythingConvertor())
 
 
+class UserConvertor(AnythingConvertor):
+    """`anything`, except a path that ends in /connections: that one is the DELETE route's, and a GET of it
+    must get that route's 405 rather than this route's 400 for a user id with a slash in it.
+
+    Starlette takes the first route that matches path and method over one that matches the path alone.
+    """
+
+    regex = "(?s:(?!.*/connections$).*)"
+
+
+register_url_convertor("user", UserConvertor())
+
+
 def routes() -> list[BaseRoute]:
     """Every route of the service, in match order."""
     return [
         Route(NOTIFY_ROUTE, Notify(), methods=["POST"]),
+        Route(BATCH_ROUTE, NotifyMany(), methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
         # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
         Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
+        Route(f"{API}/users/{{user_id:user}}", presence, methods=["GET"]),
         Route(f"{API}/console", console, methods=["GET"]),
         Route(f"{API}/console/{{asset}}", console, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -64,6 +64,8 @@ class Settings:
     drain_seconds: float = 0.0
     shutdown_timeout: float = 3.0
     console: bool = False
+    max_batch: int = 1000
+    max_batch_bytes: int = 1024 * 1024
     log_level: str = "info"
     log_format: str = "text"
 
@@ -339,9 +341,14 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "drain_seconds": (_seconds(0, 3600), "after SIGTERM, seconds /readyz answers 503 before shutdown"),
     "shutdown_timeout": (_seconds(0, 600, open_lo=True), "seconds to wait for connections at shutdown"),
     "console": (_bool, "serve the console page at /api/v1/ws/console"),
+    "max_batch": (_int_in(1, 100_000), "notifications allowed in one batch POST"),
+    "max_batch_bytes": (_size(64), "largest batch POST body"),
     "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
     "log_format": (_choice("text", "json"), "log line format"),
 }
+
+# On/off settings: `serve` offers --NAME and --no-NAME for each.
+SWITCHES = frozenset(name for name, (parser, _help) in SPECS.items() if parser is _bool)
 
 # Secrets: each also has an environment variable and a *_FILE setting, so no one has to pass it as a flag.
 SECRETS = frozenset({"api_key", "jwt_secret"})
@@ -372,7 +379,8 @@ def parse_value(name: str, raw: str, label: str) -> Any:
 
 def from_env(environ: Mapping[str, str], overrides: Mapping[str, str] | None = None) -> Settings:
     """Settings from `DIARY_WS_*` variables; `overrides` (flag values by setting name) win over them."""
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in SPECS)
+    known = SPECS.keys() | CLIENT_SPECS.keys()  # a client-side name in the environment of `serve` is no typo
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in known)
     if unknown:
         raise SettingError(unknown[0], "is not a diary-ws setting (check the spelling against the README)")
     values: dict[str, Any] = {}
@@ -387,3 +395,74 @@ def from_env(environ: Mapping[str, str], overrides: Mapping[str, str] | None = N
         if exc.name in (env_name(n) for n in (overrides or {})):
             raise SettingError(flag_name(exc.name[len(ENV_PREFIX) :].lower()), exc.rule) from None
         raise
+
+
+# --- the client side: diary_ws.Sender and the CLI's client commands ---------------------------------------------
+
+# Names only a client reads; `serve` accepts them in its environment and ignores them. The client also reads
+# the server's HOST, PORT and API_KEY(_FILE), so one environment serves both ends on a developer's machine.
+CLIENT_SPECS: dict[str, str] = {
+    "url": "base URL of the server for the client commands and diary_ws.Sender, path prefix included "
+    "(default: http:// + HOST:PORT)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """Where a client finds the server, and the API key it sends."""
+
+    url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+
+def base_url(raw: str, label: str) -> str:
+    """An http(s) base URL with no query or fragment, without its trailing slash; SettingError otherwise."""
+    text = raw.strip().rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        _port = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise SettingError(label, f"must be an http:// or https:// URL such as http://127.0.0.1:8000 (got {raw!r})")
+    return text
+
+
+def client_from_env(environ: Mapping[str, str]) -> ClientSettings:
+    """The client's settings: DIARY_WS_URL, else http:// + DIARY_WS_HOST:DIARY_WS_PORT; the first API key."""
+    raw_url = environ.get(env_name("url"))
+    if raw_url is not None and raw_url.strip():
+        url = base_url(raw_url, env_name("url"))
+    else:
+        defaults = Settings()
+        host = defaults.host
+        if (raw := environ.get(env_name("host"))) is not None:
+            host = parse_value("host", raw, env_name("host"))
+        port = defaults.port
+        if (raw := environ.get(env_name("port"))) is not None:
+            port = parse_value("port", raw, env_name("port"))
+        url = f"http://{_reachable(host)}:{port}"
+    return ClientSettings(url=url, api_key=first_api_key(environ))
+
+
+def _reachable(host: str) -> str:
+    """The address a client dials for a server bound to `host`: a wildcard means this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def first_api_key(environ: Mapping[str, str]) -> str | None:
+    """The first key of DIARY_WS_API_KEY (a comma or newline list, for rotation) or of DIARY_WS_API_KEY_FILE."""
+    keys = environ.get(env_name("api_key"))
+    path = environ.get(env_name("api_key_file"))
+    if not (keys or "").strip() and path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                keys = handle.read()
+        except OSError as exc:
+            raise SettingError(env_name("api_key_file"), f"cannot be read: {path}: {exc.strerror}") from None
+    listed = [key.strip() for key in re.split(r"[,\n]", keys or "") if key.strip()]  # as the server splits them
+    return listed[0] if listed else None

@@ -5,6 +5,7 @@ Sizes are checked before anything is parsed, and nothing downstream checks again
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -70,12 +71,20 @@ def check_content_type(header: str | None) -> None:
 
 def parse_notification(body: bytes, max_message_chars: int) -> Notification:
     """A POST body -> Notification. The caller has already capped its size."""
+    return notification_from(_parse_json(body), max_message_chars, "body")
+
+
+def _parse_json(body: bytes) -> Any:
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(body, exc)) from None
+
+
+def notification_from(doc: object, max_message_chars: int, what: str = "body") -> Notification:
+    """One parsed JSON value -> Notification, with the POST body's checks; `what` names it in an error."""
     if not isinstance(doc, dict):
-        raise ValidationError("body", f"must be a JSON object, not {_json_kind(doc)}")
+        raise ValidationError(what, f"must be a JSON object, not {_json_kind(doc)}")
     if not _FIELD_SET.issuperset(doc):
         unknown = sorted(set(doc) - _FIELD_SET)
         raise ValidationError(unknown[0], f"is not a known field (allowed: {', '.join(FIELDS)})")
@@ -85,6 +94,59 @@ def parse_notification(body: bytes, max_message_chars: int) -> Notification:
         type=_type(doc["type"]) if "type" in doc else "notification",
         data=_data(doc["data"]) if "data" in doc else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A checked batch envelope: per item, in order, a Notification or the 422 that item gets."""
+
+    items: tuple[Notification | ValidationError, ...]
+    fingerprint: bytes  # the items, keys sorted: what makes two batches the same under one Idempotency-Key
+
+
+def parse_batch(body: bytes, max_batch: int, max_message_chars: int, max_item_bytes: int) -> Batch:
+    """A batch POST body -> Batch. The envelope's errors are raised; each item's is kept in its place.
+
+    An item is held to the single POST's rules, MAX_BODY_BYTES included (measured as compact JSON), so a
+    batch can carry nothing that one POST could not.
+    """
+    doc = _parse_json(body)
+    if not isinstance(doc, dict):
+        raise ValidationError("body", f"must be a JSON object, not {_json_kind(doc)}")
+    unknown = sorted(set(doc) - {"notifications"})
+    if unknown:
+        raise ValidationError(unknown[0], "is not a known field (allowed: notifications)")
+    if "notifications" not in doc:
+        raise ValidationError("notifications", 'is required: {"notifications": [{"message": "hello"}, ...]}')
+    items = doc["notifications"]
+    if not isinstance(items, list):
+        raise ValidationError("notifications", f"must be a list of notifications, not {_json_kind(items)}")
+    if not items:
+        raise ValidationError("notifications", "must hold at least one notification")
+    if len(items) > max_batch:
+        # 422 as for too many user_ids in one POST; 413 is for bytes (MAX_BATCH_BYTES), before anything is parsed
+        raise ValidationError("notifications", f"must hold at most {max_batch} items (MAX_BATCH); got {len(items)}")
+    checked: list[Notification | ValidationError] = []
+    for item in items:
+        try:
+            checked.append(_batch_item(item, max_message_chars, max_item_bytes))
+        except ValidationError as exc:
+            checked.append(exc)
+    try:
+        canonical = orjson.dumps(items, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # nested past what orjson writes (an invalid item): the bytes as sent, then
+        canonical = body
+    return Batch(tuple(checked), hashlib.sha256(b"batch\0" + canonical).digest())
+
+
+def _batch_item(item: object, max_message_chars: int, max_item_bytes: int) -> Notification:
+    note = notification_from(item, max_message_chars, "notification")
+    size = len(orjson.dumps(item))
+    if size > max_item_bytes:
+        raise ValidationError(
+            "notification", f"is {size} bytes as JSON; one may be at most {max_item_bytes} (MAX_BODY_BYTES)"
+        )
+    return note
 
 
 def check_notification(
@@ -126,7 +188,14 @@ def _json_problem(body: bytes, exc: orjson.JSONDecodeError) -> str:
 
 
 def _json_kind(value: object) -> str:
-    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    kinds = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 

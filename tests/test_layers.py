@@ -70,7 +70,8 @@ def test_leaf_helpers_import_no_other_layer() -> None:
 
 def test_public_surface() -> None:
     assert sorted(diary_ws.__all__) == [
-        "DiaryWSError", "Hub", "NobodyListening", "Notification", "PublishResult", "Settings", "ValidationError",
+        "AsyncSender", "DiaryWSError", "Failed", "Hub", "NoListeners", "NobodyListening", "Notification", "Presence",
+        "PublishResult", "Refused", "Sender", "SenderError", "Sent", "Settings", "Unavailable", "ValidationError",
         "__version__", "create_app", "lifespan",
     ]  # fmt: skip
     for name in diary_ws.__all__:
@@ -90,10 +91,11 @@ def diary_imports(module: str) -> set[str]:
     return seen
 
 
-def test_the_client_stands_alone() -> None:
+@pytest.mark.parametrize("client", ["diary_ws.client", "diary_ws.sender"])
+def test_the_clients_stand_alone(client: str) -> None:
     # Usable from any program: no server stack in the client or in anything of ours it imports.
-    reached = diary_imports("diary_ws.client")
-    assert "diary_ws.client" in reached
+    reached = diary_imports(client)
+    assert client in reached
     for module in reached:
         heavy = {d for d in MODULES[module] if d.split(".")[0] in {"uvicorn", "starlette"}}
         assert not heavy, (module, heavy)

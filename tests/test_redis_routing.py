@@ -139,3 +139,20 @@ async def test_an_operator_disconnect_reaches_only_the_users_nodes(redis: RedisS
         assert stuck.handed == 0
         assert await second.close_user("nobody", 4003, "bye") == (0, 0)
         assert (await first.replay("carol", MessageId(0, 0))).messages == []
+
+
+async def test_a_batch_routes_each_item_to_the_nodes_of_its_users(redis: RedisServer) -> None:
+    one, stuck = RecordingNode(), HangingNode()
+    url = url_of(redis)
+    async with started(url, one) as first, started(url, stuck) as second:
+        await join(first, one, "alice")
+        await join(second, stuck, "carol")
+        items = [(frozenset({user}), draft(user)) for user in ("alice", "nobody", "alice")]
+        a, nobody, b = await first.publish_batch(items)
+        assert isinstance(nobody, NobodyListening)
+        assert not isinstance(a, NobodyListening)
+        assert not isinstance(b, NobodyListening)
+        assert [(a.sent, a.nodes_missing), (b.sent, b.nodes_missing)] == [(1, 0), (1, 0)]
+        assert stuck.handed == 0
+        assert [m.id for m in one.got] == [a.id, b.id]
+        assert (await first.connections("alice"), await first.connections("carol")) == (1, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sized
 from typing import NamedTuple, Protocol
 
+from diary_ws.errors import NobodyListening
 from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, Message, MessageId
 
@@ -62,7 +63,7 @@ class Node(Protocol):
 class SharedState(Protocol):
     """Rate-limit buckets and idempotency keys that every node shares (see ratelimit and idempotency)."""
 
-    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]: ...
+    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]: ...
     async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]: ...
     async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None: ...
     async def idem_abandon(self, key: str) -> None: ...
@@ -88,6 +89,17 @@ class Backend(Protocol):
         did not answer in time (stored or not). With a `claim`, a backend that shares idempotency keys records
         the key with the message, and raises Conflict (409) or ValidationError (422) when the key is taken.
         """
+
+    async def publish_batch(
+        self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
+    ) -> list[Published | NobodyListening]:
+        """`publish` for each item, in order, each on its own: a NobodyListening in the place of an item nobody
+        was there for. A broker failure raises for the whole batch (Redis: one round trip, all or none), as
+        `publish` does, and so does a `claim` whose key another request holds.
+        """
+
+    async def connections(self, user_id: str) -> int:
+        """How many sockets and streams `user_id` has open on every live node (BrokerUnavailable if unknown)."""
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
         """The retained messages for `user_id` after `since`, oldest first."""

@@ -51,6 +51,22 @@ class MemoryBackend:
         sent, total, lost, reached, _ = await node.deliver(message, False)  # no await before: id order holds
         return Published(message.id, sent, total, lost, reached, 0)
 
+    async def publish_batch(
+        self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
+    ) -> list[Published | NobodyListening]:
+        done: list[Published | NobodyListening] = []
+        for targets, draft in items:
+            try:
+                done.append(await self.publish(targets, draft))
+            except NobodyListening as exc:
+                done.append(exc)
+        return done
+
+    async def connections(self, user_id: str) -> int:
+        users = self._node.presence() if self._node is not None else {}
+        conns = users.get(user_id)
+        return 0 if conns is None else len(conns)
+
     async def join(self, user_id: str, limit: int) -> None:
         """One process: the Hub's own count is the whole count, and it has checked it."""
 

@@ -153,9 +153,9 @@ class RedisCore:
         except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
             raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
 
-    async def _store(self, keys: list[str], argv: list[Any], what: str) -> Any:
-        """Run the PUBLISH script, which stores a message at most once per request token, until it answers
-        or the deadline passes.
+    async def _store(self, keys: list[str], argv: list[Any], what: str, source: str = scripts.PUBLISH) -> Any:
+        """Run the PUBLISH script (or PUBLISH_BATCH), which stores at most once per request token, until it
+        answers or the deadline passes.
 
         Its own connection and no redis-py retry, so a failure is known to have come before the command
         was sent (nothing stored: the caller answers 503) or after (maybe stored: 504). Within the deadline
@@ -171,7 +171,7 @@ class RedisCore:
             attempt = _Attempt()
             try:
                 async with asyncio.timeout(until - time.monotonic()):
-                    return await self._script_once(scripts.PUBLISH, keys, argv, attempt), sent
+                    return await self._script_once(source, keys, argv, attempt), sent
             except (RedisError, OSError) as exc:
                 sent = sent or attempt.sent
                 failure: BaseException = exc

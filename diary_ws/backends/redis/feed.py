@@ -54,27 +54,126 @@ class _Gather:
             self.done.set()
 
 
+def _fields(targets: frozenset[str] | None, draft: Draft) -> dict[str, str]:
+    """A message's stream entry fields."""
+    fields: dict[str, str] = {"k": draft.kind, "m": draft.message}
+    if draft.data is not None:
+        fields["d"] = orjson.dumps(draft.data).decode()
+    if targets is not None:
+        fields["t"] = ",".join(targets)  # user ids never contain a comma
+    return fields
+
+
+def _check_outcome(outcome: str, unknown: bool, what: str) -> None:
+    """Raise what a PUBLISH or PUBLISH_BATCH outcome other than 'added' or 'nobody' means for the request."""
+    if outcome != "added" and unknown:
+        # This attempt was refused, but an earlier one may still be run by Redis (sent, then the
+        # connection failed): only a stored answer is sure.
+        raise OutcomeUnknown(
+            f"the broker answered late: {what} may or may not have been sent; a retry with the same "
+            "Idempotency-Key is safe (without one, a retry may send it twice)"
+        )
+    if outcome == "epoch":
+        raise BrokerUnavailable(f"broker unavailable (it lost its data and is being repaired): {what} was "
+                                "not sent; retry later")  # fmt: skip
+    if outcome == "busy":
+        raise Conflict(
+            "a request with this Idempotency-Key is still being processed; retry in a moment",
+            headers={"Retry-After": "1"},
+        )
+    if outcome == "other":
+        raise ValidationError("Idempotency-Key", f"was already used for a different request than {what}; use a new key")
+
+
+def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Published:
+    """The counts of one message summed over the nodes that reported; users counted once across nodes."""
+    users: set[str] = set()
+    sent = total = lost = 0
+    for counts in reports:
+        sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
+        users.update(counts.users or ())
+    return Published(msg_id, sent, total, lost, len(users), missing)
+
+
 class FeedMixin(RedisCore):
     """Publishing, closing a user everywhere, and this node's stream reader and count-reply reader."""
 
     # --- publish -----------------------------------------------------------------------------------------
 
     async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
-        fields: dict[str, str] = {"k": draft.kind, "m": draft.message}
-        if draft.data is not None:
-            fields["d"] = orjson.dumps(draft.data).decode()
-        if targets is not None:
-            fields["t"] = ",".join(targets)  # user ids never contain a comma
+        fields = _fields(targets, draft)
         mode, named = ("all", []) if targets is None else ("users", sorted(targets))
         msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification")
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
-        users: set[str] = set()
-        sent = total = lost = 0
-        for counts in reports:
-            sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
-            users.update(counts.users or ())
-        return Published(msg_id, sent, total, lost, len(users), missing)
+        return _published(msg_id, reports, missing)
+
+    async def publish_batch(
+        self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
+    ) -> list[Published | NobodyListening]:
+        """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
+
+        The script records the request as PUBLISH does (its own token, or the claim's Idempotency-Key), so a
+        resend after a lost answer stores the batch once, and the same 503 / 504 / 409 / 422 follow.
+        """
+        token = secrets.token_hex(8)
+        tokens = [f"{token}.{i}" for i in range(len(items))]  # each item's counts come back under its own
+        gathers = [_Gather() for _ in items]
+        self._pending.update(zip(tokens, gathers, strict=True))
+        try:
+            if claim is None:
+                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+            else:
+                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
+            argv: list[Any] = [
+                PREFIX,
+                max(self._size, FEED_MIN),
+                FEED_MIN,
+                self._size,
+                int(self._ttl * 1000) + 1000,
+                token,
+                print_,
+                int(ttl * 1000),
+                self._epoch,
+                len(items),
+            ]
+            for (targets, draft), item_token in zip(items, tokens, strict=True):
+                entry = {"o": self.node_id, "r": item_token, **_fields(targets, draft)}
+                argv += [
+                    len(targets or ()),
+                    *sorted(targets or ()),
+                    len(entry),
+                    *(x for kv in entry.items() for x in kv),
+                ]
+            (outcome, tos, *found), unknown = await self._store(
+                [*self._keys, record], argv, "the batch", scripts.PUBLISH_BATCH
+            )
+            _check_outcome(outcome, unknown, "the batch")
+            marks = found[0].split(",")
+            stored = [gather for gather, mark in zip(gathers, marks, strict=True) if mark != "-"]
+            for gather, mark, to in zip(gathers, marks, tos, strict=True):
+                if mark != "-":
+                    gather.expect(set(to.split(",")) - {""})  # the nodes this item went to
+            with contextlib.suppress(TimeoutError):  # one bound for the whole batch, not one per item
+                async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
+                    for gather in stored:
+                        await gather.done.wait()
+        finally:
+            for item_token in tokens:
+                del self._pending[item_token]
+        done: list[Published | NobodyListening] = []
+        late: set[str] = set()
+        for (targets, _draft), gather, mark in zip(items, gathers, marks, strict=True):
+            msg_id = parse_id(mark)
+            if msg_id is None:
+                done.append(NobodyListening(targeted=targets is not None))
+                continue
+            missing = (gather.expected or set()) - gather.reports.keys()
+            late |= missing
+            done.append(_published(msg_id, list(gather.reports.values()), len(missing)))
+        if late:
+            log.warning("a batch: no counts within %.1f s from node(s) %s", PUBLISH_WAIT, ", ".join(sorted(late)))
+        return done
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
         # A control entry in the inboxes of the nodes that hold the user: each closes its sockets of the user
@@ -106,25 +205,9 @@ class FeedMixin(RedisCore):
             entry = {"o": self.node_id, "r": token, **fields}
             argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
             (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
-            if outcome != "added" and unknown:
-                # This attempt was refused, but an earlier one may still be run by Redis (sent, then the
-                # connection failed): only a stored answer is sure.
-                raise OutcomeUnknown(
-                    f"the broker answered late: {what} may or may not have been sent; a retry with the same "
-                    "Idempotency-Key is safe (without one, a retry may send it twice)"
-                )
+            _check_outcome(outcome, unknown, what)
             if outcome == "nobody":
                 return None, [], 0
-            if outcome == "epoch":
-                raise BrokerUnavailable(f"broker unavailable (it lost its data and is being repaired): {what} was "
-                                        "not sent; retry later")  # fmt: skip
-            if outcome == "busy":
-                raise Conflict(
-                    "a request with this Idempotency-Key is still being processed; retry in a moment",
-                    headers={"Retry-After": "1"},
-                )
-            if outcome == "other":
-                raise ValidationError("Idempotency-Key", "was already used for a different notification; use a new key")
             msg_id = parse_id(found[0])
             assert msg_id is not None, found
             gather.expect(set(live))

@@ -40,6 +40,9 @@ class PresenceMixin(RedisCore):
         self._dirty.add(user_id)
         self._wake.set()
 
+    async def connections(self, user_id: str) -> int:
+        return int(await self._run(scripts.PRESENCE, [self._keys[0]], [PREFIX, user_id]))
+
     async def status(self) -> tuple[list[str], int]:
         answer = await self._run(scripts.STATUS, [self._keys[0]], [PREFIX])
         users: set[str] = set()

@@ -49,6 +49,58 @@ local function holders(prefix, user)
 end
 """
 
+# Where an entry goes and how it is stored, shared by PUBLISH and PUBLISH_BATCH.
+# `route`: the nodes an entry goes to (ARGV[first .. first + ntargets - 1] are its targets; mode `all`: every
+# live node, or none when nobody is connected anywhere; `users` / `close`: the live nodes that hold a target).
+# `store`: the XADD to the feed (the bodies), the history window, the user's (or broadcast) index, then the
+# inbox of every node in `to`, in one step, so each inbox gets its entries in id order. The window is the last
+# `size` messages: `seq` counts them and `ring` keeps each one's id at seq mod (size + 1), so the newest
+# message outside the window is one HGET away (see REPLAY).
+_ROUTE = """
+local function route(nodes_key, prefix, mode, first, ntargets)
+  local to = {}
+  if mode == 'all' then
+    local anyone = false
+    for _, n in ipairs(live_nodes(nodes_key, prefix)) do
+      table.insert(to, n)
+      if not anyone then anyone = redis.call('HLEN', prefix .. 'presence:' .. n) > 0 end
+    end
+    if not anyone then return {} end
+    return to
+  end
+  local have = {}
+  for i = first, first + ntargets - 1 do
+    for _, h in ipairs(holders(prefix, ARGV[i])) do
+      if not have[h[1]] then
+        have[h[1]] = true
+        table.insert(to, h[1])
+      end
+    end
+  end
+  return to
+end
+local function store(feed, prefix, limits, mode, first, ntargets, fields, to)
+  local id = redis.call('XADD', feed, 'MAXLEN', '~', limits.feed, '*', unpack(fields))
+  if mode ~= 'close' then
+    local seq = redis.call('INCR', prefix .. 'seq')
+    redis.call('HSET', prefix .. 'ring', seq % (limits.size + 1), id)
+    if mode == 'all' then
+      redis.pcall('XADD', prefix .. 'all', 'MAXLEN', '~', limits.size, id, 'x', '')
+    else
+      for i = first, first + ntargets - 1 do
+        local index = prefix .. 'u:' .. ARGV[i]
+        redis.pcall('XADD', index, 'MAXLEN', '~', limits.size, id, 'x', '')
+        redis.call('PEXPIRE', index, limits.ttl)
+      end
+    end
+  end
+  for _, n in ipairs(to) do
+    redis.pcall('XADD', prefix .. 'inbox:' .. n, 'MAXLEN', '~', limits.inbox, id, unpack(fields))
+  end
+  return id
+end
+"""
+
 # KEYS: nodes, feed, epoch, the request's record (its Idempotency-Key's, or one of its own).
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of targets, the
 # targets..., then the request's token, the key's fingerprint ('' without a key), the record's TTL in ms, the
@@ -63,14 +115,12 @@ end
 # - 'epoch': Redis is not the one the node knows (it lost its data and no reader has repaired the stream
 #   yet), nothing stored;
 # - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one.
-# One step writes the feed (the bodies), the history window, the per-user (or broadcast) index and the inbox
-# of every node it goes to, so each inbox gets its entries in id order. The window is the last `size`
-# messages: `seq` counts them and `ring` keeps each one's id at seq mod (size + 1), so the newest message
-# outside the window is one HGET away (see REPLAY).
 PUBLISH = (
     _LIVE
+    + _ROUTE
     + """
-local prefix, feedmax, inboxmax, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local prefix = ARGV[1]
+local limits = {feed = ARGV[2], inbox = ARGV[3], size = tonumber(ARGV[4]), ttl = ARGV[5]}
 local mode, ntargets = ARGV[6], tonumber(ARGV[7])
 local base = 7 + ntargets
 local token, fp, recttl, epoch = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
@@ -85,48 +135,80 @@ if seen[3] then
   if seen[2] ~= fp then return {'other', {}} end
   return {'busy', {}}
 end
-local to = {}
-if mode == 'all' then
-  local anyone = false
-  for _, n in ipairs(live_nodes(KEYS[1], prefix)) do
-    table.insert(to, n)
-    if not anyone then anyone = redis.call('HLEN', prefix .. 'presence:' .. n) > 0 end
-  end
-  if not anyone then return {'nobody', {}} end
-else
-  local have = {}
-  for i = 8, 7 + ntargets do
-    for _, h in ipairs(holders(prefix, ARGV[i])) do
-      if not have[h[1]] then
-        have[h[1]] = true
-        table.insert(to, h[1])
-      end
-    end
-  end
-  if #to == 0 then return {'nobody', {}} end
-end
+local to = route(KEYS[1], prefix, mode, 8, ntargets)
+if #to == 0 then return {'nobody', {}} end
 local fields = {}
 for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', feedmax, '*', unpack(fields))
-if mode ~= 'close' then
-  local seq = redis.call('INCR', prefix .. 'seq')
-  redis.call('HSET', prefix .. 'ring', seq % (size + 1), id)
-  if mode == 'all' then
-    redis.pcall('XADD', prefix .. 'all', 'MAXLEN', '~', size, id, 'x', '')
-  else
-    for i = 8, 7 + ntargets do
-      local index = prefix .. 'u:' .. ARGV[i]
-      redis.pcall('XADD', index, 'MAXLEN', '~', size, id, 'x', '')
-      redis.call('PEXPIRE', index, ttl)
-    end
-  end
-end
-for _, n in ipairs(to) do
-  redis.pcall('XADD', prefix .. 'inbox:' .. n, 'MAXLEN', '~', inboxmax, id, unpack(fields))
-end
+local id = store(KEYS[2], prefix, limits, mode, 8, ntargets, fields, to)
 redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', id, 'to', table.concat(to, ','))
 redis.call('PEXPIRE', KEYS[4], recttl)
 return {'added', to, id}
+"""
+)
+
+# A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
+# ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, the request's token, the key's
+# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, the number of items, then
+# per item: its number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
+# Returns {outcome, {nodes per item, joined by commas}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy',
+# 'other'; never 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id,
+# or '-' when none of its targets is connected (each item routed and stored as PUBLISH does). The record is
+# written only when some item was stored; its 'id' is the first stored id (what IDEM_BEGIN dates it by), its
+# 'ids' the marks after 'batch:' (what IDEM_BEGIN hands on for a batch that never answered), its 'tos' the
+# nodes of each item (what a resend waits for).
+PUBLISH_BATCH = (
+    _LIVE
+    + _ROUTE
+    + """
+local prefix = ARGV[1]
+local limits = {feed = ARGV[2], inbox = ARGV[3], size = tonumber(ARGV[4]), ttl = ARGV[5]}
+local token, fp, recttl, epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local nitems = tonumber(ARGV[10])
+if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', {}} end
+local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids', 'tos')
+if seen[3] then
+  if seen[1] == token and seen[4] then
+    local tos = {}
+    for t in string.gmatch(seen[5] or '', '([^;]*);') do table.insert(tos, t) end
+    return {'added', tos, string.sub(seen[4], 7)}
+  end
+  if seen[2] ~= fp then return {'other', {}} end
+  return {'busy', {}}
+end
+local everyone = nil  -- the broadcast route, found once per batch
+local marks, tos, first_id = {}, {}, nil
+local i = 11
+for _ = 1, nitems do
+  local ntargets = tonumber(ARGV[i])
+  local nfields = tonumber(ARGV[i + 1 + ntargets])
+  local first = i + 2 + ntargets
+  local mode, to = 'users', nil
+  if ntargets == 0 then
+    mode = 'all'
+    everyone = everyone or route(KEYS[1], prefix, 'all', 0, 0)
+    to = everyone
+  else
+    to = route(KEYS[1], prefix, 'users', i + 1, ntargets)
+  end
+  if #to > 0 then
+    local fields = {}
+    for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
+    local id = store(KEYS[2], prefix, limits, mode, i + 1, ntargets, fields, to)
+    first_id = first_id or id
+    table.insert(marks, id)
+  else
+    table.insert(marks, '-')
+  end
+  table.insert(tos, table.concat(to, ','))
+  i = first + 2 * nfields
+end
+local joined = table.concat(marks, ',')
+if first_id then
+  redis.call('HSET', KEYS[4], 'r', token, 'fp', fp, 'id', first_id, 'ids', 'batch:' .. joined,
+             'tos', table.concat(tos, ';') .. ';')
+  redis.call('PEXPIRE', KEYS[4], recttl)
+end
+return {'added', tos, joined}
 """
 )
 
@@ -177,6 +259,17 @@ local function later(a, b)
   return b
 end
 """
+
+# KEYS: nodes. ARGV: prefix, user. Returns the user's sockets summed over the live nodes that hold the user
+# (presence query), from the user's index: its cost is the user's nodes, not the cluster's.
+PRESENCE = (
+    _LIVE
+    + """
+local total = 0
+for _, h in ipairs(holders(ARGV[1], ARGV[2])) do total = total + h[2] end
+return total
+"""
+)
 
 _INFO = """
 local function last_and_deleted(stream)
@@ -269,8 +362,9 @@ return {t[1], t[2], last, floor, entries}
 """
 )
 
-# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms.
-# Returns {1 if a token was taken, the tokens left as a string}. Redis's clock, so nodes' clocks do not matter.
+# A token bucket every node shares. KEYS: the bucket. ARGV: burst, tokens per second, TTL in ms, cost.
+# Returns {1 if `cost` tokens were taken (all or none), the tokens left as a string}. Redis's clock, so nodes'
+# clocks do not matter.
 RATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -278,9 +372,10 @@ local burst, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'when')
 local tokens, when = tonumber(b[1]) or burst, tonumber(b[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - when) * rate)
+local cost = tonumber(ARGV[4]) or 1
 local taken = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= cost then
+  tokens = tokens - cost
   taken = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'when', string.format('%.6f', now))
@@ -295,7 +390,7 @@ return {taken, string.format('%.6f', tokens)}
 # still be answering) | {'stale', id, nodes} (stored, and the request that stored it never answered; nodes:
 # how many it went to).
 IDEM_BEGIN = """
-local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body')
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'status', 'body', 'ids')
 if not e[2] then return {'first'} end
 if e[1] ~= ARGV[1] then return {'other'} end
 if e[3] then return {'done', e[3], e[4]} end
@@ -304,7 +399,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ms = tonumber(string.match(e[2], '^(%d+)-'))
 if now - ms < tonumber(ARGV[2]) then return {'busy'} end
 local to = redis.call('HGET', KEYS[1], 'to')
-if not to then return {'stale', e[2], redis.call('SCARD', KEYS[2])} end
+if not to then return {'stale', e[5] or e[2], redis.call('SCARD', KEYS[2])} end
 local went = 0
 for _ in string.gmatch(to, '[^,]+') do went = went + 1 end
 return {'stale', e[2], went}
@@ -327,4 +422,4 @@ end
 return 0
 """
 
-ALL = (PUBLISH, JOIN, STATUS, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+ALL = (PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)

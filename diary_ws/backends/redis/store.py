@@ -16,9 +16,9 @@ class StoreMixin(RedisCore):
     def shared(self) -> Self:
         return self
 
-    async def take_token(self, bucket: str, burst: int, per_second: float) -> tuple[bool, float]:
+    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]:
         ttl_ms = int((burst / per_second + 1) * 1000)  # a bucket idle this long is full: forgetting it is the same
-        taken, tokens = await self._run(scripts.RATE, [_hashed("rate", bucket)], [burst, per_second, ttl_ms])
+        taken, tokens = await self._run(scripts.RATE, [_hashed("rate", bucket)], [burst, per_second, ttl_ms, cost])
         return bool(taken), float(tokens)
 
     async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
