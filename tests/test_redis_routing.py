@@ -14,7 +14,7 @@ import redis as redis_client
 from diary_ws.backends import Counts
 from diary_ws.backends.redis import PREFIX, RedisBackend
 from diary_ws.errors import NobodyListening
-from diary_ws.messages import Message, MessageId
+from diary_ws.messages import Draft, Message, MessageId
 from tests.test_backends import RecordingNode, draft, join, started
 from tests.utils import RedisServer, redis_server
 
@@ -147,9 +147,9 @@ async def test_a_batch_routes_each_item_to_the_nodes_of_its_users(redis: RedisSe
     async with started(url, one) as first, started(url, stuck) as second:
         await join(first, one, "alice")
         await join(second, stuck, "carol")
-        items = [(frozenset({user}), draft(user)) for user in ("alice", "nobody", "alice")]
+        items: list[tuple[frozenset[str] | None, Draft]] = [(frozenset({u}), draft(u)) for u in ("alice", "x", "alice")]
         a, nobody, b = await first.publish_batch(items)
-        assert isinstance(nobody, NobodyListening)
+        assert isinstance(nobody, NobodyListening)  # nobody called x is connected
         assert not isinstance(a, NobodyListening)
         assert not isinstance(b, NobodyListening)
         assert [(a.sent, a.nodes_missing), (b.sent, b.nodes_missing)] == [(1, 0), (1, 0)]
