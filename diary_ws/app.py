@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         send_queue_size=settings.send_queue_size,
         send_queue_bytes=settings.send_queue_bytes,
         max_message_chars=settings.max_message_chars,
+        stall_timeout=settings.ping_timeout,
     )
     hub = Hub(backend_for(settings), limits)
     metrics = Metrics(hub, per_worker=settings.workers > 1)

@@ -67,6 +67,7 @@ class Limits:
     send_queue_size: int
     send_queue_bytes: int
     max_message_chars: int = 65536  # what `notify` checks, as the POST does
+    stall_timeout: float = 20.0  # PING_TIMEOUT: a replay that sends nothing for this long is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +103,13 @@ class Connection:
     case). Only when the peer falls behind does the message wait in the backlog, and only then does a
     writer task exist, to drain it in order and end. Order holds because nothing is written directly
     while a writer exists.
+
+    A `since` resume is pulled from the history by the writer, a page at a time as the socket drains (see
+    `_replay`): the socket never holds more of it than its backlog caps allow, however long the replay.
     """
 
-    __slots__ = ("user_id", "sink", "_hub", "_backlog", "_bytes", "_writer", "_close", "_replay", "_floor",
-                 "_started", "active", "_beat", "_beat_due")  # fmt: skip
+    __slots__ = ("user_id", "sink", "_hub", "_backlog", "_bytes", "_writer", "_close", "_resume", "_floor",
+                 "_started", "active", "_beat", "_beat_due", "_replayed", "_watch")  # fmt: skip
 
     def __init__(self, hub: Hub, user_id: str, sink: Sink) -> None:
         self.user_id = user_id
@@ -115,8 +119,12 @@ class Connection:
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._close: tuple[int, str] | None = None
-        self._replay: list[tuple[str, MessageId | None]] = []
+        # While a resume replays: the id it has reached. Live messages are not queued meanwhile: the replay
+        # reads them from the history when it gets there.
+        self._resume: MessageId | None = None
         self._floor: MessageId | None = None  # live messages at or below it were replayed already
+        self._replayed = 0  # frames replayed so far: what the stall watch looks at
+        self._watch: asyncio.TimerHandle | None = None
         self._started = False  # the handshake is done: frames may go out
         self.active = True  # in the registry and taking messages
         self._beat: asyncio.TimerHandle | None = None
@@ -126,6 +134,11 @@ class Connection:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
         if not self.active:
             return False  # left the registry while a chunked fan-out was under way: nothing more goes out
+        if self._resume is not None:
+            # Replaying: the history got this message before any socket was offered it, so the replay reaches
+            # it in its turn, and nothing is held for it here. Should the history lose it first, the resume
+            # frame says `recovered: false`.
+            return True
         floor = self._floor
         if floor is not None and message.id <= floor:
             # Replayed already: this socket resumed while the message was on its way here (a paused fan-out
@@ -151,20 +164,16 @@ class Connection:
         self._ensure_writer()
         return True
 
-    def start(self, replay: list[Message], resume: dict[str, Any] | None, since: MessageId | None = None) -> None:
-        """The handshake is done; a resume first sends `replay` and its control frame, before anything live.
-
-        Nothing at or below `since` (the client has it) or the last replayed id goes out live: a node whose
-        stream reader is behind the history it just read would otherwise send those again, out of order.
-        """
-        if resume is not None:
-            self._replay = [(m.text, m.id) for m in replay] + [(control_frame(**resume), None)]
-            floor = replay[-1].id if replay else since
-            if since is not None and floor is not None:
-                floor = max(floor, since)
-            self._floor = floor
+    def start(self, since: MessageId | None) -> None:
+        """The handshake is done; with `since`, replay what came after it and a control frame, then go live."""
+        if since is not None and self._close is None:
+            self._resume = self._floor = since  # nothing at or below `since` goes out: the client has it
+            # Queued since the socket attached: all of it is in the history already, so the replay sends it.
+            self._backlog = None
+            self._bytes = 0
+            self._watch = asyncio.get_running_loop().call_later(self._hub.limits.stall_timeout, self._check, 0)
         self._started = True
-        if self._replay or self._backlog or self._close:
+        if self._resume is not None or self._backlog or self._close:
             self._ensure_writer()
 
     def heartbeat_every(self, seconds: float) -> None:
@@ -195,6 +204,7 @@ class Connection:
     async def stop(self) -> None:
         """Called when the handler ends: leave the registry and stop the writer."""
         self._stop_beat()
+        self._stop_watch()
         self._hub.drop(self)
         task = self._writer
         if task is not None and not task.done():
@@ -215,6 +225,32 @@ class Connection:
         if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
             self._writer.cancel()  # the best a server without the abort hook allows; the socket lingers in TCP
 
+    def _check(self, seen: int) -> None:
+        """The replay's stall watch: a replay that sent nothing for PING_TIMEOUT is dropped as a slow socket."""
+        self._watch = None
+        if self._resume is None or not self.active:
+            return
+        if self._replayed != seen:
+            loop = asyncio.get_running_loop()
+            self._watch = loop.call_later(self._hub.limits.stall_timeout, self._check, self._replayed)
+            return
+        self._hub.stats.slow_consumers += 1
+        log.warning(
+            "slow consumer: user %s's resume sent nothing for %.0f s (PING_TIMEOUT); dropping it",
+            self.user_id, self._hub.limits.stall_timeout,
+            extra={"event": "slow_consumer", "user_id": self.user_id, "replayed": self._replayed,
+                   "close_code": CLOSE_SLOW_CONSUMER},
+        )  # fmt: skip
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        # A peer that took nothing for that long will not read a close frame either: free it now.
+        if not self.sink.abort() and self._writer is not None:
+            self._writer.cancel()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
     def _stop_beat(self) -> None:
         self._beat_due = False
         if self._beat is not None:
@@ -228,9 +264,8 @@ class Connection:
     async def _drain(self) -> None:
         send = self.sink.send_text
         try:
-            for text, msg_id in self._replay:
-                await send(text, msg_id)
-            self._replay = []
+            if self._resume is not None:
+                await self._replay(self._resume)
             while True:
                 if self._beat_due:
                     self._beat_due = False
@@ -254,6 +289,52 @@ class Connection:
             self._hub.drop(self)
         finally:
             self._writer = None
+
+    async def _replay(self, since: MessageId) -> None:
+        """Pull the replay from the history a page at a time, each no bigger than the backlog may be, and
+        send it; then the resume frame. A page's frames are the history's own bytes, written straight onto
+        a socket that takes them and waited on when it does not, so the replay moves at the peer's pace."""
+        try:
+            recovered = await self._replay_pages(since)
+        except BrokerUnavailable:
+            self.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
+            return
+        finally:
+            self._resume = None
+            self._stop_watch()
+        if self._close is None:
+            resume = control_frame(type="resume", recovered=recovered, replayed=self._replayed)
+            await self.sink.send_text(resume, None)
+
+    async def _replay_pages(self, since: MessageId) -> bool:
+        """Send every page; whether nothing was missing (False also when the socket closed meanwhile)."""
+        backend, sink, limits = self._hub.backend, self.sink, self._hub.limits
+        after, recovered = since, True
+        while self._resume is not None:
+            page = await backend.replay_page(self.user_id, after, limits.send_queue_size, limits.send_queue_bytes)
+            if self._close is not None:
+                return False
+            recovered = recovered and page.recovered
+            stuck = page.last <= after and not page.messages  # a page that moved nowhere: never ask again
+            after = max(after, page.last)
+            if not page.more or stuck:
+                # Caught up. From here on live messages are no longer left to the replay: they queue in the
+                # backlog behind this page (the writer exists) and are sent after it and the resume frame.
+                self._resume = None
+                self._floor = after
+            for message in page.messages:
+                if self._close is not None:
+                    return False
+                outcome = sink.try_write(message)
+                if outcome == LATER:
+                    await sink.send_text(message.text, message.id)  # waits while the peer is slow
+                elif outcome == DEAD:
+                    raise ConnectionError("the socket is gone")
+                self._replayed += 1
+            # One page per turn of the event loop: a replay to a fast peer never waits on a send, and would
+            # otherwise hold every other socket and request for all of it.
+            await asyncio.sleep(0)
+        return recovered
 
 
 class Hub:
@@ -318,19 +399,9 @@ class Hub:
 
     async def listen(self, conn: Connection, since: MessageId | None) -> None:
         """Start delivering to an attached socket; with `since`, replay what it missed first."""
-        if since is None:
-            conn.start([], None)
-            return
-        # The socket is attached before the history is read, so nothing published meanwhile is lost;
-        # what both paths deliver is sent once (the writer skips live ids it has replayed).
-        try:
-            replay = await self.backend.replay(conn.user_id, since)
-        except BrokerUnavailable:
-            conn.start([], None)
-            conn.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
-            return
-        resume = {"type": "resume", "recovered": replay.recovered, "replayed": len(replay.messages)}
-        conn.start(replay.messages, resume, since)
+        # The socket is attached before the history is read, so nothing published meanwhile is lost: the
+        # writer replays from the history until it has caught up, and skips live ids it has replayed.
+        conn.start(since)
 
     def drop(self, conn: Connection) -> None:
         """Forget a socket; safe to call more than once."""

@@ -126,7 +126,7 @@ def serve(settings: Settings) -> int:
     if settings.workers == 1:
         return 0 if run_worker(settings) else 1
     from diary_ws.app import create_app
-    from diary_ws.server import supervise
+    from diary_ws.edge import supervise
 
     create_app(settings)  # reads the secret files: a SettingError stops here, with exit 2, not in each worker
     # Bound once here and shared, so every worker accepts on the same port (settings forbid memory:// here).
@@ -138,7 +138,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
     import uvicorn
 
-    from diary_ws.server import DiaryHttpProtocol, DiaryWebSocketProtocol
+    from diary_ws.edge import DiaryHttpProtocol, DiaryWebSocketProtocol, FramePolicy
 
     return uvicorn.Config(
         app,
@@ -146,7 +146,9 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         port=settings.port,
         root_path=settings.root_path,
         http=DiaryHttpProtocol,
-        ws=DiaryWebSocketProtocol,
+        ws=DiaryWebSocketProtocol.with_policy(
+            FramePolicy(settings.max_incoming_rate, settings.ping_timeout, settings.send_queue_bytes)
+        ),
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
@@ -167,7 +169,7 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
     """One serving process: the app, uvicorn and DiaryServer; `sock` is the supervisor's shared socket."""
     from diary_ws import logs
     from diary_ws.app import create_app
-    from diary_ws.server import DiaryServer, with_proxy_headers
+    from diary_ws.edge import DiaryServer, with_proxy_headers
 
     if sock is not None:  # a spawned worker starts with a bare interpreter
         raise_open_file_limit()

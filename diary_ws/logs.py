@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -117,3 +121,70 @@ def configure(level: str, fmt: str) -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     redact_tokens()
+
+
+@dataclass(slots=True)
+class _Kind:
+    """One kind of throttled line: when the next may go out, and what was held back since the last."""
+
+    open_at: float
+    held: int = 0
+    last: tuple[logging.Logger, int, str, tuple[object, ...]] | None = None
+    flush: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class Throttle:
+    """At most one line a second per kind of repeated warning, however fast a peer makes them happen.
+
+    A line over the rate is counted, not written; the last one held back goes out when the second is over,
+    with the count ("... (and 41 more like it)"), so a burst costs two lines and still says how big it was.
+    A kind is a constant of ours ("emfile", "refused"), never text from a client, so the table stays small.
+    """
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._kinds: dict[str, _Kind] = {}
+
+    def log(self, logger: logging.Logger, level: int, kind: str, msg: str, *args: object) -> None:
+        """Log `msg % args` now if no line of `kind` went out in the last interval; else count it."""
+        if not logger.isEnabledFor(level):
+            return
+        now = self._clock()
+        state = self._kinds.get(kind)
+        if state is None:
+            self._kinds[kind] = _Kind(open_at=now + self.interval)
+            logger.log(level, msg, *args)
+            return
+        if now >= state.open_at and state.held == 0:
+            state.open_at = now + self.interval
+            logger.log(level, msg, *args)
+            return
+        state.held += 1
+        state.last = (logger, level, msg, args)
+        if state.flush is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next line of this kind says it
+                loop = asyncio.get_running_loop()
+                state.flush = loop.call_later(max(0.0, state.open_at - now), self._flush, kind)
+        if state.flush is None and now >= state.open_at:
+            self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        state = self._kinds[kind]
+        state.flush = None
+        if not state.held or state.last is None:
+            return
+        logger, level, msg, args = state.last
+        held = state.held
+        state.held, state.last = 0, None
+        state.open_at = self._clock() + self.interval
+        more = "" if held == 1 else f" (and {held - 1} more like it in the last {self.interval:g} s)"
+        logger.log(level, msg + more, *args)
+
+
+_THROTTLE = Throttle()  # per process, as logging itself is
+
+
+def warn_throttled(logger: logging.Logger, kind: str, msg: str, *args: object) -> None:
+    """A WARNING that a peer can repeat at will: at most one line a second per `kind`, with a count of the rest."""
+    _THROTTLE.log(logger, logging.WARNING, kind, msg, *args)

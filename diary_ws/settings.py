@@ -58,6 +58,7 @@ class Settings:
     send_queue_bytes: int = 1024 * 1024
     history_size: int = 10000
     history_ttl: float = 300.0
+    history_bytes: int = 64 * 1024 * 1024
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     per_message_deflate: bool = False
@@ -335,6 +336,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "send_queue_bytes": (_size(1024), "backlog of unsent bytes per socket before a 4008 close"),
     "history_size": (_int_in(0), "messages kept for ?since= resume (0: no resume)"),
     "history_ttl": (_seconds(0, open_lo=True), "how long a message stays resumable"),
+    "history_bytes": (_size(1024), "bytes the history may hold for ?since= resume (oldest evicted first)"),
     "ping_interval": (_seconds(0, open_lo=True), "seconds between server pings"),
     "ping_timeout": (_seconds(0, open_lo=True), "seconds to wait for a pong (and for a stalled socket)"),
     "per_message_deflate": (_bool, "negotiate per-message deflate"),

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from diary_ws import create_app
-from diary_ws.server import DiaryHttpProtocol, OneWrite
+from diary_ws.edge import DiaryHttpProtocol, OneWrite
 from tests.utils import Server, async_wait_until, free_port
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n"

@@ -35,8 +35,14 @@ def importers_of(target: str) -> set[str]:
     return {mod for mod, deps in MODULES.items() if any(d == target or d.startswith(target + ".") for d in deps)}
 
 
-def test_only_cli_and_server_import_uvicorn() -> None:
-    assert importers_of("uvicorn") == {"diary_ws.cli", "diary_ws.server"}
+def in_edge(module: str) -> bool:
+    return module == "diary_ws.edge" or module.startswith("diary_ws.edge.")
+
+
+def test_only_cli_and_the_edge_import_uvicorn() -> None:
+    importers = importers_of("uvicorn")
+    assert "diary_ws.cli" in importers
+    assert {m for m in importers if m != "diary_ws.cli" and not in_edge(m)} == set()
 
 
 def test_only_the_redis_backend_imports_redis_py() -> None:
@@ -54,7 +60,7 @@ def test_the_core_never_imports_starlette(module: str) -> None:
 
 
 def test_routes_is_imported_only_from_above() -> None:
-    assert importers_of("diary_ws.routes") <= {"diary_ws.app", "diary_ws.server"}
+    assert {m for m in importers_of("diary_ws.routes") if not in_edge(m)} <= {"diary_ws.app"}
 
 
 def test_nothing_below_imports_the_app_or_the_cli() -> None:
@@ -100,6 +106,7 @@ def test_the_clients_stand_alone(client: str) -> None:
         heavy = {d for d in MODULES[module] if d.split(".")[0] in {"uvicorn", "starlette"}}
         assert not heavy, (module, heavy)
     assert not reached & {"diary_ws.app", "diary_ws.routes", "diary_ws.server", "diary_ws.cli"}
+    assert not {m for m in reached if in_edge(m)}
 
 
 @pytest.mark.parametrize("leaf", ["diary_ws.auth", "diary_ws.ratelimit", "diary_ws.idempotency", "diary_ws.logs"])

@@ -79,3 +79,38 @@ async def test_text_lines_redact_tokens_too() -> None:
         assert "/api/v1/ws/log-b?since=1-0&token=[redacted]" in server.log()
         assert SECRET not in server.log()
         server.assert_clean_log()
+
+
+def test_a_throttle_writes_one_line_a_second_per_kind_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from diary_ws.logs import Throttle
+
+    now = [100.0]
+    throttle = Throttle(interval=1.0, clock=lambda: now[0])
+    logger = logging.getLogger("diary_ws.test_throttle")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for i in range(1000):
+            throttle.log(logger, logging.WARNING, "refused", "refused connection %d", i)
+        throttle.log(logger, logging.WARNING, "emfile", "out of files")  # another kind has its own second
+        assert [r.getMessage() for r in caplog.records] == ["refused connection 0", "out of files"]
+        now[0] += 1.0
+        throttle.log(logger, logging.WARNING, "refused", "refused connection %d", 1000)
+    # No event loop here to flush at the second's end: the next line of the kind carries the count.
+    assert caplog.records[-1].getMessage() == "refused connection 1000 (and 999 more like it in the last 1 s)"
+    assert len(caplog.records) == 3
+
+
+@pytest.mark.anyio
+async def test_a_throttle_flushes_what_it_held_when_the_second_is_over(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from diary_ws.logs import Throttle
+
+    throttle = Throttle(interval=0.2)
+    logger = logging.getLogger("diary_ws.test_throttle")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for i in range(50):
+            throttle.log(logger, logging.WARNING, "burst", "line %d", i)
+        await async_wait_until(lambda: len(caplog.records) == 2, 5, "the held lines' summary")
+    assert caplog.records[1].getMessage() == "line 49 (and 48 more like it in the last 0.2 s)"

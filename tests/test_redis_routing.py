@@ -156,3 +156,27 @@ async def test_a_batch_routes_each_item_to_the_nodes_of_its_users(redis: RedisSe
         assert stuck.handed == 0
         assert [m.id for m in one.got] == [a.id, b.id]
         assert (await first.connections("alice"), await first.connections("carol")) == (1, 1)
+
+
+async def test_replay_pages_walk_the_users_index_by_count_and_bytes(redis: RedisServer) -> None:
+    node = RecordingNode()
+    async with started(url_of(redis), node, history_size=100) as backend:
+        await join(backend, node, "alice")
+        await join(backend, node, "bob")
+        since = (await backend.publish(frozenset({"bob"}), draft("before"))).id
+        for i in range(8):
+            await backend.publish(None if i % 3 == 0 else frozenset({"alice" if i % 2 else "bob"}), draft(f"m{i}"))
+        whole = [m.id for m in (await backend.replay("alice", since)).messages]
+        assert len(whole) == 6  # three broadcasts and three of alice's
+        walked, after, pages = [], since, 0
+        while True:
+            page = await backend.replay_page("alice", after, 2, 1 << 20)
+            assert page.recovered
+            assert len(page.messages) <= 2
+            walked += [m.id for m in page.messages]
+            after, pages = page.last, pages + 1
+            if not page.more:
+                break
+        assert (walked, pages) == (whole, 3)
+        tight = await backend.replay_page("alice", since, 10, 1)
+        assert ([m.id for m in tight.messages], tight.more) == (whole[:1], True)  # at least one, then the bytes

@@ -1,4 +1,4 @@
-"""What `diary_ws.server` trims from every idle socket, and that the trimmed sockets still work."""
+"""What `diary_ws.edge` trims from every idle socket, and that the trimmed sockets still work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from diary_ws.app import create_app
-from diary_ws.server import DiaryWebSocketProtocol, ReceiveQueue, WritableGate
+from diary_ws.edge import DiaryWebSocketProtocol, ReceiveQueue, WritableGate
 from tests.utils import Server, async_wait_until, raw_handshake, serve_in_process
 
 

@@ -207,7 +207,7 @@ async def serve_in_process(app: Any) -> AsyncIterator[str]:
     """Serve an ASGI app with real uvicorn inside this event loop; yields its base URL (no scheme)."""
     import uvicorn
 
-    from diary_ws.server import DiaryWebSocketProtocol
+    from diary_ws.edge import DiaryWebSocketProtocol
 
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, ws=DiaryWebSocketProtocol, log_config=None, lifespan="on")

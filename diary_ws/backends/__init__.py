@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diary_ws.backends.base import Backend, Counts, Node, Published, Replay
+from diary_ws.backends.base import Backend, Counts, Node, Page, Published, Replay
 from diary_ws.idempotency import Claim
 from diary_ws.settings import Settings
 
@@ -13,7 +13,7 @@ def backend_for(settings: Settings) -> Backend:
     if scheme == "memory":
         from diary_ws.backends.memory import MemoryBackend
 
-        return MemoryBackend(history_size=settings.history_size, history_ttl=settings.history_ttl)
+        return MemoryBackend(settings.history_size, settings.history_ttl, settings.history_bytes)
     if scheme in ("redis", "rediss"):
         from diary_ws.backends.redis import RedisBackend
 
@@ -21,4 +21,4 @@ def backend_for(settings: Settings) -> Backend:
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
 
 
-__all__ = ["Backend", "Claim", "Counts", "Node", "Published", "Replay", "backend_for"]
+__all__ = ["Backend", "Claim", "Counts", "Node", "Page", "Published", "Replay", "backend_for"]

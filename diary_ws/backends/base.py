@@ -16,10 +16,23 @@ from diary_ws.messages import Draft, Message, MessageId
 
 
 class Replay(NamedTuple):
-    """What a `?since=` resume gets: the retained messages for the user, and whether nothing is missing."""
+    """A whole `?since=` replay at once (for tests and tools; the Hub pulls pages): messages, nothing missing."""
 
     messages: list[Message]
     recovered: bool
+
+
+class Page(NamedTuple):
+    """One page of a `?since=` replay, which the Hub pulls from the history as the socket drains.
+
+    Its messages share the history's frames (no copy per socket), and a page holds at most what one
+    socket's backlog may, so a replay's total is not capped but what it holds at once is.
+    """
+
+    messages: list[Message]  # the user's retained messages after `after`, oldest first
+    last: MessageId  # the next page starts after this id: the newest entry looked at, the user's or not
+    more: bool  # the history holds entries after `last` right now
+    recovered: bool  # nothing after `after` is missing (evicted, expired), and `after` is no id from the future
 
 
 class Counts(NamedTuple):
@@ -101,8 +114,12 @@ class Backend(Protocol):
     async def connections(self, user_id: str) -> int:
         """How many sockets and streams `user_id` has open on every live node (BrokerUnavailable if unknown)."""
 
+    async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
+        """The retained messages for `user_id` after `after`, oldest first: at most `limit` of them and about
+        `max_bytes` (always at least one when there is one), from a bounded stretch of the history."""
+
     async def replay(self, user_id: str, since: MessageId) -> Replay:
-        """The retained messages for `user_id` after `since`, oldest first."""
+        """Every retained message for `user_id` after `since` at once: for tests and tools, never for a socket."""
 
     async def join(self, user_id: str, limit: int) -> None:
         """A socket of `user_id` was added here: record it; TooManyConnections past `limit` cluster-wide."""

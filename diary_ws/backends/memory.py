@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from bisect import bisect_right
 
-from diary_ws.backends.base import Node, Published, Replay
+from diary_ws.backends.base import Node, Page, Published, Replay
 from diary_ws.errors import NobodyListening
 from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, IdClock, Message, MessageId
 
-# One history entry: (ms, seq, targets, created, wire, offset), the fields of a Message. A tuple of plain
-# values is something Python's garbage collector stops tracking on its first pass; a Message per entry would be three
-# tracked objects (with its MessageId and targets set) that all reach the oldest generation. Those alone set
-# off a full collection every ~45,000 publishes, and a full collection walks every object of every open socket:
-# about 0.25 s at 10,000 sockets.
-_Entry = tuple[int, int, tuple[str, ...] | None, float, bytes, int]
+# One history entry: (ms, seq, targets, created, wire, offset, cost), the fields of a Message and what the
+# entry counts toward HISTORY_BYTES. A tuple of plain values is something Python's garbage collector stops
+# tracking on its first pass; a Message per entry would be three tracked objects (with its MessageId and
+# targets set) that all reach the oldest generation. Those alone set off a full collection every ~45,000
+# publishes, and a full collection walks every object of every open socket: about 0.25 s at 10,000 sockets.
+_Entry = tuple[int, int, tuple[str, ...] | None, float, bytes, int, int]
+_GONE: _Entry = (0, 0, None, 0.0, b"", 0, 0)  # an evicted slot below `_head`, until the list is compacted
+
+# What HISTORY_BYTES counts beside the frame: the entry's tuple, ints and list slot, and per target the
+# tuple's pointer and the id string's object header (CPython 3.11, 64 bit; measured with sys.getsizeof).
+ENTRY_OVERHEAD = 200
+TARGET_OVERHEAD = 8 + 49
+# A replay page looks at no more than this many entries, so a page for a user with few messages in a long
+# history is still a bounded slice of work between two turns of the event loop.
+PAGE_SCAN = 2048
+
+
+def _entry_id(entry: _Entry) -> tuple[int, int]:
+    return entry[0], entry[1]
 
 
 class MemoryBackend:
-    """One process: ids from the wall clock, a ring of `history_size` messages kept `history_ttl` seconds."""
+    """One process: ids from the wall clock, a history of at most `history_size` messages and `history_bytes`
+    bytes, each kept `history_ttl` seconds."""
 
-    def __init__(self, history_size: int, history_ttl: float) -> None:
+    def __init__(self, history_size: int, history_ttl: float, history_bytes: int = 64 * 1024 * 1024) -> None:
         self._clock = IdClock()
         self._size = history_size
         self._ttl = history_ttl
-        self._history: deque[_Entry] = deque()
+        self._max_bytes = history_bytes
+        # The history in id order: a list with a moving head rather than a deque, so a replay page finds its
+        # place by bisection and reads a slice; the evicted prefix is cut off once it is half the list.
+        self._entries: list[_Entry] = []
+        self._head = 0
+        self._bytes = 0
         # Every id up to `_floor` may have been lost (evicted, or from before this process started), so a
         # `since` below it cannot be resumed in full. Reserving an id at start puts every earlier run below it.
         self._floor = self._clock.next()
@@ -36,7 +55,8 @@ class MemoryBackend:
         self._node = node
 
     async def stop(self) -> None:
-        self._history.clear()
+        self._entries = []
+        self._head = self._bytes = 0
 
     def ready(self) -> bool:
         return True
@@ -84,38 +104,74 @@ class MemoryBackend:
         """One process: limits and keys stay in it."""
         return None
 
+    @property
+    def retained(self) -> tuple[int, int]:
+        """(messages, bytes as HISTORY_BYTES counts them) in the history now."""
+        return len(self._entries) - self._head, self._bytes
+
     def _append(self, targets: frozenset[str] | None, draft: Draft) -> Message:
         msg_id = self._clock.next()
         message = Message.build(msg_id, targets, draft.render(msg_id))
         if self._size:
             kept = None if targets is None else tuple(targets)
-            self._history.append((msg_id.ms, msg_id.seq, kept, message.created, message.wire, message.offset))
+            cost = len(message.wire) + ENTRY_OVERHEAD
+            if kept is not None:
+                cost += sum(len(user) for user in kept) + TARGET_OVERHEAD * len(kept)
+            self._entries.append((msg_id.ms, msg_id.seq, kept, message.created, message.wire, message.offset, cost))
+            self._bytes += cost
         else:
             self._floor = msg_id
         self._evict()
         return message
 
-    async def replay(self, user_id: str, since: MessageId) -> Replay:
+    async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
         self._evict()
-        # Up to now, nothing newer than the last id was published, so a `since` in between misses nothing: a
+        # Up to now, nothing newer than the last id was published, so an `after` in between misses nothing: a
         # client that saw no message yet resumes from the time it connected (diary_ws.client does).
         newest = max(self._clock.last, MessageId(time.time_ns() // 1_000_000, 2**64 - 1))
-        recovered = self._floor <= since <= newest
-        # The ring is ordered by id: walk back from the newest to the first one at or before `since`.
+        recovered = self._floor <= after <= newest
+        entries = self._entries
+        start = bisect_right(entries, (after.ms, after.seq), lo=self._head, key=_entry_id)
+        end = min(len(entries), start + PAGE_SCAN)
         found: list[Message] = []
-        for ms, seq, targets, created, wire, offset in reversed(self._history):
-            if (ms, seq) <= since:
-                break
+        size = 0
+        index = start
+        while index < end and len(found) < limit and size < max_bytes:
+            ms, seq, targets, created, wire, offset, _cost = entries[index]
+            index += 1
             if targets is None or user_id in targets:
-                found.append(
-                    Message(MessageId(ms, seq), None if targets is None else frozenset(targets), created, wire, offset)
-                )
-        found.reverse()
+                # `targets` None: this copy only goes to one socket, which needs no one else's ids. `wire` is
+                # the history's own bytes object, shared by every socket that replays it.
+                found.append(Message(MessageId(ms, seq), None, created, wire, offset))
+                size += len(wire)
+        last = after if index == start else MessageId(entries[index - 1][0], entries[index - 1][1])
+        return Page(found, last, index < len(entries), recovered)
+
+    async def replay(self, user_id: str, since: MessageId) -> Replay:
+        """Every page at once: for tests and tools, never for a socket."""
+        found: list[Message] = []
+        page = await self.replay_page(user_id, since, 2**31, 2**62)
+        recovered = page.recovered
+        found += page.messages
+        while page.more:
+            page = await self.replay_page(user_id, page.last, 2**31, 2**62)
+            recovered = recovered and page.recovered
+            found += page.messages
         return Replay(found, recovered)
 
     def _evict(self) -> None:
-        history = self._history
+        entries = self._entries
+        head = self._head
         deadline = time.monotonic() - self._ttl
-        while history and (len(history) > self._size or history[0][3] < deadline):
-            oldest = history.popleft()
+        while head < len(entries) and (
+            len(entries) - head > self._size or self._bytes > self._max_bytes or entries[head][3] < deadline
+        ):
+            oldest = entries[head]
+            entries[head] = _GONE  # the frame's bytes go now, not when the list is next compacted
+            head += 1
+            self._bytes -= oldest[6]
             self._floor = MessageId(oldest[0], oldest[1])
+        if head > 64 and head * 2 > len(entries):
+            del entries[:head]
+            head = 0
+        self._head = head

@@ -322,6 +322,26 @@ return {1, top, epoch, top}
 """
 )
 
+# The history window's state, for REPLAY and REPLAY_PAGE: Redis's TIME, the feed's last id, and the floor:
+# the newest id outside the window (trimmed from the feed, pushed out by `size` newer messages, which the
+# ring in PUBLISH remembers, or older than the TTL).
+_WINDOW = """
+local function window(feed, prefix, size, ttl)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last, floor = last_and_deleted(feed)
+  local seq = tonumber(redis.call('GET', prefix .. 'seq') or '0')
+  if seq > size then
+    local out = redis.call('HGET', prefix .. 'ring', (seq + 1) % (size + 1))
+    if out then floor = later(floor, out) end
+  end
+  local cutoff = string.format('%.0f', now - tonumber(ttl))
+  local old = redis.pcall('XREVRANGE', feed, '(' .. cutoff .. '-0', '-', 'COUNT', 1)
+  if type(old) == 'table' and not old.err and #old > 0 then floor = later(floor, old[1][1]) end
+  return t, last, floor
+end
+"""
+
 # KEYS: feed. ARGV: prefix, user, since (an id), history size, history TTL in ms.
 # Returns {seconds, microseconds, last id, floor, {entry, ...} oldest first}: the user's messages and the
 # broadcasts after `since` and inside the window, found through the per-user and broadcast indexes (so the
@@ -330,19 +350,10 @@ return {1, top, epoch, top}
 REPLAY = (
     _INFO
     + _IDS
+    + _WINDOW
     + """
-local prefix, user, since, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last, floor = last_and_deleted(KEYS[1])
-local seq = tonumber(redis.call('GET', prefix .. 'seq') or '0')
-if seq > size then
-  local out = redis.call('HGET', prefix .. 'ring', (seq + 1) % (size + 1))
-  if out then floor = later(floor, out) end
-end
-local cutoff = string.format('%.0f', now - ttl)
-local old = redis.pcall('XREVRANGE', KEYS[1], '(' .. cutoff .. '-0', '-', 'COUNT', 1)
-if type(old) == 'table' and not old.err and #old > 0 then floor = later(floor, old[1][1]) end
+local prefix, user, since, size, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local t, last, floor = window(KEYS[1], prefix, size, ttl)
 local ids = {}
 for _, index in ipairs({prefix .. 'u:' .. user, prefix .. 'all'}) do
   local found = redis.pcall('XREVRANGE', index, '+', '(' .. since, 'COUNT', size)
@@ -422,4 +433,46 @@ end
 return 0
 """
 
-ALL = (PUBLISH, PUBLISH_BATCH, JOIN, STATUS, PRESENCE, REPAIR, REPLAY, RATE, IDEM_BEGIN, IDEM_FINISH, IDEM_ABANDON)
+# One page of a replay, read forward through the same indexes. KEYS: the feed. ARGV: prefix, user, the id to
+# read after, history size, history TTL in ms, the most messages to return. Returns {seconds, microseconds,
+# last id, floor, {entry, ...} oldest first, 1 if the indexes hold more after the last one}: as REPLAY.
+REPLAY_PAGE = (
+    _INFO
+    + _IDS
+    + _WINDOW
+    + """
+local prefix, user, after, size, ttl, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local t, last, floor = window(KEYS[1], prefix, size, ttl)
+local start = later(after, floor)
+local ids, more = {}, 0
+for _, index in ipairs({prefix .. 'u:' .. user, prefix .. 'all'}) do
+  local found = redis.pcall('XRANGE', index, '(' .. start, '+', 'COUNT', count + 1)
+  if type(found) == 'table' and not found.err then
+    for _, e in ipairs(found) do table.insert(ids, e[1]) end
+  end
+end
+table.sort(ids, function(a, b) return a ~= b and later(a, b) == b end)
+if #ids > count then more = 1 end
+local entries = {}
+for i = 1, math.min(#ids, count) do
+  local e = redis.call('XRANGE', KEYS[1], ids[i], ids[i])
+  if #e > 0 then table.insert(entries, e[1]) end
+end
+return {t[1], t[2], last, floor, entries, more}
+"""
+)
+
+ALL = (
+    PUBLISH,
+    PUBLISH_BATCH,
+    JOIN,
+    STATUS,
+    PRESENCE,
+    REPAIR,
+    REPLAY,
+    REPLAY_PAGE,
+    RATE,
+    IDEM_BEGIN,
+    IDEM_FINISH,
+    IDEM_ABANDON,
+)
