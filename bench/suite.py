@@ -15,7 +15,7 @@ pins itself to core 1. For every N it measures, per server:
 Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux. It measures and asserts nothing. `--deflate`
 adds one run of diary-ws with PER_MESSAGE_DEFLATE on and clients that negotiate it (the `websockets`
 client, as the guide's clients and browsers do); `--soak` runs connect/disconnect churn with publishes
-instead and reports RSS over time.
+instead and reports RSS over time; `--chaos SECONDS` runs bench/chaos.py (Redis under faults) instead.
 
     make bench                                   # N = 1,000, 5,000, 10,000
     make bench BENCH_ARGS=--batch                # bench/batch.py: single POSTs against batches
@@ -395,12 +395,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="diary-ws broker(s) to measure; redis starts its own redis-server")  # fmt: skip
     parser.add_argument("--deflate", action="store_true", help="also measure per-message deflate at 1,000 sockets")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the churn soak instead (10 is the spec)")
+    parser.add_argument("--chaos", type=float, metavar="SECONDS",
+                        help="run the Redis chaos run (bench/chaos.py) for this long instead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
     parser.add_argument("--batch", action="store_true", help="run bench/batch.py instead: single POSTs against "
                         "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
     parser.add_argument("--cluster", action="store_true",
                         help="run bench/cluster_sim.py instead (its own flags follow --cluster)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
+    if args.chaos:
+        from bench import chaos
+
+        return chaos.main(["--seconds", str(args.chaos)])
     if args.batch:
         from bench import batch
 

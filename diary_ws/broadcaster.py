@@ -310,6 +310,7 @@ class Connection:
         """Send every page; whether nothing was missing (False also when the socket closed meanwhile)."""
         backend, sink, limits = self._hub.backend, self.sink, self._hub.limits
         after, recovered = since, True
+        replayed_top: MessageId | None = None  # the newest id this replay has sent
         while self._resume is not None:
             page = await backend.replay_page(self.user_id, after, limits.send_queue_size, limits.send_queue_bytes)
             if self._close is not None:
@@ -321,7 +322,10 @@ class Connection:
                 # Caught up. From here on live messages are no longer left to the replay: they queue in the
                 # backlog behind this page (the writer exists) and are sent after it and the resume frame.
                 self._resume = None
-                self._floor = after
+                # Live messages up to the newest one replayed were sent already. Not `after` when the
+                # `since` was unknown (recovered: false): one from the future would hold back every message.
+                newest = page.messages[-1].id if page.messages else replayed_top
+                self._floor = after if recovered else newest
             for message in page.messages:
                 if self._close is not None:
                     return False
@@ -331,6 +335,7 @@ class Connection:
                 elif outcome == DEAD:
                     raise ConnectionError("the socket is gone")
                 self._replayed += 1
+                replayed_top = message.id
             # One page per turn of the event loop: a replay to a fast peer never waits on a send, and would
             # otherwise hold every other socket and request for all of it.
             await asyncio.sleep(0)

@@ -185,7 +185,7 @@ class LocalIdempotency:
 # How long after its message was stored (by Redis's clock) a key without an answer makes a retry wait (409):
 # the first request may still be answering, within its deadline and the write of its answer. Past it, that
 # request has given up (504) and a retry is told the message was sent, under its id.
-BUSY_WINDOW = REQUEST_SECONDS + 2.0
+BUSY_WINDOW = REQUEST_SECONDS + 1.0
 
 
 class SharedIdempotency:

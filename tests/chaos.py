@@ -41,6 +41,7 @@ from tests.utils import RedisServer, Server, async_wait_until, redis_server, run
 
 DEADLINE = 3.0  # the server's promise for a POST, a status or a DELETE
 FAULTS = ("pause", "kill", "cut", "blackhole")
+RETRY_FOR = 90.0  # seconds a keyed POST is retried for, at most
 
 
 def pair(msg_id: str) -> tuple[int, int]:
@@ -202,7 +203,7 @@ class Chaos:
             task.add_done_callback(pending.discard)
             await asyncio.sleep(max(0.0, started + seq / self.plan.rate - time.monotonic()))
         if pending:
-            await asyncio.wait(pending, timeout=60)
+            await asyncio.wait(pending, timeout=RETRY_FOR + 15)
 
     async def send(self, post: Post) -> None:
         body: dict[str, Any] = {"message": f"m{post.seq}", "data": {"seq": post.seq}}
@@ -211,15 +212,18 @@ class Chaos:
         headers = {"Content-Type": "application/json"}
         if post.key is not None:
             headers["Idempotency-Key"] = post.key
-        for attempt in range(40):
+        give_up = time.monotonic() + RETRY_FOR
+        for attempt in range(1000):
             node = self.nodes[(post.seq + attempt) % len(self.nodes)]
             status, msg_id, retry_after = await self.call("post", "POST", node, "/api/v1/ws/notification",
                                                           content=orjson.dumps(body), headers=headers)  # fmt: skip
             post.answers.append((status, msg_id))
-            # Without a key nothing is safe to repeat; with one, everything but a final answer is.
-            if post.key is None or status not in (409, 503, 504):
+            # Without a key nothing is safe to repeat; with one, everything but a final answer is. A careful
+            # sender backs off (full jitter, doubling to 8 s), never sooner than Retry-After, and gives up.
+            if post.key is None or status not in (409, 503, 504) or time.monotonic() > give_up:
                 return
-            await asyncio.sleep(retry_after if retry_after is not None else self.random.uniform(0.3, 0.8))
+            wait = self.random.uniform(0, min(8.0, 0.5 * 2**attempt))
+            await asyncio.sleep(max(wait, retry_after or 0.0))
 
     async def call(self, what: str, method: str, node: Server, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
         started = time.monotonic()
@@ -439,7 +443,7 @@ async def run(plan: Plan, log: Callable[[str], None] = lambda line: None) -> Rep
             lag = asyncio.create_task(chaos.lag())
             await chaos.faults(log)
             chaos.publishing = False
-            await asyncio.wait_for(asyncio.gather(publisher, prober, lag), 90)
+            await asyncio.wait_for(asyncio.gather(publisher, prober, lag), RETRY_FOR + 30)
             for post in chaos.posts:
                 for status, msg_id in post.answers:
                     for reader in chaos.readers:

@@ -15,7 +15,7 @@ from tests.chaos import DEADLINE, Plan, run
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_redis_faults_lose_duplicate_reorder_and_misreport_nothing() -> None:
-    report = await run(Plan(duration=30.0, seed=13), print)
+    report = await run(Plan(duration=26.0, seed=13), print)
     print(report.summary())
     assert report.faults.keys() == {"pause", "kill", "cut", "blackhole"}, report.summary()
     assert report.posts > 500, report.summary()

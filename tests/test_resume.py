@@ -91,6 +91,10 @@ async def test_unknown_since_is_not_recovered(server: Server, since: str) -> Non
         else:
             assert frame["message"] == "x"  # what is retained is still replayed
             assert await next_frame(ws) == {"type": "resume", "recovered": False, "replayed": 1}
+        # Told it is not recovered, the client still gets what comes live (a `since` the history does not
+        # know is no floor: one from the future would otherwise hold back every message).
+        live = server.post({"message": "live", "user_ids": ["alice"]}).json()
+        assert (await next_frame(ws))["id"] == live["id"]
 
 
 @pytest.mark.anyio

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from diary_ws import deadline
 from diary_ws.backends.base import Node
@@ -199,10 +199,16 @@ class RedisCore:
             script = self._scripts[source]
             await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *argv, check_health=False)
             try:
-                return await conn.read_response()
-            except NoScriptError:  # a restarted Redis forgot it: it did not run, so sending the source is safe
-                await conn.send_command("EVAL", source, len(keys), *keys, *argv, check_health=False)
-                return await conn.read_response()
+                try:
+                    return await conn.read_response()
+                except NoScriptError:  # a restarted Redis forgot it: it did not run, so sending the source is safe
+                    await conn.send_command("EVAL", source, len(keys), *keys, *argv, check_health=False)
+                    return await conn.read_response()
+            except ResponseError:
+                # Redis answered with a refusal (out of memory, busy, a read-only replica): our scripts write
+                # nothing before the point where one could fail, so nothing was stored.
+                attempt.sent = False
+                raise
         except BaseException:
             await conn.disconnect(nowait=True)  # whatever is left unread on it must not reach the next user
             raise

@@ -95,6 +95,9 @@ def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Publis
     return Published(msg_id, sent, total, lost, len(users), missing)
 
 
+ANSWER_TIME = 0.2  # of a request's deadline, kept from the wait for counts to record an Idempotency-Key's answer
+
+
 class FeedMixin(RedisCore):
     """Publishing, closing a user everywhere, and this node's stream reader and count-reply reader."""
 
@@ -214,7 +217,9 @@ class FeedMixin(RedisCore):
             if not gather.done.is_set():
                 # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
+                    async with asyncio.timeout(
+                        min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT + ANSWER_TIME) - ANSWER_TIME)
+                    ):
                         await gather.done.wait()
         finally:
             del self._pending[token]

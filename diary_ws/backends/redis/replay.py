@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 
+from diary_ws import deadline
 from diary_ws.backends.base import Page, Replay
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import PREFIX, RedisCore
@@ -21,7 +22,9 @@ class ReplayMixin(RedisCore):
         The window is REPLAY's, exactly: HISTORY_SIZE messages, none past HISTORY_TTL.
         """
         argv = [PREFIX, user_id, str(after), self._size, int(self._ttl * 1000), max(1, limit)]
-        seconds, micros, last, floor_id, entries, more = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], argv)
+        with deadline.request():  # a resuming socket waits for the history no longer than a request would
+            answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], argv)
+        seconds, micros, last, floor_id, entries, more = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         floor = parse_id(floor_id) or MessageId(0, 0)
         found: list[Message] = []
@@ -46,7 +49,9 @@ class ReplayMixin(RedisCore):
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
         argv = [PREFIX, user_id, str(since), self._size, int(self._ttl * 1000)]
-        seconds, micros, last, floor_id, entries = await self._run(scripts.REPLAY, [self._keys[1]], argv)
+        with deadline.request():  # a resuming handshake waits for the history no longer than a request would
+            answer = await self._run(scripts.REPLAY, [self._keys[1]], argv)
+        seconds, micros, last, floor_id, entries = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         floor = parse_id(floor_id) or MessageId(0, 0)
         found: list[Message] = []
