@@ -15,7 +15,8 @@ pins itself to core 1. For every N it measures, per server:
 Both clocks are CLOCK_MONOTONIC, which is system-wide on Linux. It measures and asserts nothing. `--deflate`
 adds one run of diary-ws with PER_MESSAGE_DEFLATE on and clients that negotiate it (the `websockets`
 client, as the guide's clients and browsers do); `--soak` runs connect/disconnect churn with publishes
-instead and reports RSS over time; `--chaos SECONDS` runs bench/chaos.py (Redis under faults) instead.
+instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attacks of issue 12) instead;
+`--chaos SECONDS` runs bench/chaos.py (Redis under faults) instead.
 
     make bench                                   # N = 1,000, 5,000, 10,000
     make bench BENCH_ARGS=--batch                # bench/batch.py: single POSTs against batches
@@ -402,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
                         "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
     parser.add_argument("--cluster", action="store_true",
                         help="run bench/cluster_sim.py instead (its own flags follow --cluster)")  # fmt: skip
+    parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
+    parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
+    parser.add_argument("--hostile-seconds", type=float, default=20.0, help="how long each of its attacks runs")
     args, rest = parser.parse_known_args(argv)
+    if args.hostile:
+        from bench import hostile
+
+        return hostile.main(["--scale", str(args.hostile_scale), "--seconds", str(args.hostile_seconds)])
     if args.chaos:
         from bench import chaos
 

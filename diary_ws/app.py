@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -34,20 +33,17 @@ from diary_ws.routes import (
     routes,
     send_json,
 )
-from diary_ws.settings import Settings
+from diary_ws.settings import SettingError, Settings, fd_budget, open_file_limit
 
 log = logging.getLogger("diary_ws.app")
 
-# Descriptors kept back from MAX_CONNECTIONS for the listener, logs, the broker and HTTP senders.
-FD_MARGIN = 128
 
-
-def default_max_connections() -> int:
-    """The open-file limit minus a margin: past it, accept() would fail in worse ways than a 503."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1_000_000
-    return max(1, soft - FD_MARGIN)
+def default_max_connections(settings: Settings) -> int:
+    """What the open-file limit leaves for listeners after MAX_HTTP_CONNECTIONS and a reserve (fd_budget)."""
+    try:
+        return fd_budget(settings, open_file_limit())[1]
+    except SettingError:  # an embedding host's settings past its limit: keep the old margin rather than stop
+        return max(1, open_file_limit() - 128)
 
 
 class DiaryApp(Starlette):
@@ -110,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """A whole diary-ws app; every piece of state lives on `app.state`, so two apps can share a process."""
     settings = settings or Settings()
     limits = Limits(
-        max_connections=settings.max_connections or default_max_connections(),
+        max_connections=settings.max_connections or default_max_connections(settings),
         max_connections_per_user=settings.max_connections_per_user,
         send_queue_size=settings.send_queue_size,
         send_queue_bytes=settings.send_queue_bytes,

@@ -310,22 +310,24 @@ class Connection:
         """Send every page; whether nothing was missing (False also when the socket closed meanwhile)."""
         backend, sink, limits = self._hub.backend, self.sink, self._hub.limits
         after, recovered = since, True
-        replayed_top: MessageId | None = None  # the newest id this replay has sent
+        reached: MessageId | None = None  # the newest history entry a page looked at
         while self._resume is not None:
             page = await backend.replay_page(self.user_id, after, limits.send_queue_size, limits.send_queue_bytes)
             if self._close is not None:
                 return False
             recovered = recovered and page.recovered
             stuck = page.last <= after and not page.messages  # a page that moved nowhere: never ask again
-            after = max(after, page.last)
+            if page.last > after:
+                reached = page.last
+                after = page.last
             if not page.more or stuck:
                 # Caught up. From here on live messages are no longer left to the replay: they queue in the
                 # backlog behind this page (the writer exists) and are sent after it and the resume frame.
+                # Nothing at or below the floor goes out live: the client has it, or the replay sent it. A
+                # `since` the history does not know (recovered: false) is no floor: from the future, it
+                # would hold back every live message.
                 self._resume = None
-                # Live messages up to the newest one replayed were sent already. Not `after` when the
-                # `since` was unknown (recovered: false): one from the future would hold back every message.
-                newest = page.messages[-1].id if page.messages else replayed_top
-                self._floor = after if recovered else newest
+                self._floor = (max(since, reached) if reached is not None else since) if recovered else reached
             for message in page.messages:
                 if self._close is not None:
                     return False
@@ -335,7 +337,6 @@ class Connection:
                 elif outcome == DEAD:
                     raise ConnectionError("the socket is gone")
                 self._replayed += 1
-                replayed_top = message.id
             # One page per turn of the event loop: a replay to a fast peer never waits on a send, and would
             # otherwise hold every other socket and request for all of it.
             await asyncio.sleep(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import functools
 import os
@@ -15,7 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from diary_ws import __version__
 from diary_ws import commands as client_commands
-from diary_ws.settings import SECRETS, SPECS, SWITCHES, SettingError, Settings, env_name, flag_name, from_env
+from diary_ws.settings import (
+    SECRETS,
+    SPECS,
+    SWITCHES,
+    SettingError,
+    Settings,
+    env_name,
+    fd_budget,
+    flag_name,
+    from_env,
+    open_file_limit,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     import uvicorn
@@ -116,13 +128,35 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def with_fd_budget(settings: Settings) -> Settings:
+    """`settings` with MAX_HTTP_CONNECTIONS and MAX_CONNECTIONS decided for this process's open-file limit
+    (SettingError, exit 2, when they add up past it)."""
+    http, listeners = fd_budget(settings, open_file_limit())
+    return dataclasses.replace(settings, max_http_connections=http, max_connections=listeners)
+
+
+def warn_if_stock_protocols() -> None:
+    """One line at start when the installed uvicorn or websockets is one the edge was not checked against."""
+    import logging
+
+    from diary_ws.edge.internals import STOCK_LOSES, unsupported
+
+    problem = unsupported()
+    if problem is not None:
+        logging.getLogger("diary_ws.server").warning(
+            "%s: running uvicorn's stock protocols, without the edge's %s", problem, STOCK_LOSES
+        )
+
+
 def serve(settings: Settings) -> int:
     """Run uvicorn with the diary-ws protocol hooks until SIGTERM or SIGINT; WORKERS processes share the port."""
     from diary_ws import logs
 
     raise_open_file_limit()
+    settings = with_fd_budget(settings)
     logs.configure(settings.log_level, settings.log_format)
     check_port(settings)
+    warn_if_stock_protocols()
     if settings.workers == 1:
         return 0 if run_worker(settings) else 1
     from diary_ws.app import create_app
@@ -138,17 +172,25 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     """The uvicorn configuration for `settings`, with the diary-ws WebSocket protocol."""
     import uvicorn
 
-    from diary_ws.edge import DiaryHttpProtocol, DiaryWebSocketProtocol, FramePolicy
+    from diary_ws.edge.internals import unsupported
+    from diary_ws.edge.limits import EdgeLimits, install
+    from diary_ws.edge.serve import ACCEPT_BATCH
 
-    return uvicorn.Config(
+    http: Any = "httptools"
+    ws: Any = "websockets-sansio"
+    if unsupported() is None:
+        from diary_ws.edge.http import DiaryHttpProtocol
+        from diary_ws.edge.websocket import DiaryWebSocketProtocol, FramePolicy
+
+        policy = FramePolicy(settings.max_incoming_rate, settings.ping_timeout, settings.send_queue_bytes)
+        http, ws = DiaryHttpProtocol, DiaryWebSocketProtocol.with_policy(policy)
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
-        http=DiaryHttpProtocol,
-        ws=DiaryWebSocketProtocol.with_policy(
-            FramePolicy(settings.max_incoming_rate, settings.ping_timeout, settings.send_queue_bytes)
-        ),
+        http=http,
+        ws=ws,
         ws_max_size=settings.max_incoming_bytes,
         ws_ping_interval=settings.ping_interval,
         ws_ping_timeout=settings.ping_timeout,
@@ -156,6 +198,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         # X-Forwarded-For from TRUSTED_PROXIES only, through with_proxy_headers (which also records the
         # direct peer for USER_HEADER); uvicorn's own wrapping, which trusts 127.0.0.1 by default, stays off.
         proxy_headers=False,
+        backlog=ACCEPT_BATCH,  # per turn of the loop; DiaryServer sets the kernel's listen queue to 2048 again
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         lifespan="on",
         log_config=None,
@@ -163,6 +206,16 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         # uvicorn builds each access line's arguments before the logger drops it: off when it would be dropped.
         access_log=settings.log_level in ("info", "debug", "trace"),
     )
+    install(
+        config,
+        EdgeLimits(
+            max_http_connections=settings.max_http_connections or EdgeLimits.max_http_connections,
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            max_header_bytes=settings.max_header_bytes,
+        ),
+    )
+    return config
 
 
 def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:

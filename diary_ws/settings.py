@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import re
+import resource
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -49,7 +50,11 @@ class Settings:
     connect_rate_limit: str | None = None
     idempotency_ttl: float = 300.0
     max_connections_per_user: int = 16
-    max_connections: int | None = None  # None: the open-file limit minus a margin, decided at start
+    max_connections: int | None = None  # None: what the open-file limit leaves (fd_budget), decided at start
+    max_http_connections: int | None = None  # None: min(1000, a tenth of the open-file limit)
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 16384
     max_message_chars: int = 65536
     max_body_bytes: int = 262144
     max_incoming_bytes: int = 4096
@@ -108,6 +113,36 @@ def check_security(s: Settings) -> None:
         raise SettingError(
             env_name("user_header"), "needs DIARY_WS_TRUSTED_PROXIES: the header is honoured only from those proxies"
         )
+
+
+# Descriptors kept back below the open-file limit: 64 for the listening socket, Redis, logs and files, and 128 for
+# the connections accepted before the caps act on them (two of the edge's accept batches of 64, edge/serve.py).
+FD_RESERVE = 64 + 2 * 64
+NO_FILE_LIMIT = 1_000_000  # what an unlimited open-file limit counts as
+
+
+def open_file_limit() -> int:
+    """The soft limit on open files of this process (raise it first: `cli.raise_open_file_limit`)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return NO_FILE_LIMIT if soft == resource.RLIM_INFINITY else soft
+
+
+def fd_budget(s: Settings, limit: int) -> tuple[int, int]:
+    """(MAX_HTTP_CONNECTIONS, MAX_CONNECTIONS) for the open-file limit `limit`: every socket is a descriptor,
+    and past the limit accept() fails with EMFILE, which stalls the accept loop for everybody.
+
+    Raises SettingError when the two, with the reserve, add up past the limit.
+    """
+    http = s.max_http_connections or max(1, min(1000, limit // 10))
+    listeners = s.max_connections or max(1, limit - http - FD_RESERVE)
+    if http + listeners + FD_RESERVE > limit:
+        given = [env_name(n) for n in ("max_connections", "max_http_connections") if getattr(s, n) is not None]
+        raise SettingError(
+            " and ".join(given) or env_name("max_connections"),
+            f"add up past the open-file limit: {listeners} listeners + {http} HTTP connections + {FD_RESERVE} "
+            f"reserved > {limit}; lower them or raise the limit (ulimit -n, LimitNOFILE=)",
+        )
+    return http, listeners
 
 
 # --- parsers: str -> value, raising ValueError with the rule -------------------------------------------------
@@ -327,7 +362,19 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "connect_rate_limit": (_rate, "WebSocket handshake rate limit per client address, e.g. 10/s:20"),
     "idempotency_ttl": (_seconds(1, 86400), "how long an Idempotency-Key is remembered"),
     "max_connections_per_user": (_int_in(1), "open sockets allowed per user"),
-    "max_connections": (_int_in(1), "open sockets allowed in all (default: open-file limit minus a margin)"),
+    "max_connections": (
+        _int_in(1),
+        "open sockets and streams allowed in all (default: what the open-file limit "
+        "leaves after MAX_HTTP_CONNECTIONS and a reserve of 64)",
+    ),
+    "max_http_connections": (
+        _int_in(1),
+        "open HTTP connections that are not listeners (default: min(1000, a "
+        "tenth of the open-file limit)); when full, the one waiting longest for a head goes",
+    ),
+    "header_timeout": (_seconds(0, open_lo=True), "seconds a request head may take (408 after a partial one)"),
+    "body_timeout": (_seconds(0, open_lo=True), "seconds a whole request body may take (408)"),
+    "max_header_bytes": (_size(1024), "largest request line plus headers (431, or 414 for the request line)"),
     "max_message_chars": (_int_in(1), "longest message, in characters"),
     "max_body_bytes": (_size(64), "largest POST body"),
     "max_incoming_bytes": (_size(1), "largest frame a client may send (closed with 1009 above it)"),

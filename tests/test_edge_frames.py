@@ -116,8 +116,8 @@ def test_a_frame_flood_from_a_peer_that_reads_nothing_ends_within_a_second(edge_
     logged = edge_server.log_path.stat().st_size - before_log
     print(f"\n{kind} flood: ended after {took:.2f} s, RSS +{grown:.1f} MB, log +{logged} bytes")
     # Over the rate within the first second (50 frames a second, bursts of 50), then a second's grace; and
-    # half a second for a shared, busy machine.
-    assert took < 1 + 1 + 0.5
+    # slack for a shared, busy machine (without the bounds these floods ran on for 10 s or for good).
+    assert took < 1 + 1 + 2
     assert grown < 50
     assert logged < 5 * 1024 * 1024
     healthy_reader_is_served(edge_server, f"reader-after-{kind}")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -220,3 +221,54 @@ def test_an_sse_stream_comes_through_unbuffered(proxied: tuple[Nginx, Server]) -
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith("id:")) == f"id: {sent.json()['id']}"
         assert '"message":"by sse"' in next(lines)
+
+
+# --- the edge's attacks through the recipe (docs/limits.md, "Behind nginx") ------------------------------------
+
+
+def _raw(nginx: Nginx) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", nginx.port), timeout=5)
+
+
+def _first_line(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_nginx_absorbs_slow_heads_and_oversized_heads(proxied: tuple[Nginx, Server]) -> None:
+    """Slow and oversized request heads stop at nginx: diary-ws never sees a connection for them."""
+    nginx, server = proxied
+    log_before = len(server.log())
+    slow = []
+    for _ in range(200):  # more than a small MAX_HTTP_CONNECTIONS: nginx holds them, not diary-ws
+        sock = _raw(nginx)
+        sock.sendall(b"GET /notify/healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.append(sock)
+    try:
+        # nginx's large_client_header_buffers (4 x 8 KiB): a longer header line is a 400, a longer request line a 414.
+        long_header = _raw(nginx)
+        with contextlib.suppress(OSError):
+            long_header.sendall(b"GET /notify/healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        assert b" 400 " in _first_line(long_header)
+        long_line = _raw(nginx)
+        with contextlib.suppress(OSError):
+            long_line.sendall(b"GET /notify/healthz?" + b"q" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 414 " in _first_line(long_line)
+        with client() as http:
+            answer = http.post(f"{nginx.http}/api/v1/ws/notification", json={"message": "hi", "user_ids": ["none"]})
+        assert answer.status_code == 404
+    finally:
+        for sock in slow:
+            sock.close()
+    seen = server.log()[log_before:]
+    assert "431" not in seen
+    assert "414" not in seen
+    assert "408" not in seen
+    assert "waited longest" not in seen

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -118,11 +120,22 @@ def _ready(port: int, proc: subprocess.Popen[bytes]) -> bool:
         return False
 
 
+def _limit_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 @contextlib.contextmanager
 def run_server(
-    settings: Mapping[str, str] | None = None, *, args: tuple[str, ...] = (), port: int | None = None
+    settings: Mapping[str, str] | None = None,
+    *,
+    args: tuple[str, ...] = (),
+    port: int | None = None,
+    open_files: int | None = None,
 ) -> Iterator[Server]:
-    """Start `python -m diary_ws serve` on a free port (or `port`) with DIARY_WS_* `settings`; stop it afterwards."""
+    """Start `python -m diary_ws serve` on a free port (or `port`) with DIARY_WS_* `settings`; stop it afterwards.
+
+    `open_files` sets the server's open-file limit, soft and hard (it raises the soft one to the hard one).
+    """
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     env.update({f"DIARY_WS_{k.upper()}": str(v) for k, v in (settings or {}).items()})
@@ -132,7 +145,7 @@ def run_server(
     with log_path.open("wb") as log_out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "diary_ws", "serve", *args], env=env, stdout=log_out, stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=ROOT, preexec_fn=None if open_files is None else functools.partial(_limit_files, open_files),
         )  # fmt: skip
     server = Server(port, proc, log_path, env)
     try:

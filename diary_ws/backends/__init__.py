@@ -17,7 +17,9 @@ def backend_for(settings: Settings) -> Backend:
     if scheme in ("redis", "rediss"):
         from diary_ws.backends.redis import RedisBackend
 
-        return RedisBackend(settings.broker_url, history_size=settings.history_size, history_ttl=settings.history_ttl)
+        return RedisBackend(
+            settings.broker_url, settings.history_size, settings.history_ttl, history_bytes=settings.history_bytes
+        )
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import multiprocessing
 import os
 import signal
@@ -19,6 +21,12 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from diary_ws.auth import PEER_SCOPE_KEY
 from diary_ws.edge.transport import log
+from diary_ws.logs import warn_throttled
+
+# Connections asyncio accepts per turn of the event loop (it takes uvicorn's `backlog` for it), and the length
+# of the kernel's queue of connections not yet accepted. settings.FD_RESERVE keeps two batches' descriptors.
+ACCEPT_BATCH = 64
+LISTEN_QUEUE = 2048  # uvicorn's default backlog
 
 
 class RecordPeer:
@@ -57,11 +65,23 @@ class DiaryServer(uvicorn.Server):
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(quiet_accept_errors)
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # asyncio accepts up to `backlog` connections per turn of the loop before any of them is seen by the
+        # protocol, which is where the caps act: a small backlog (ACCEPT_BATCH) keeps how many descriptors can
+        # be taken before an eviction frees one inside the reserve. The kernel's queue of connections waiting
+        # to be accepted is the listen() size, set again here so that bursts of connects still queue.
+        for server in getattr(self, "servers", []):
+            for listening in server.sockets:
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(listening.fileno())) as dup:
+                    dup.listen(LISTEN_QUEUE)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # uvicorn waits for every connection before it runs the lifespan shutdown (PITFALLS 5), so the app
-        # hears of SIGTERM here, from the signal handler, or not in time.
+        # uvicorn waits for every connection before it runs the lifespan shutdown (uvicorn.Server.shutdown), so
+        # the app hears of SIGTERM here, from the signal handler, or not in time.
         self._on_signal()
         if self._draining or not self._drain_seconds or self._loop is None:
             super().handle_exit(sig, frame)
@@ -69,6 +89,16 @@ class DiaryServer(uvicorn.Server):
         self._draining = True
         log.info("draining for %.1f s: /readyz answers 503, open sockets stay", self._drain_seconds)
         self._loop.call_soon_threadsafe(self._loop.call_later, self._drain_seconds, super().handle_exit, sig, None)
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: an accept() out of descriptors or memory is one throttled line, not a
+    traceback per attempt (asyncio retries a second later itself); anything else goes to asyncio's default."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        warn_throttled(log, "accept-" + errno.errorcode.get(exc.errno or 0, "error"), "accept() failed: %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 WORKER_STARTUP_FAILURE = 3  # what uvicorn exits with when a worker cannot start; restarting would not help

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diary_ws.redis")
 
+TRIM_EVERY = 1.0  # seconds: how often a node's reader checks HISTORY_BYTES, while entries come in
+
 
 PREFIX = "diary-ws:"
 HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
@@ -100,10 +102,12 @@ class _Attempt:
 class RedisCore:
     """The state of one node of a diary-ws cluster that shares one Redis, and the plumbing every part uses."""
 
-    def __init__(self, url: str, history_size: int, history_ttl: float) -> None:
+    def __init__(self, url: str, history_size: int, history_ttl: float, history_bytes: int = 64 * 1024 * 1024) -> None:
         self._url = url
         self._size = history_size
         self._ttl = history_ttl
+        self._max_bytes = history_bytes
+        self._trimmed_at = 0.0  # monotonic time of the last HISTORY_BYTES trim (see ReplayMixin._trim_bytes)
         self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._node: Node | None = None
         self._cmd: Redis | None = None  # ordinary commands
@@ -136,6 +140,22 @@ class RedisCore:
         self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 
     # --- plumbing -------------------------------------------------------------------------------------------
+
+    async def _trim_bytes(self) -> None:
+        """HISTORY_BYTES on the stream: every node's reader, at most once a second while entries come in, has
+        Redis trim the oldest entries when the stream's memory (Redis's own sampled estimate) is over the cap.
+        So the stream can pass the cap by what arrives within a second plus the estimate's error; trimmed
+        entries count as deleted, and a resume from before them is `recovered: false`."""
+        now = time.monotonic()
+        if now - self._trimmed_at < TRIM_EVERY:
+            return
+        self._trimmed_at = now
+        try:
+            _used, trimmed = await self._run(scripts.TRIM_BYTES, [self._keys[1]], [self._max_bytes])
+        except BrokerUnavailable:
+            return  # the reader's own next command says so; the trim waits for the next turn
+        if trimmed:
+            log.info("trimmed %d entries off the stream: over HISTORY_BYTES (%d)", trimmed, self._max_bytes)
 
     async def _run(self, source: str, keys: list[str], argv: list[Any]) -> Any:
         """Run a script that is safe to run twice (a read, a presence write, a token bucket), within the

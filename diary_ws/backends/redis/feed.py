@@ -261,6 +261,8 @@ class FeedMixin(RedisCore):
                         reports.append(report)
                     self._last_id = entry_id
         self._last_read = time.monotonic()
+        if reply:
+            await self._trim_bytes()
         if reports:
             assert self._cmd is not None
             async with self._cmd.pipeline(transaction=False) as pipe:

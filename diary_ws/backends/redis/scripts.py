@@ -330,6 +330,27 @@ local function window(feed, prefix, size, ttl)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local last, floor = last_and_deleted(feed)
+  -- A trim (MAXLEN, or HISTORY_BYTES' XTRIM) does not move max-deleted-entry-id: a feed that has lost entries
+  -- (entries-added over its length) has lost everything before its first entry.
+  if redis.call('EXISTS', feed) == 1 then
+    local info = redis.call('XINFO', 'STREAM', feed)
+    local added, length, first = 0, 0, nil
+    for i = 1, #info, 2 do
+      if info[i] == 'entries-added' then added = info[i + 1] end
+      if info[i] == 'length' then length = info[i + 1] end
+      if info[i] == 'first-entry' and type(info[i + 1]) == 'table' then first = info[i + 1][1] end
+    end
+    if first and added > length then
+      local ms, seq = parts(first)
+      local before
+      if seq > 0 then
+        before = string.format('%.0f-%.0f', ms, seq - 1)
+      else
+        before = string.format('%.0f-18446744073709551615', ms - 1)
+      end
+      floor = later(floor, before)
+    end
+  end
   local seq = tonumber(redis.call('GET', prefix .. 'seq') or '0')
   if seq > size then
     local out = redis.call('HGET', prefix .. 'ring', (seq + 1) % (size + 1))
@@ -462,6 +483,19 @@ return {t[1], t[2], last, floor, entries, more}
 """
 )
 
+# HISTORY_BYTES on the stream. KEYS: the feed. ARGV: the cap in bytes. When the stream's memory, as Redis
+# estimates it (MEMORY USAGE, sampled), is over the cap, the oldest entries go (XTRIM MAXLEN, exact) in the
+# share by which it is over. Returns {the bytes estimated, the entries trimmed}.
+TRIM_BYTES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local used = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', 16)
+local cap = tonumber(ARGV[1])
+if used <= cap then return {used, 0} end
+local n = redis.call('XLEN', KEYS[1])
+local keep = math.max(1, math.floor(n * cap / used))
+return {used, redis.call('XTRIM', KEYS[1], 'MAXLEN', keep)}
+"""
+
 ALL = (
     PUBLISH,
     PUBLISH_BATCH,
@@ -471,6 +505,7 @@ ALL = (
     REPAIR,
     REPLAY,
     REPLAY_PAGE,
+    TRIM_BYTES,
     RATE,
     IDEM_BEGIN,
     IDEM_FINISH,
