@@ -228,7 +228,7 @@ class NotifyMany:
         # As for one notification: one deadline for every broker call, and a backstop past which it is a 504.
         with deadline.request():
             try:
-                async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                async with asyncio.timeout(backstop(scope["app"].state.hub)):
                     return await self._handle_in_time(scope, receive)
             except TimeoutError:
                 raise OutcomeUnknown(
@@ -252,7 +252,8 @@ class NotifyMany:
         if key is None:
             return await run(None)
         # The limit is taken inside the keyed run: a replay of a batch (a retry after a 504) costs no tokens.
-        return await publish_once(state.idempotency, key, batch.fingerprint, run, {})
+        status, body, headers = await publish_once(state.idempotency, key, batch.fingerprint, run, {})
+        return status, with_invalid_items(body, batch) if "Idempotent-Replayed" in headers else body, headers
 
 
 async def limit_and_publish(
@@ -263,6 +264,23 @@ async def limit_and_publish(
     return await publish_batch(hub, batch, headers, claim)
 
 
+def with_invalid_items(body: bytes, batch: Batch) -> bytes:
+    """A replayed batch answer with a result for every item: one rebuilt by the broker from what it stored (the
+    first request never answered) has none for the items that were not valid, which are put back in place."""
+    doc = orjson.loads(body)
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list) or len(results) == len(batch.items):
+        return body
+    stored = iter(results)
+    doc["results"] = [_item_error(item) if isinstance(item, ValidationError) else next(stored) for item in batch.items]
+    doc["failed"] = sum(1 for r in doc["results"] if r["status"] == "error")
+    return orjson.dumps(doc)
+
+
+def _item_error(error: DiaryWSError) -> dict[str, Any]:
+    return {"status": "error", "code": error.status_code, "message": error.message}
+
+
 async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str], claim: Claim | None) -> Answer:
     """Publish a batch's valid items in one go; 200 with one result per item, in order."""
     notes = [item for item in batch.items if isinstance(item, Notification)]
@@ -270,10 +288,7 @@ async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str], claim: 
     results: list[dict[str, Any]] = []
     for item in batch.items:
         done = item if isinstance(item, ValidationError) else next(published)
-        if isinstance(done, PublishResult):
-            results.append(sent_answer(done))
-        else:
-            results.append({"status": "error", "code": done.status_code, "message": done.message})
+        results.append(sent_answer(done) if isinstance(done, PublishResult) else _item_error(done))
     failed = sum(1 for r in results if r["status"] == "error")
     return 200, orjson.dumps({"status": "success", "results": results, "failed": failed}), headers
 
@@ -336,7 +351,12 @@ async def presence(request: Request) -> Response:
     check_sender(request)
     user_id = check_user_id(request.path_params["user_id"])
     hub: Hub = request.app.state.hub
-    count = await hub.connections_of(user_id)
+    with deadline.request():  # as for the status: a broker that does not answer in time is a 503
+        try:
+            async with asyncio.timeout(backstop(hub)):
+                count = await hub.connections_of(user_id)
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
     return json_response({"user_id": user_id, "connected": count > 0, "connections": count})
 
 

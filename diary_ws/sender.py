@@ -26,7 +26,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from diary_ws.settings import base_url, client_from_env
+from diary_ws.settings import base_url, client_from_env, first_api_key
 
 API = "/api/v1/ws"
 RETRY_STATUSES = frozenset({409, 429, 503, 504})
@@ -140,6 +140,8 @@ def _send_call(body: dict[str, Any]) -> _Call:
 
 
 def _batch_calls(items: Sequence[dict[str, Any]], size: int) -> Iterator[_Call]:
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {size})")
     for start in range(0, len(items), size):
         body = orjson.dumps({"notifications": items[start : start + size]})
         yield _Call("POST", f"{API}/notifications", body, str(uuid.uuid4()), is_send=True)
@@ -199,10 +201,9 @@ class _Base:
     """What both senders share: where the server is, the key, the deadline."""
 
     def __init__(self, url: str | None, api_key: str | None, deadline: float) -> None:
-        if url is None or api_key is None:  # only then: a bad DIARY_WS_* value must not fail explicit arguments
-            settings = client_from_env(os.environ)
-            url = settings.url if url is None else url
-            api_key = settings.api_key if api_key is None else api_key
+        # The environment only for what the arguments leave out: a bad DIARY_WS_* value must not fail them.
+        url = client_from_env(os.environ).url if url is None else url
+        api_key = first_api_key(os.environ) if api_key is None else api_key
         self.url = base_url(url, "url")
         self.api_key = api_key
         self.deadline = deadline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 from redis import Redis
 
 from diary_ws import Sender, Sent
+from diary_ws.backends.redis.client import _hashed
+from diary_ws.validation import parse_batch
 from tests.test_cluster import cluster, listeners, readyz_is
 from tests.utils import RedisServer, Server, next_frame, wait_until
 
@@ -85,7 +88,7 @@ async def test_a_batch_is_one_round_trip_with_counts_summed_over_the_nodes() -> 
 
 @pytest.mark.anyio
 async def test_idempotency_and_rate_limits_hold_across_the_cluster_for_batches() -> None:
-    with cluster(rate_limit="100/m:10") as (_redis, (a, b)):
+    with cluster(rate_limit="100/m:10") as (redis, (a, b)):
         async with listeners(a.listen_url("alice")) as (alice,):
             items = [{"message": f"m{i}", "user_ids": ["alice"]} for i in range(6)]
             first = batch(a, items, **{"Idempotency-Key": "cluster-batch"})
@@ -94,17 +97,20 @@ async def test_idempotency_and_rate_limits_hold_across_the_cluster_for_batches()
             assert again.headers["idempotent-replayed"] == "true"
             assert again.json() == first.json()
             assert [(await next_frame(alice))["message"] for _ in range(6)] == [f"m{i}" for i in range(6)]
-            other = batch(b, items[:2], **{"Idempotency-Key": "cluster-batch"})  # another body, the same key
-            assert other.status_code == 422
-            assert "Idempotency-Key" in other.json()["message"]
-            single = a.post({"message": "m0", "user_ids": ["alice"]}, headers={"Idempotency-Key": "cluster-batch"})
-            assert single.status_code == 422  # a single POST under a batch's key is another request
             over = batch(b, items)  # 6 more tokens from the shared bucket of 10: 4 left, not 6
             assert over.status_code == 429
             assert batch(b, items[:4]).status_code == 200
             too_big = batch(a, [{"message": "x"}] * 11)
             assert too_big.status_code == 422
             assert "bursts of up to 10" in too_big.json()["message"]
+        # Past the rate checks (a request under a taken key may cost its tokens before the key is checked):
+        with Redis(port=redis.port, socket_timeout=5) as client:
+            client.delete(*client.keys("diary-ws:rate:*"))  # a full bucket again
+        other = batch(b, items[:2], **{"Idempotency-Key": "cluster-batch"})  # another body, the same key
+        assert other.status_code == 422
+        assert "Idempotency-Key" in other.json()["message"]
+        single = a.post({"message": "m0", "user_ids": ["alice"]}, headers={"Idempotency-Key": "cluster-batch"})
+        assert single.status_code == 422  # a single POST under a batch's key is another request
 
 
 @pytest.mark.anyio
@@ -121,4 +127,35 @@ async def test_with_the_broker_down_presence_and_batches_are_503_and_the_sender_
             refused = batch(a, [{"message": "lost?", "user_ids": ["alice"]}])
             assert refused.status_code == 503
             assert "no notification of the batch was sent" in refused.json()["message"]
+        a.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_first_request_never_answered_is_replayed_as_a_whole_batch() -> None:
+    # What a request that stored its batch and then lost its answer (a 504) leaves in Redis: the key's record
+    # with the stored ids, older than the busy window. A retry under the key is told what was stored, item by
+    # item, with the invalid item back in its place, and nothing is sent again.
+    with cluster(nodes=1) as (redis, (a,)):
+        async with listeners(a.listen_url("alice")) as (alice,):
+            items: list[dict[str, Any]] = [
+                {"message": "stored", "user_ids": ["alice"]}, {"message": ""}, {"message": "x", "user_ids": ["bob"]},
+            ]  # fmt: skip
+            body = orjson.dumps({"notifications": items})
+            print_ = parse_batch(body, 1000, 65536, 262144).fingerprint.hex()
+            old = f"{int(time.time() * 1000) - 60_000}-0"
+            with Redis(port=redis.port, socket_timeout=5) as client:
+                record = _hashed("idem", "lost-answer")
+                client.hset(record, mapping={"r": "earlier", "fp": print_, "id": old, "ids": f"batch:{old},-"})
+                client.pexpire(record, 60_000)
+            retry = batch(a, items, **{"Idempotency-Key": "lost-answer"})
+            assert retry.status_code == 200, retry.text
+            assert retry.headers["idempotent-replayed"] == "true"
+            doc = retry.json()
+            assert [r["status"] for r in doc["results"]] == ["success", "error", "error"]
+            assert doc["results"][0]["id"] == old
+            assert doc["results"][0]["nodes_missing"] >= 1  # its counts were never gathered, and it says so
+            assert [r["code"] for r in doc["results"][1:]] == [422, 404]
+            assert doc["failed"] == 2
+            with pytest.raises(TimeoutError):
+                await next_frame(alice, 0.5)  # nothing sent again (a bounded wait for a negative)
         a.assert_clean_log()

@@ -82,7 +82,9 @@ def _check_outcome(outcome: str, unknown: bool, what: str) -> None:
             headers={"Retry-After": "1"},
         )
     if outcome == "other":
-        raise ValidationError("Idempotency-Key", f"was already used for a different request than {what}; use a new key")
+        raise ValidationError(
+            "Idempotency-Key", "was already used for a different notification or batch; use a new key"
+        )
 
 
 def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Published:
@@ -158,7 +160,7 @@ class FeedMixin(RedisCore):
                 if mark != "-":
                     gather.expect(set(to.split(",")) - {""})  # the nodes this item went to
             with contextlib.suppress(TimeoutError):  # one bound for the whole batch, not one per item
-                async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT))):
+                async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT + ANSWER_TIME) - ANSWER_TIME)):
                     for gather in stored:
                         await gather.done.wait()
         finally:
