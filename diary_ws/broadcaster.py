@@ -134,10 +134,10 @@ class Connection:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
         if not self.active:
             return False  # left the registry while a chunked fan-out was under way: nothing more goes out
-        if self._resume is not None:
+        if self._resume is not None and self._hub.backend.replay_covers_live:
             # Replaying: the history got this message before any socket was offered it, so the replay reaches
             # it in its turn, and nothing is held for it here. Should the history lose it first, the resume
-            # frame says `recovered: false`.
+            # frame says `recovered: false`. (Otherwise it queues, within the caps, and the floor sorts it.)
             return True
         floor = self._floor
         if floor is not None and message.id <= floor:
@@ -168,9 +168,10 @@ class Connection:
         """The handshake is done; with `since`, replay what came after it and a control frame, then go live."""
         if since is not None and self._close is None:
             self._resume = self._floor = since  # nothing at or below `since` goes out: the client has it
-            # Queued since the socket attached: all of it is in the history already, so the replay sends it.
-            self._backlog = None
-            self._bytes = 0
+            if self._hub.backend.replay_covers_live:
+                # Queued since the socket attached: all of it is in the history already; the replay sends it.
+                self._backlog = None
+                self._bytes = 0
             self._watch = asyncio.get_running_loop().call_later(self._hub.limits.stall_timeout, self._check, 0)
         self._started = True
         if self._resume is not None or self._backlog or self._close:

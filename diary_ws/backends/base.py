@@ -85,6 +85,11 @@ class SharedState(Protocol):
 class Backend(Protocol):
     """The small interface the Hub talks to; `memory` is the embedded default, `redis` the scale-out one."""
 
+    # Every message a socket is offered live is in the history its replay reads, for good or until evicted
+    # (memory: the same process's history). Then a replaying socket leaves live messages to its replay. Redis
+    # can lose its data between the live delivery and the replay's read, so there they wait in the backlog.
+    replay_covers_live: bool
+
     async def start(self, node: Node) -> None:
         """Connect and start any reader; called once from the app's lifespan."""
 

@@ -35,6 +35,8 @@ class MemoryBackend:
     """One process: ids from the wall clock, a history of at most `history_size` messages and `history_bytes`
     bytes, each kept `history_ttl` seconds."""
 
+    replay_covers_live = True  # appended before it is delivered; if evicted first, the resume says so
+
     def __init__(self, history_size: int, history_ttl: float, history_bytes: int = 64 * 1024 * 1024) -> None:
         self._clock = IdClock()
         self._size = history_size

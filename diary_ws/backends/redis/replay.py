@@ -14,6 +14,10 @@ from diary_ws.messages import Draft, Message, MessageId, parse_id
 class ReplayMixin(RedisCore):
     """The replay of a resuming socket."""
 
+    # A Redis that restarts without its data loses entries the reader has already delivered: a replaying
+    # socket keeps its live messages in its backlog (within its caps) instead of leaving them to the replay.
+    replay_covers_live = False
+
     async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
         """One page, read forward through the user's and the broadcast index as the socket drains.
 
