@@ -136,6 +136,7 @@ class RedisCore:
         # Held by the reader while it delivers a batch and by the heartbeat while it finds out whether this node
         # was taken for dead: a node that was must close its sockets before it delivers anything newer.
         self._gate = asyncio.Lock()
+        self._resynced = False  # this node's sockets were closed to resume since its last heartbeat
         self._epoch = ""  # the name of Redis's data this node's reader last repaired or found (scripts.REPAIR)
         self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 
@@ -238,6 +239,7 @@ class RedisCore:
     def _resync(self, why: str) -> None:
         """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
         assert self._node is not None
+        self._resynced = True
         users = list(self._node.presence())
         closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
                      for user in users)  # fmt: skip

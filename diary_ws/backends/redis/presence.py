@@ -81,15 +81,19 @@ class PresenceMixin(RedisCore):
             pipe.pexpire(self._presence_key, ttl)
             pipe.pexpire(self._inbox_key, ttl)  # a node gone without a word leaves no inbox behind
             pipe.time()
+            pipe.get(self._keys[2])
             asked = time.monotonic()
-            previous, _added, _expiring, _inbox, (seconds, micros) = await pipe.execute()
+            previous, _added, _expiring, _inbox, (seconds, micros), epoch = await pipe.execute()
             # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
             self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
-            if previous is None and self._presence.ever:
+            # Not when Redis lost its data (another epoch than this node's reader knows): the reader's repair
+            # closes the sockets then, once; nor twice for one outage.
+            if previous is None and self._presence.ever and epoch == self._epoch and not self._resynced:
                 # Taken for dead meanwhile: publishes stopped routing here (scripts.PUBLISH goes by the users'
                 # index and the live nodes), so its sockets may have missed messages. They resume, before the
                 # reader (held at the gate) delivers anything routed here from now on.
                 self._resync("this node's heartbeat had expired")
+            self._resynced = False
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
             # The per-user index too: this node's entry for every user here, and none for a user no longer here.
