@@ -19,7 +19,7 @@ from diary_ws.auth import Security
 from diary_ws.broadcaster import Hub
 from diary_ws.errors import BadRequest, NotFound
 from diary_ws.loopwatch import BUCKETS
-from diary_ws.metrics import Metrics, Sample, loop_name
+from diary_ws.metrics import SAMPLE_PERIOD, Metrics, Sample, loop_name
 from diary_ws.settings import Settings
 
 USERS_SHOWN = 100  # users the overview lists by default (those with the most sockets first); ?limit= up to:
@@ -102,8 +102,18 @@ def _limit(raw: str | None) -> int:
     return min(int(raw), USERS_MAX)
 
 
-def rates(samples: list[Sample]) -> list[dict[str, float]]:
-    """Per-second rates between successive samples (the last one ends now), with each interval's worst stall."""
+def rates(samples: list[Sample], period: float = SAMPLE_PERIOD) -> list[dict[str, float]]:
+    """Per-second rates between successive samples, with each interval's worst stall.
+
+    The last sample is "now". The interval that ends now always spans at least one sampling period: when the
+    newest ring sample is younger than that, it is folded into the interval before, so a burst stays on the
+    headline figure for a whole period (5-10 s) instead of falling to zero a moment after a sample is taken,
+    between two polls of the page.
+    """
+    if len(samples) >= 3 and samples[-1].at - samples[-2].at < period:
+        folded, now = samples[-2], samples[-1]
+        worst = max(folded.worst_stall, now.worst_stall)
+        samples = [*samples[:-2], now._replace(worst_stall=worst)]
     found = []
     for before, after in itertools.pairwise(samples):
         seconds = after.at - before.at

@@ -40,6 +40,7 @@ FANOUT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 PUBLISH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0)
 LAG_INTERVAL = 0.5  # seconds between event-loop lag probes
 SAMPLE_EVERY = 10  # lag probes between two samples of the console's rates ring (5 s)
+SAMPLE_PERIOD = SAMPLE_EVERY * LAG_INTERVAL  # seconds between two samples of the rates ring
 RING_SIZE = 60  # samples the ring keeps: five minutes
 # Every outcome a handshake can have, so each series exists (at 0) from the start and rate() works at once.
 HANDSHAKE_OUTCOMES = {

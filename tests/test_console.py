@@ -168,8 +168,27 @@ def test_rates_are_per_second_between_samples() -> None:
     from diary_ws.console import rates
     from diary_ws.metrics import Sample
 
-    samples = [Sample(100.0, 0, 0, 0, 0, 0.0), Sample(105.0, 10, 50, 5, 1, 0.002), Sample(105.1, 11, 51, 5, 1, 0.0)]
+    # "Now" is a whole period after the newest ring sample: each interval stands on its own.
+    samples = [Sample(100.0, 0, 0, 0, 0, 0.0), Sample(105.0, 10, 50, 5, 1, 0.002), Sample(110.0, 11, 51, 5, 1, 0.0)]
     assert rates(samples) == [
         {"at": 105.0, "seconds": 5.0, "publishes": 2.0, "deliveries": 10.0, "handshakes": 1.0, "refusals": 0.2,
          "worst_stall": 0.002},
+        {"at": 110.0, "seconds": 5.0, "publishes": 0.2, "deliveries": 0.2, "handshakes": 0.0, "refusals": 0.0,
+         "worst_stall": 0.0},
     ]  # fmt: skip
+
+
+def test_the_rate_ending_now_spans_a_whole_period() -> None:
+    """A burst just before a ring sample stays on the headline figure until a whole period has passed after
+    it: the page polls every 2 s and must not read 0 between two samples (a CI run saw that)."""
+    from diary_ws.console import rates
+    from diary_ws.metrics import SAMPLE_PERIOD, Sample
+
+    ring = [Sample(100.0, 0, 0, 0, 0, 0.0), Sample(105.0, 0, 0, 0, 0, 0.0), Sample(110.0, 5, 5, 0, 0, 0.003)]
+    for age in (0.1, 1.0, 2.5, SAMPLE_PERIOD - 0.01):
+        now = Sample(110.0 + age, 5, 5, 0, 0, 0.001)
+        found = rates([*ring, now])
+        assert [point["at"] for point in found] == [105.0, round(110.0 + age, 3)]
+        assert found[-1]["seconds"] == round(5.0 + age, 3)
+        assert found[-1]["publishes"] == round(5 / (5.0 + age), 3) > 0
+        assert found[-1]["worst_stall"] == 0.003  # the folded sample's stall is kept
