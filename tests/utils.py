@@ -7,6 +7,7 @@ import base64
 import contextlib
 import functools
 import os
+import re
 import resource
 import shutil
 import signal
@@ -27,6 +28,12 @@ from websockets.asyncio.client import ClientConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
+
+
+def access_statuses(log: str) -> list[int]:
+    """The status of every access line in a server log (`... "GET /x HTTP/1.1" 503`), so a test can say "no
+    503" without matching a client port such as 127.0.0.1:45032."""
+    return [int(code) for code in re.findall(r'HTTP/[0-9.]+" ([0-9]{3})$', log, re.MULTILINE)]
 
 
 def free_port() -> int:
