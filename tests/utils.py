@@ -7,6 +7,7 @@ import base64
 import contextlib
 import functools
 import os
+import random
 import re
 import resource
 import shutil
@@ -36,12 +37,36 @@ def access_statuses(log: str) -> list[int]:
     return [int(code) for code in re.findall(r'HTTP/[0-9.]+" ([0-9]{3})$', log, re.MULTILINE)]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_ports = random.Random(os.getpid() ^ time.monotonic_ns())  # not the shared generator: a test may seed that
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port nobody listens on right now, below the ephemeral range.
+
+    A port from bind(("127.0.0.1", 0)) is an ephemeral one, the range the kernel also gives to outgoing
+    connections: between the pick and the server's own bind, a client socket of another test (or of a
+    redis-server) could take it as its local port, and the server then fails with "address already in use"
+    (seen in full runs). Below the range, only another listener can take it.
+    """
+    low = 20000
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        port = _ports.randint(low, high) if high > low else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found: int = sock.getsockname()[1]
+            return found
+    raise AssertionError(f"no free port from {low} to {high} in 200 tries")
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
