@@ -118,7 +118,10 @@ def test_a_frame_flood_from_a_peer_that_reads_nothing_ends_within_a_second(edge_
     # Over the rate within the first second (50 frames a second, bursts of 50), then a second's grace; and
     # slack for a shared, busy machine (without the bounds these floods ran on for 10 s or for good).
     assert took < 1 + 1 + 2
-    assert grown < 50
+    # Without the bounds a flood took gigabytes. With them, what Python holds for one flood peaks at a few MB
+    # (at most SEND_QUEUE_BYTES of pongs unsent; tracemalloc saw 7 MB), but the process's RSS moves with the
+    # allocator: +27 to +46 MB on a quiet box, +52 MB on a loaded one, and it is reused by the next flood.
+    assert grown < 100
     assert logged < 5 * 1024 * 1024
     healthy_reader_is_served(edge_server, f"reader-after-{kind}")
 
