@@ -131,6 +131,12 @@ class RedisCore:
         self._presence_key = f"{PREFIX}presence:{self.node_id}"
         self._heartbeat_key = f"{PREFIX}node:{self.node_id}"
         self._replies_key = f"{PREFIX}replies:{self.node_id}"
+        self._inbox_key = f"{PREFIX}inbox:{self.node_id}"  # what the publish script routes to this node
+        self._indexed: set[str] = set()  # users this node has an entry for in their `where:<user>` index
+        # Held by the reader while it delivers a batch and by the heartbeat while it finds out whether this node
+        # was taken for dead: a node that was must close its sockets before it delivers anything newer.
+        self._gate = asyncio.Lock()
+        self._resynced = False  # this node's sockets were closed to resume since its last heartbeat
         self._epoch = ""  # the name of Redis's data this node's reader last repaired or found (scripts.REPAIR)
         self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 
@@ -229,6 +235,16 @@ class RedisCore:
             raise
         finally:
             await pool.release(conn)
+
+    def _resync(self, why: str) -> None:
+        """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
+        assert self._node is not None
+        self._resynced = True
+        users = list(self._node.presence())
+        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
+                     for user in users)  # fmt: skip
+        if closed:
+            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
 
     def _redis_ms(self) -> float | None:
         """Redis's clock now, in ms, from its last TIME and this process's monotonic clock since; None before

@@ -1,4 +1,9 @@
-"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`."""
+"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`.
+
+Each count is written twice: in this node's hash (`presence:<node>`, for `status` and for the rewrite after
+Redis lost it) and in the user's index (`where:<user>`, node -> count), which the publish script reads to
+route a targeted message to the nodes that hold its users and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -93,24 +98,41 @@ class PresenceMixin(RedisCore):
         """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again."""
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
-        async with self._cmd.pipeline(transaction=True) as pipe:
+        async with self._gate, self._cmd.pipeline(transaction=True) as pipe:
             # The value is when this node beat (its own clock): the console shows it; nothing compares it.
             pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
             pipe.sadd(self._keys[0], self.node_id)
             pipe.pexpire(self._presence_key, ttl)
+            pipe.pexpire(self._inbox_key, ttl)  # a node gone without a word leaves no inbox behind
             pipe.time()
+            pipe.get(self._keys[2])
             asked = time.monotonic()
-            previous, _added, _expiring, (seconds, micros) = await pipe.execute()
+            previous, _added, _expiring, _inbox, (seconds, micros), epoch = await pipe.execute()
             # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
             self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
+            # Not when Redis lost its data (another epoch than this node's reader knows): the reader's repair
+            # closes the sockets then, once; nor twice for one outage.
+            if previous is None and self._presence.ever and epoch == self._epoch and not self._resynced:
+                # Taken for dead meanwhile: publishes stopped routing here (scripts.PUBLISH goes by the users'
+                # index and the live nodes), so its sockets may have missed messages. They resume, before the
+                # reader (held at the gate) delivers anything routed here from now on.
+                self._resync("this node's heartbeat had expired")
+            self._resynced = False
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
+            # The per-user index too: this node's entry for every user here, and none for a user no longer here.
+            gone = self._indexed - counts.keys()
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(self._presence_key)
                 if counts:
                     pipe.hset(self._presence_key, mapping=counts)  # type: ignore[arg-type]
                     pipe.pexpire(self._presence_key, ttl)
+                for user_id in gone:
+                    pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                for user_id, count in counts.items():
+                    pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                 await pipe.execute()
+            self._indexed = set(counts)
             self._dirty.clear()
             if previous is None and self._presence.ever:
                 log.warning("presence: heartbeat had expired or Redis lost it; rewrote %d users", len(counts))
@@ -133,6 +155,8 @@ class PresenceMixin(RedisCore):
             except BaseException:
                 self._joins = joins[index:] + self._joins
                 raise
+            if accepted:
+                self._indexed.add(user_id)
             if not registered:
                 self._rewrite = True
                 self._wake.set()
@@ -162,9 +186,13 @@ class PresenceMixin(RedisCore):
                     count = len(presence.get(user_id, ()))
                     if count:
                         pipe.hset(self._presence_key, user_id, count)
+                        pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                     else:
                         pipe.hdel(self._presence_key, user_id)
+                        pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
                 await pipe.execute()
+            self._indexed |= {user_id for user_id in users if presence.get(user_id)}
+            self._indexed -= {user_id for user_id in users if not presence.get(user_id)}
         except BaseException:
             self._dirty |= users
             raise
