@@ -21,6 +21,7 @@ nodes share one event loop), but the Redis CPU columns are Redis's alone.
     .venv-bench/bin/python -m bench.cluster_sim                  # K = 1, 5, 10, 25, 50
     .venv-bench/bin/python -m bench.cluster_sim --nodes 1 10 --targeted 200
     make bench BENCH_ARGS=--cluster
+    .venv-bench/bin/python -m bench.cluster_sim --ramp --nodes 10 50   # the rate where publish p99 passes 50 ms
 """
 
 from __future__ import annotations
@@ -260,6 +261,75 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
     return row
 
 
+@dataclass
+class Step:
+    nodes: int
+    rate: float  # targeted messages a second offered
+    sent: int
+    achieved: float  # messages a second that completed
+    p50_ms: float
+    p99_ms: float
+    redis_cpu_share: float  # Redis's CPU seconds per second of the step (1.0: one core saturated)
+    cpu_us: float  # Redis CPU per message, microseconds
+    errors: int
+
+
+async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
+    """Targeted messages at doubling rates, `--ramp-seconds` each, until publish p99 passes `--ramp-p99` ms."""
+    admin = Redis.from_url(url, decode_responses=True)
+    await admin.flushall()
+    meter = Meter(admin)
+    nodes = [SimNode(f"n{i}", args.users) for i in range(k)]
+    backends = [RedisBackend(url, history_size=args.history, history_ttl=3600.0) for _ in range(k)]
+    rng = random.Random(k)
+    all_users = [u for node in nodes for u in node.users]
+    steps: list[Step] = []
+    try:
+        for backend, node in zip(backends, nodes, strict=True):
+            await backend.start(node)
+        await asyncio.to_thread(
+            wait_until, lambda: all(b.ready() for b in backends), 30.0, f"{k} simulated nodes to be ready"
+        )
+        errors = 0
+
+        async def targeted_one() -> None:
+            nonlocal errors
+            try:
+                published = await rng.choice(backends).publish(
+                    frozenset({rng.choice(all_users)}), Draft("notice", "hello", None)
+                )
+            except DiaryWSError:
+                errors += 1
+                return
+            if published.sent != 1 or published.nodes_missing:
+                errors += 1
+
+        rate = args.ramp_from
+        while rate <= args.ramp_to:
+            errors = 0
+            count = max(20, int(rate * args.ramp_seconds))
+            cpu_a, _ = await meter.read()
+            start = time.perf_counter()
+            latencies = await open_loop(rate, count, targeted_one)
+            elapsed = time.perf_counter() - start
+            cpu_b, _ = await meter.read()
+            step = Step(k, rate, count, count / elapsed, pct(latencies, 0.5) * 1000, pct(latencies, 0.99) * 1000,
+                        (cpu_b - cpu_a) / elapsed, (cpu_b - cpu_a) / count * 1e6, errors)  # fmt: skip
+            steps.append(step)
+            print(f"K={k} rate {rate:.0f}/s: done {step.achieved:.0f}/s, p50 {step.p50_ms:.1f} ms, p99 "
+                  f"{step.p99_ms:.1f} ms, Redis CPU {step.redis_cpu_share:.2f} core ({step.cpu_us:.0f} us/msg), "
+                  f"{errors} problems", flush=True)  # fmt: skip
+            if step.p99_ms > args.ramp_p99:
+                break
+            rate *= 2
+            await asyncio.sleep(0.5)
+    finally:
+        for backend in backends:
+            await backend.stop()
+        await admin.aclose()
+    return steps
+
+
 def table(rows: list[Row]) -> str:
     cols = [
         ("K", "nodes", "{:d}"),
@@ -285,18 +355,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def run(args: argparse.Namespace) -> list[Row]:
-    rows = []
+async def run(args: argparse.Namespace) -> tuple[list[Row], list[Step]]:
+    rows: list[Row] = []
+    steps: list[Step] = []
     with redis_server() as redis:
         assert redis.proc is not None
         if args.pin:
             cores = os.cpu_count() or 1
             os.sched_setaffinity(redis.proc.pid, {REDIS_CORE % cores})
             os.sched_setaffinity(0, {SIM_CORE % cores})
+        if args.ramp:
+            for k in args.nodes:
+                steps += await ramp_k(redis.url, k, args)
+            return rows, steps
         for k in args.nodes:
             rows.append(await run_k(redis.url, k, args))
             print(table(rows[-1:]), flush=True)
-    return rows
+    return rows, steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resumes", type=int, default=60)
     parser.add_argument("--resume-rate", type=float, default=20.0)
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of idle measured per K")
+    parser.add_argument("--ramp", action="store_true",
+                        help="instead of the table: targeted messages at doubling rates until publish p99 passes "
+                        "--ramp-p99, for each K of --nodes")  # fmt: skip
+    parser.add_argument("--ramp-from", type=float, default=50.0, help="the first rate, messages a second")
+    parser.add_argument("--ramp-to", type=float, default=6400.0, help="the last rate tried")
+    parser.add_argument("--ramp-seconds", type=float, default=4.0, help="seconds per rate")
+    parser.add_argument("--ramp-p99", type=float, default=50.0, help="the publish p99 (ms) where the ramp stops")
     parser.add_argument("--pin", action="store_true", help="Redis on core 0, the simulator on core 1")
     parser.add_argument("--label", default="", help="a name for the results file")
     parser.add_argument("--out", type=Path, default=None)
@@ -318,15 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        rows = uvloop.run(run(args))
+        rows, steps = uvloop.run(run(args))
     except ImportError:
-        rows = asyncio.run(run(args))
-    print("\n" + table(rows))
+        rows, steps = asyncio.run(run(args))
+    if rows:
+        print("\n" + table(rows))
     load = os.getloadavg()[0]
     print(f"\n({os.cpu_count()} cores, load average {load:.1f} at the end: latencies include any contention)")
     out = args.out or RESULTS / f"cluster_sim{'-' + args.label if args.label else ''}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_bytes(orjson.dumps({"args": vars(args) | {"out": str(out)}, "rows": [asdict(r) for r in rows]},
+    out.write_bytes(orjson.dumps({"args": vars(args) | {"out": str(out)}, "rows": [asdict(r) for r in rows],
+                                  "ramp": [asdict(s) for s in steps]},
                                  option=orjson.OPT_INDENT_2))  # fmt: skip
     print(f"written: {out}")
     return 0

@@ -15,8 +15,9 @@ from diary_ws.backends import Counts
 from diary_ws.backends.redis import PREFIX, RedisBackend
 from diary_ws.errors import NobodyListening
 from diary_ws.messages import Draft, Message, MessageId
+from tests.tcp_proxy import tcp_proxy
 from tests.test_backends import RecordingNode, draft, join, started
-from tests.utils import RedisServer, redis_server
+from tests.utils import RedisServer, async_wait_until, redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +181,68 @@ async def test_replay_pages_walk_the_users_index_by_count_and_bytes(redis: Redis
         assert (walked, pages) == (whole, 3)
         tight = await backend.replay_page("alice", since, 10, 1)
         assert ([m.id for m in tight.messages], tight.more) == (whole[:1], True)  # at least one, then the bytes
+
+
+class OrderNode(RecordingNode):
+    """Also notes, for each message delivered, which users still had sockets here at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[MessageId, list[str]] = {}
+
+    async def deliver(self, message: Message, want_users: bool) -> Counts:
+        self.held[message.id] = sorted(self.users)
+        return await super().deliver(message, want_users)
+
+
+async def test_a_node_taken_for_dead_closes_its_sockets_even_when_the_heartbeat_that_revives_it_goes_unanswered(
+    redis: RedisServer,
+) -> None:
+    """Redis paused past the client's timeout runs the heartbeat it had queued when it wakes: the node is live
+    again in Redis, but never hears that its old heartbeat had expired. The messages that skipped it meanwhile
+    must still not be missed silently: the node closes its sockets with 1013 before it delivers anything newer."""
+    admin = redis_client.Redis(port=redis.port, decode_responses=True)
+    one, two = RecordingNode(), OrderNode()
+    with tcp_proxy(redis.port) as proxy:
+        async with (
+            started(url_of(redis), one) as first,
+            started(f"redis://127.0.0.1:{proxy.port}/0", two) as second,
+        ):
+            await join(first, one, "alice")
+            await join(second, two, "alice")
+            assert isinstance(second, RedisBackend)
+            heartbeat = f"{PREFIX}node:{second.node_id}"
+            proxy.lose_answers_to(heartbeat.encode())
+            admin.delete(heartbeat)  # as after a pause longer than HEARTBEAT_TTL
+            missed = await first.publish(frozenset({"alice"}), draft("missed"))
+            assert missed.sent == 1  # to the first node's socket alone: the second was not routed to
+            await async_wait_until(lambda: admin.exists(heartbeat) == 1, 10, "the unanswered heartbeat to run")
+            proxy.lose_answers_to(None)
+            after = await first.publish(None, draft("after"))
+            await async_wait_until(lambda: after.id in two.held, 10, "the broadcast to reach the second node")
+            assert missed.id not in two.held
+            # Delivered to alice's socket there, `after` would hide the gap (her next since would be past `missed`).
+            assert two.held[after.id] == [], two.held
+            assert [(user, code) for user, code, _why in two.closed] == [("alice", 1013)]
+    admin.close()
+
+
+async def test_a_socket_that_joins_a_node_taken_for_dead_is_routed_to_and_left_open(redis: RedisServer) -> None:
+    """The join brings the node back (or finds it back): the sockets from before are closed for what skipped the
+    node, the new one is routed to at once and stays."""
+    admin = redis_client.Redis(port=redis.port, decode_responses=True)
+    one, two = RecordingNode(), OrderNode()
+    async with started(url_of(redis), one) as first, started(url_of(redis), two) as second:
+        await join(first, one, "alice")
+        await join(second, two, "alice")
+        assert isinstance(second, RedisBackend)
+        admin.delete(f"{PREFIX}node:{second.node_id}")  # as after a pause longer than HEARTBEAT_TTL
+        missed = await first.publish(frozenset({"alice"}), draft("missed"))
+        assert missed.sent == 1
+        await join(second, two, "bob")
+        to_bob = await first.publish(frozenset({"bob"}), draft("bob"))
+        assert (to_bob.sent, to_bob.nodes_missing) == (1, 0)
+        await async_wait_until(lambda: to_bob.id in two.held, 10, "bob's message at the second node")
+        assert [(user, code) for user, code, _why in two.closed] == [("alice", 1013)]
+        assert two.held[to_bob.id] == ["bob"]
+    admin.close()

@@ -13,8 +13,9 @@ The layout and its costs are in docs/cluster.md.
 - **Presence.** Each node keeps a hash user -> its socket count (`<prefix>presence:<node>`) and the same count
   in each user's index (`<prefix>where:<user>`, node -> count), written when a socket comes or goes, and a
   heartbeat key with a TTL. A node whose heartbeat expired is forgotten by the next script that looks, so its
-  users leave `status` within HEARTBEAT_TTL; a node that finds its own heartbeat expired closes its sockets
-  with 1013, since publishes stopped routing to it meanwhile.
+  users leave `status` within HEARTBEAT_TTL. The heartbeat that revives an expired one writes a `rejoin`
+  mark into the node's inbox; its reader closes the sockets that joined before the mark with 1013
+  (publishes skipped the node meanwhile) before it delivers anything newer.
 - **Counts.** The publisher names itself and a token in the entry. Each node the entry went to reports its
   counts: the publisher's own reader directly, the others by RPUSH onto the publisher's reply list, which one
   task per node reads (BLPOP). The publisher waits up to PUBLISH_WAIT for exactly those nodes.
@@ -91,7 +92,8 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     users = self._indexed
                     async with self._cmd.pipeline(transaction=True) as pipe:
-                        pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key)
+                        pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key,
+                                    f"{PREFIX}life:{self.node_id}")  # fmt: skip
                         pipe.srem(self._keys[0], self.node_id)
                         for user_id in users:
                             pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)

@@ -14,6 +14,7 @@ from diary_ws import deadline
 from diary_ws.backends.base import Counts, Published
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
+    CLOSE_TRY_AGAIN,
     FEED_MIN,
     HEARTBEAT_TTL,
     PREFIX,
@@ -251,17 +252,16 @@ class FeedMixin(RedisCore):
             if self._presence.up:
                 self._up.set()
         reports: list[tuple[str, bytes]] = []
-        async with self._gate:  # not while the heartbeat finds out whether this node was taken for dead
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    try:
-                        report = await self._deliver(entry_id, fields)
-                    except Exception:  # a bad entry must not stop the feed: skip it, loudly
-                        log.exception("skipping stream entry %s", entry_id)
-                        report = None
-                    if report is not None:
-                        reports.append(report)
-                    self._last_id = entry_id
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                try:
+                    report = await self._deliver(entry_id, fields)
+                except Exception:  # a bad entry must not stop the feed: skip it, loudly
+                    log.exception("skipping stream entry %s", entry_id)
+                    report = None
+                if report is not None:
+                    reports.append(report)
+                self._last_id = entry_id
         self._last_read = time.monotonic()
         if reply:
             await self._trim_bytes()
@@ -298,6 +298,9 @@ class FeedMixin(RedisCore):
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
         msg_id = parse_id(entry_id)
         assert self._node is not None
+        if msg_id is not None and fields.get("c") == "rejoin":
+            self._rejoined(msg_id)
+            return None
         if msg_id is not None and fields.get("c") == "close":
             closed = self._node.close_local(fields["u"], int(fields["code"]), fields["why"])
             counts = Counts(closed, closed, 0, int(closed > 0), None)
@@ -319,6 +322,20 @@ class FeedMixin(RedisCore):
         if origin is None or (now is not None and now - msg_id.ms > REPORT_MAX_AGE_MS):
             return None
         return origin, orjson.dumps({"t": token, "n": self.node_id, "c": counts[:4], "u": counts.users})
+
+    def _rejoined(self, mark: MessageId) -> None:
+        """This node's heartbeat had expired and came back at `mark` (scripts.BEAT): every publish in between
+        skipped this node, so a socket that joined before the mark may have missed messages. Close those with
+        1013, before anything newer is delivered; they resume with `since` from the user's history."""
+        assert self._node is not None
+        self._last_mark = max(self._last_mark, mark)
+        # A user whose only sockets here are still joining is decided when the JOIN answers (PresenceMixin).
+        zero = MessageId(0, 0)
+        joined, joining = self._joined, self._joining
+        users = [u for u in self._node.presence() if joined.get(u, zero) < mark and (u in joined or u not in joining)]
+        closed = sum(self._close_for_mark(user) for user in users)
+        log.warning("this node's heartbeat had expired (publishes skipped it): closed its %d sockets with %d so "
+                    "they resume", closed, CLOSE_TRY_AGAIN)  # fmt: skip
 
     async def _replies_once(self) -> None:
         assert self._blocking is not None

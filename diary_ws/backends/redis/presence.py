@@ -17,8 +17,17 @@ from redis.exceptions import RedisError
 from diary_ws import deadline
 from diary_ws.backends.base import NodeInfo
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
+from diary_ws.backends.redis.client import (
+    COMMAND_TIMEOUT,
+    FEED_MIN,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TTL,
+    PREFIX,
+    RedisCore,
+    log,
+)
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
+from diary_ws.messages import MessageId, parse_id
 
 
 class PresenceMixin(RedisCore):
@@ -31,6 +40,7 @@ class PresenceMixin(RedisCore):
             raise BrokerUnavailable("broker unavailable: cannot record the connection; retry later")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._joins.append((user_id, limit, done))
+        self._joining[user_id] = self._joining.get(user_id, 0) + 1
         self._wake.set()
         try:
             # A handshake waits no longer than a request would: the writer may be stuck on a silent Redis.
@@ -38,6 +48,10 @@ class PresenceMixin(RedisCore):
                 await done  # cancelled on timeout: the writer then skips it
         except TimeoutError:
             raise BrokerUnavailable("broker unavailable: cannot record the connection in time; retry later") from None
+        finally:
+            self._joining[user_id] -= 1
+            if not self._joining[user_id]:
+                del self._joining[user_id]
 
     def left(self, user_id: str) -> None:
         self._dirty.add(user_id)
@@ -95,29 +109,31 @@ class PresenceMixin(RedisCore):
             raise exc
 
     async def _beat(self) -> None:
-        """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again."""
+        """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again.
+
+        Whether the node must close its sockets because its heartbeat had expired is not decided here: the
+        script writes a mark in this node's inbox, which the reader meets in order (scripts.BEAT).
+        """
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
-        async with self._gate, self._cmd.pipeline(transaction=True) as pipe:
-            # The value is when this node beat (its own clock): the console shows it; nothing compares it.
-            pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
-            pipe.sadd(self._keys[0], self.node_id)
-            pipe.pexpire(self._presence_key, ttl)
-            pipe.pexpire(self._inbox_key, ttl)  # a node gone without a word leaves no inbox behind
-            pipe.time()
-            pipe.get(self._keys[2])
-            asked = time.monotonic()
-            previous, _added, _expiring, _inbox, (seconds, micros), epoch = await pipe.execute()
-            # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
-            self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
-            # Not when Redis lost its data (another epoch than this node's reader knows): the reader's repair
-            # closes the sockets then, once; nor twice for one outage.
-            if previous is None and self._presence.ever and epoch == self._epoch and not self._resynced:
-                # Taken for dead meanwhile: publishes stopped routing here (scripts.PUBLISH goes by the users'
-                # index and the live nodes), so its sockets may have missed messages. They resume, before the
-                # reader (held at the gate) delivers anything routed here from now on.
-                self._resync("this node's heartbeat had expired")
-            self._resynced = False
+        # The value is when this node beat (its own clock): the console shows it; nothing compares it.
+        beat = str(int(time.time()))
+        argv = [
+            PREFIX,
+            self.node_id,
+            beat,
+            ttl,
+            self._epoch,
+            max(self._size, FEED_MIN),
+            FEED_MIN,
+            int(self._presence.ever),
+        ]
+        asked = time.monotonic()
+        previous, seconds, micros, _epoch, _mark = await self._run(
+            scripts.BEAT, [*self._keys, self._heartbeat_key], argv
+        )
+        # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
+        self._clock = (int(seconds) * 1000 + int(micros) / 1000, (asked + time.monotonic()) / 2)
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
             # The per-user index too: this node's entry for every user here, and none for a user no longer here.
@@ -133,6 +149,8 @@ class PresenceMixin(RedisCore):
                     pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                 await pipe.execute()
             self._indexed = set(counts)
+            for user_id in gone:
+                self._joined.pop(user_id, None)
             self._dirty.clear()
             if previous is None and self._presence.ever:
                 log.warning("presence: heartbeat had expired or Redis lost it; rewrote %d users", len(counts))
@@ -150,13 +168,21 @@ class PresenceMixin(RedisCore):
                 continue
             mine = len(presence.get(user_id, ()))
             try:
-                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000)]
-                accepted, others, registered = await self._run(scripts.JOIN, [self._keys[0]], argv)
+                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000), str(int(time.time())),
+                        self._epoch, max(self._size, FEED_MIN), FEED_MIN]  # fmt: skip
+                accepted, others, registered, *life = await self._run(scripts.JOIN, list(self._keys), argv)
             except BaseException:
                 self._joins = joins[index:] + self._joins
                 raise
             if accepted:
                 self._indexed.add(user_id)
+                # The oldest rejoin mark a socket of the user here may predate (see FeedMixin._rejoined).
+                joined = parse_id(life[0] or "") or MessageId(0, 0)
+                self._joined[user_id] = min(joined, self._joined.get(user_id, joined))
+                if joined < self._last_mark:
+                    # Joined before a rejoin mark the reader met while this answer was on its way: the socket
+                    # may have missed what skipped this node, as the ones the reader closed then.
+                    self._close_for_mark(user_id)
             if not registered:
                 self._rewrite = True
                 self._wake.set()
@@ -193,6 +219,9 @@ class PresenceMixin(RedisCore):
                 await pipe.execute()
             self._indexed |= {user_id for user_id in users if presence.get(user_id)}
             self._indexed -= {user_id for user_id in users if not presence.get(user_id)}
+            for user_id in users:
+                if not presence.get(user_id):
+                    self._joined.pop(user_id, None)
         except BaseException:
             self._dirty |= users
             raise

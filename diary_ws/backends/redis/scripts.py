@@ -212,23 +212,77 @@ return {'added', tos, joined}
 """
 )
 
-# KEYS: nodes. ARGV: prefix, this node, user, this node's count of the user (the new socket included),
-# limit, presence TTL in ms. Returns {accepted 0/1, sockets of the user on other nodes, registered 0/1}.
+# A node's heartbeat, refreshed by BEAT, and by JOIN when it finds it gone. A node whose heartbeat had expired
+# was skipped by every publish meanwhile (scripts drop it from the routing index), so it must close its sockets
+# before it delivers anything routed to it from now on. Redis says so in the node's own inbox: the step that
+# brings the node back writes a `rejoin` mark there, with an id from the feed, after everything routed to the
+# node before and before anything routed to it after; the reader meets it in order. Nothing depends on the
+# node reading the script's answer, which a paused Redis may run after the node gave up waiting for it.
+# `life:<node>` keeps the mark's id, so a socket that joined after the mark (JOIN returns it) is left open.
+# No mark on the first beat of a process (`ever` '0': nothing of it to close), nor when Redis lost its data
+# (another epoch than the node knows): the reader's repair closes every socket then.
+# Returns the heartbeat's previous value (false: it had expired, or the node is new), the epoch, the mark.
+_BEAT = """
+local function beat(nodes, feed, epoch_key, heartbeat, prefix, me, value, ttl, known, limits, ever)
+  local inbox, life = prefix .. 'inbox:' .. me, prefix .. 'life:' .. me
+  local previous = redis.call('SET', heartbeat, value, 'PX', ttl, 'GET')
+  redis.call('SADD', nodes, me)
+  redis.call('PEXPIRE', prefix .. 'presence:' .. me, ttl)
+  redis.call('PEXPIRE', inbox, ttl)  -- a node gone without a word leaves no inbox behind
+  local epoch = redis.call('GET', epoch_key)
+  local mark = false
+  if not previous and ever == '1' and epoch and epoch == known then
+    mark = redis.call('XADD', feed, 'MAXLEN', '~', limits.feed, '*', 'c', 'rejoin')
+    redis.call('XADD', inbox, 'MAXLEN', '~', limits.inbox, mark, 'c', 'rejoin')
+    redis.call('SET', life, mark, 'PX', ttl)
+  else
+    redis.call('PEXPIRE', life, ttl)
+  end
+  return previous, epoch, mark
+end
+"""
+
+# KEYS: nodes, feed, epoch. ARGV: prefix, this node, user, this node's count of the user (the new socket
+# included), limit, presence TTL in ms, the heartbeat's value, the epoch the node knows, the feed's and the
+# inbox's maxlen. Returns {accepted 0/1, sockets of the user on other nodes, registered 0/1 (the heartbeat was
+# there), the id of this node's last rejoin mark, or nil}. A heartbeat found gone is brought back here, with
+# its mark (see _BEAT), so the new socket is routed to from now on and is not closed for that mark.
 JOIN = (
     _LIVE
+    + _BEAT
     + """
 local prefix, me, user, mine, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local heartbeat = prefix .. 'node:' .. me
+local registered = redis.call('EXISTS', heartbeat)
+if registered == 0 then
+  beat(KEYS[1], KEYS[2], KEYS[3], heartbeat, prefix, me, ARGV[7], ARGV[6], ARGV[8],
+       {feed = ARGV[9], inbox = ARGV[10]}, '1')
+end
 local others = 0
 for _, h in ipairs(holders(prefix, user)) do
   if h[1] ~= me then others = others + h[2] end
 end
-local registered = redis.call('EXISTS', prefix .. 'node:' .. me)
-if others + mine > limit then return {0, others, registered} end
+local life = redis.call('GET', prefix .. 'life:' .. me)
+if others + mine > limit then return {0, others, registered, life} end
 local key = prefix .. 'presence:' .. me
 redis.call('HSET', key, user, mine)
 redis.call('PEXPIRE', key, ARGV[6])
 redis.call('HSET', prefix .. 'where:' .. user, me, mine)
-return {1, others, registered}
+return {1, others, registered, life}
+"""
+)
+
+# This node's heartbeat (see _BEAT). KEYS: nodes, feed, epoch, this node's heartbeat. ARGV: prefix, this node,
+# the heartbeat's value, its TTL in ms, the epoch the node knows, the feed's maxlen, the inbox's maxlen, 1 if
+# this process has beaten before, else 0. Returns {the heartbeat's previous value (nil: it had expired, or the
+# node is new), seconds, microseconds (Redis's TIME), the epoch, the id of the rejoin mark written now, or nil}.
+BEAT = (
+    _BEAT
+    + """
+local previous, epoch, mark = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                                   ARGV[5], {feed = ARGV[6], inbox = ARGV[7]}, ARGV[8])
+local t = redis.call('TIME')
+return {previous, t[1], t[2], epoch, mark}
 """
 )
 
@@ -500,6 +554,7 @@ ALL = (
     PUBLISH,
     PUBLISH_BATCH,
     JOIN,
+    BEAT,
     STATUS,
     PRESENCE,
     REPAIR,
