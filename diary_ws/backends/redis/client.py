@@ -242,6 +242,7 @@ class RedisCore:
         """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
         assert self._node is not None
         self._joined.clear()
+        self._last_mark = MessageId(0, 0)  # after a loss of Redis's data its marks are gone too
         users = list(self._node.presence())
         closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
                      for user in users)  # fmt: skip

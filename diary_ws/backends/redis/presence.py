@@ -177,9 +177,10 @@ class PresenceMixin(RedisCore):
             if accepted:
                 self._indexed.add(user_id)
                 # The oldest rejoin mark a socket of the user here may predate (see FeedMixin._rejoined).
-                joined = parse_id(life[0] or "") or MessageId(0, 0)
+                mark = parse_id(life[0] or "")  # None: no mark in this Redis's data (new, or it lost it)
+                joined = mark or MessageId(0, 0)
                 self._joined[user_id] = min(joined, self._joined.get(user_id, joined))
-                if joined < self._last_mark:
+                if mark is not None and mark < self._last_mark:
                     # Joined before a rejoin mark the reader met while this answer was on its way: the socket
                     # may have missed what skipped this node, as the ones the reader closed then.
                     self._close_for_mark(user_id)
