@@ -275,7 +275,8 @@ class Step:
 
 
 async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
-    """Targeted messages at doubling rates, `--ramp-seconds` each, until publish p99 passes `--ramp-p99` ms."""
+    """Targeted messages at doubling rates, `--ramp-seconds` each, until publish p99 passes `--ramp-p99` ms
+    (twice at one rate). Redis's CPU here is all of it, heartbeats and blocked reads included."""
     admin = Redis.from_url(url, decode_responses=True)
     await admin.flushall()
     meter = Meter(admin)
@@ -320,7 +321,12 @@ async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
                   f"{step.p99_ms:.1f} ms, Redis CPU {step.redis_cpu_share:.2f} core ({step.cpu_us:.0f} us/msg), "
                   f"{errors} problems", flush=True)  # fmt: skip
             if step.p99_ms > args.ramp_p99:
-                break
+                # On a shared machine one stall of another process puts a step over: a rate counts as past the
+                # limit when it is over twice in a row.
+                if len(steps) > 1 and steps[-2].rate == rate:
+                    break
+                await asyncio.sleep(0.5)
+                continue
             rate *= 2
             await asyncio.sleep(0.5)
     finally:
