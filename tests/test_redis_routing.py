@@ -246,3 +246,23 @@ async def test_a_socket_that_joins_a_node_taken_for_dead_is_routed_to_and_left_o
         assert [(user, code) for user, code, _why in two.closed] == [("alice", 1013)]
         assert two.held[to_bob.id] == ["bob"]
     admin.close()
+
+
+async def test_a_rejoin_mark_from_before_redis_lost_its_data_closes_no_socket_that_joins_after(
+    redis: RedisServer,
+) -> None:
+    admin = redis_client.Redis(port=redis.port, decode_responses=True)
+    node = RecordingNode()
+    async with started(url_of(redis), node) as backend:
+        assert isinstance(backend, RedisBackend)
+        await join(backend, node, "alice")
+        heartbeat = f"{PREFIX}node:{backend.node_id}"
+        admin.delete(heartbeat)
+        await async_wait_until(lambda: node.closed, 10, "alice closed for the node's rejoin mark")
+        # Redis loses everything, the marks with it; the node's heartbeat comes back before any reader repairs.
+        admin.flushall()
+        await async_wait_until(lambda: admin.exists(heartbeat) == 1, 10, "the heartbeat to be back")
+        await join(backend, node, "bob")
+        assert [user for user, _code, _why in node.closed] == ["alice"]
+        assert "bob" in node.users
+    admin.close()
