@@ -400,18 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chaos", type=float, metavar="SECONDS",
                         help="run the Redis chaos run (bench/chaos.py) for this long instead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "bench.json")
+    parser.add_argument("--batch", action="store_true", help="run bench/batch.py instead: single POSTs against "
+                        "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
+    parser.add_argument("--cluster", action="store_true",
+                        help="run bench/cluster_sim.py instead (its own flags follow --cluster)")  # fmt: skip
     parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
     parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
     parser.add_argument("--hostile-seconds", type=float, default=20.0, help="how long each of its attacks runs")
-    parser.add_argument("--batch", action="store_true", help="run bench/batch.py instead: single POSTs against "
-                        "batches of 100 and 1,000 (its own flags follow --batch)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
-    if args.batch:
-        from bench import batch
-
-        return batch.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.hostile:
         from bench import hostile
 
@@ -420,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench import chaos
 
         return chaos.main(["--seconds", str(args.chaos)])
+    if args.batch:
+        from bench import batch
+
+        return batch.main(rest)
+    if args.cluster:
+        from bench import cluster_sim
+
+        return cluster_sim.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     os.sched_setaffinity(0, {LOADGEN_CORE % (os.cpu_count() or 1)})
     raise_nofile()
     import uvloop

@@ -212,10 +212,14 @@ async def test_two_redis_nodes_share_one_feed_presence_and_counts(redis: RedisSe
             assert (done.sent, done.total, done.reached, done.nodes_missing) == (3, 3, 2, 0)
             only = await first.publish(frozenset({"bob"}), draft("bob"))
             assert (only.sent, only.reached) == (1, 1)
-            await async_wait_until(lambda: len(one.got) == 2 and len(two.got) == 2, 5, "both nodes to get both")
-            assert [m.id for m in one.got] == [m.id for m in two.got] == [done.id, only.id]
+            await async_wait_until(lambda: len(two.got) == 2, 5, "bob's node to get both")
+            assert [m.id for m in two.got] == [done.id, only.id]
+            # A targeted message goes to the nodes that hold its users only: the first node never sees bob's.
+            third = await second.publish(None, draft("everyone again"))
+            await async_wait_until(lambda: len(one.got) == 2, 5, "the first node to get the broadcasts")
+            assert [m.id for m in one.got] == [done.id, third.id]
             replay = await first.replay("bob", MessageId(done.id.ms, done.id.seq))
-            assert [m.id for m in replay.messages] == [only.id]
+            assert [m.id for m in replay.messages] == [only.id, third.id]
         # The second node left cleanly: its users are gone at once, not after the heartbeat TTL.
         assert await first.status() == (["alice"], 1)
 

@@ -1,14 +1,24 @@
-"""The scale-out backend on Redis ≥ 7: one stream, one reader per process, presence, heartbeats, gathered counts.
+"""The scale-out backend on Redis ≥ 7: routed inboxes, a per-user index, presence, heartbeats, gathered counts.
 
-- **Feed.** Every message is one entry of one stream (`<prefix>feed`, XADD with an approximate MAXLEN). The
-  stream id is the message id. Each process runs one reader (XREAD BLOCK) and fans every entry out to its own
-  sockets, so every node delivers in the stream's order. `?since=` reads the same stream on any node.
-- **Presence.** Each node keeps a hash user -> its socket count (`<prefix>presence:<node>`), written when a
-  socket comes or goes, and a heartbeat key with a TTL. A node whose heartbeat expired is forgotten by the
-  next script that looks, so its users leave `status` within HEARTBEAT_TTL.
-- **Counts.** The publisher names itself and a token in the entry. Each node's reader reports its counts:
-  the publisher's own reader directly, the others by RPUSH onto the publisher's reply list, which one task
-  per node reads (BLPOP). The publisher waits up to PUBLISH_WAIT for every live node.
+The layout and its costs are in docs/cluster.md.
+
+- **Feed.** Every message's body is one entry of one stream (`<prefix>feed`, XADD with an approximate MAXLEN);
+  the stream id is the message id. The publish script also writes the entry to the inbox stream of each node
+  it goes to (`<prefix>inbox:<node>`): for a targeted message the nodes that hold its users, for a broadcast
+  every live node. Each process runs one reader (XREAD BLOCK on its inbox) and fans every entry out to its
+  own sockets, in id order.
+- **History.** A targeted message's id goes into each target's index (`<prefix>u:<user>`), a broadcast's into
+  `<prefix>all`; `?since=` reads those two and fetches only what it returns. The window (HISTORY_SIZE
+  messages, one for all users as in memory mode) is kept by a counter and a ring of ids.
+- **Presence.** Each node keeps a hash user -> its socket count (`<prefix>presence:<node>`) and the same count
+  in each user's index (`<prefix>where:<user>`, node -> count), written when a socket comes or goes, and a
+  heartbeat key with a TTL. A node whose heartbeat expired is forgotten by the next script that looks, so its
+  users leave `status` within HEARTBEAT_TTL. The heartbeat that revives an expired one writes a `rejoin`
+  mark into the node's inbox; its reader closes the sockets that joined before the mark with 1013
+  (publishes skipped the node meanwhile) before it delivers anything newer.
+- **Counts.** The publisher names itself and a token in the entry. Each node the entry went to reports its
+  counts: the publisher's own reader directly, the others by RPUSH onto the publisher's reply list, which one
+  task per node reads (BLPOP). The publisher waits up to PUBLISH_WAIT for exactly those nodes.
 - **Failure.** Nothing here raises into a request except as BrokerUnavailable (503). The reader and the
   presence writer retry with backoff and log once per change of state; `ready()` is false while either is
   down or the reader has stalled past its block timeout.
@@ -80,9 +90,13 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
             # Leave at once, so status forgets this node now rather than when its heartbeat expires.
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(COMMAND_TIMEOUT):
+                    users = self._indexed
                     async with self._cmd.pipeline(transaction=True) as pipe:
-                        pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key)
+                        pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key,
+                                    f"{PREFIX}life:{self.node_id}")  # fmt: skip
                         pipe.srem(self._keys[0], self.node_id)
+                        for user_id in users:
+                            pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
                         await pipe.execute()
         for client in (self._cmd, self._blocking):
             if client is not None:

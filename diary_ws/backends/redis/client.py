@@ -26,6 +26,7 @@ from diary_ws import deadline
 from diary_ws.backends.base import Node
 from diary_ws.backends.redis import scripts
 from diary_ws.errors import BrokerUnavailable, OutcomeUnknown
+from diary_ws.messages import MessageId
 
 if TYPE_CHECKING:
     from diary_ws.backends.redis.feed import _Gather
@@ -131,6 +132,13 @@ class RedisCore:
         self._presence_key = f"{PREFIX}presence:{self.node_id}"
         self._heartbeat_key = f"{PREFIX}node:{self.node_id}"
         self._replies_key = f"{PREFIX}replies:{self.node_id}"
+        self._inbox_key = f"{PREFIX}inbox:{self.node_id}"  # what the publish script routes to this node
+        self._indexed: set[str] = set()  # users this node has an entry for in their `where:<user>` index
+        # user -> the oldest rejoin mark (scripts.BEAT) a socket of the user here may have joined before; a mark
+        # newer than that closes the user's sockets here (FeedMixin._rejoined).
+        self._joined: dict[str, MessageId] = {}
+        self._joining: dict[str, int] = {}  # user -> sockets here whose JOIN has not answered yet
+        self._last_mark = MessageId(0, 0)  # the newest rejoin mark the reader has met
         self._epoch = ""  # the name of Redis's data this node's reader last repaired or found (scripts.REPAIR)
         self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 
@@ -229,6 +237,23 @@ class RedisCore:
             raise
         finally:
             await pool.release(conn)
+
+    def _resync(self, why: str) -> None:
+        """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
+        assert self._node is not None
+        self._joined.clear()
+        self._last_mark = MessageId(0, 0)  # after a loss of Redis's data its marks are gone too
+        users = list(self._node.presence())
+        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
+                     for user in users)  # fmt: skip
+        if closed:
+            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
+
+    def _close_for_mark(self, user_id: str) -> int:
+        """Close the user's sockets here with 1013: one of them joined before a rejoin mark (scripts.BEAT)."""
+        assert self._node is not None
+        self._joined.pop(user_id, None)
+        return self._node.close_local(user_id, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
 
     def _redis_ms(self) -> float | None:
         """Redis's clock now, in ms, from its last TIME and this process's monotonic clock since; None before

@@ -108,9 +108,8 @@ class FeedMixin(RedisCore):
 
     async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
         fields = _fields(targets, draft)
-        msg_id, reports, missing = await self._gather(
-            sorted(targets) if targets is not None else [], fields, claim, "the notification"
-        )
+        mode, named = ("all", []) if targets is None else ("users", sorted(targets))
+        msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification")
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
         return _published(msg_id, reports, missing)
@@ -135,6 +134,9 @@ class FeedMixin(RedisCore):
             argv: list[Any] = [
                 PREFIX,
                 max(self._size, FEED_MIN),
+                FEED_MIN,
+                self._size,
+                int(self._ttl * 1000) + 1000,
                 token,
                 print_,
                 int(ttl * 1000),
@@ -149,14 +151,15 @@ class FeedMixin(RedisCore):
                     len(entry),
                     *(x for kv in entry.items() for x in kv),
                 ]
-            (outcome, live, *found), unknown = await self._store(
+            (outcome, tos, *found), unknown = await self._store(
                 [*self._keys, record], argv, "the batch", scripts.PUBLISH_BATCH
             )
             _check_outcome(outcome, unknown, "the batch")
             marks = found[0].split(",")
             stored = [gather for gather, mark in zip(gathers, marks, strict=True) if mark != "-"]
-            for gather in stored:
-                gather.expect(set(live))
+            for gather, mark, to in zip(gathers, marks, tos, strict=True):
+                if mark != "-":
+                    gather.expect(set(to.split(",")) - {""})  # the nodes this item went to
             with contextlib.suppress(TimeoutError):  # one bound for the whole batch, not one per item
                 async with asyncio.timeout(min(PUBLISH_WAIT, deadline.left(PUBLISH_WAIT + ANSWER_TIME) - ANSWER_TIME)):
                     for gather in stored:
@@ -179,26 +182,28 @@ class FeedMixin(RedisCore):
         return done
 
     async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
-        # A control entry on the same stream: every node closes its sockets of the user and reports how many.
-        # Replay skips it (it has no message kind), and it is ordered after every message before it.
+        # A control entry in the inboxes of the nodes that hold the user: each closes its sockets of the user
+        # and reports how many; it is ordered after every message before it. It is kept in no history index.
         fields = {"c": "close", "u": user_id, "code": str(code), "why": reason}
-        _id, reports, missing = await self._gather(None, fields, None, "the close of the connections")
+        _id, reports, missing = await self._gather("close", [user_id], fields, None, "the close of the connections")
         return sum(counts.sent for counts in reports), missing
 
     async def _gather(
-        self, targets: list[str] | None, fields: dict[str, str], claim: Claim | None, what: str
+        self, mode: str, targets: list[str], fields: dict[str, str], claim: Claim | None, what: str
     ) -> tuple[MessageId | None, list[Counts], int]:
-        """Add an entry unless no target is connected (targets None: add it anyway) and gather the counts.
+        """Add an entry unless nobody it is for is connected, and gather the counts of the nodes it went to.
 
+        `mode` is the publish script's: `all`, `users` (the nodes holding `targets`), `close` (likewise).
         Returns (the id, or None when nobody was there; every report that came within PUBLISH_WAIT and the
-        request's deadline; the number of live nodes that did not report). Raises BrokerUnavailable when
-        nothing was stored, OutcomeUnknown when that is not known, Conflict or ValidationError when another
-        request holds the claim's key.
+        request's deadline; the number of nodes it went to that did not report). Raises BrokerUnavailable
+        when nothing was stored, OutcomeUnknown when that is not known, Conflict or ValidationError when
+        another request holds the claim's key.
         """
         token = secrets.token_hex(8)
         gather = self._pending[token] = _Gather()
         try:
-            head = [PREFIX, max(self._size, FEED_MIN), -1 if targets is None else len(targets), *(targets or ())]
+            feed_max, index_ttl = max(self._size, FEED_MIN), int(self._ttl * 1000) + 1000
+            head = [PREFIX, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
             if claim is None:  # a record of this request alone: its retries after a lost answer store once
                 record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
             else:  # the Idempotency-Key's record: a later request with the key finds the message
@@ -239,7 +244,7 @@ class FeedMixin(RedisCore):
         block = 1 if first else int(READ_BLOCK * 1000)
         # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
-            Any, await self._blocking.xread({self._keys[1]: self._last_id}, count=READ_COUNT, block=block)
+            Any, await self._blocking.xread({self._inbox_key: self._last_id}, count=READ_COUNT, block=block)
         )
         self._last_read = time.monotonic()
         if first:
@@ -273,7 +278,8 @@ class FeedMixin(RedisCore):
         """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
         entries (Redis lost them, or trimmed them before this reader got there). If it did, its sockets are
         closed with 1013, so they resume with `since` and hear `recovered: false`, never a silent gap."""
-        lost, last, epoch, deleted = await self._run(scripts.REPAIR, [self._keys[1], self._keys[2]], [self._last_id])
+        keys = [self._keys[1], self._keys[2], self._inbox_key]
+        lost, last, epoch, deleted = await self._run(scripts.REPAIR, keys, [self._last_id])
         position = parse_id(self._last_id) or MessageId(0, 0)
         if lost and self._last_id != "0-0":
             log.warning("Redis lost its data (a restart?): history starts again now; presence is rewritten")
@@ -288,18 +294,13 @@ class FeedMixin(RedisCore):
             self._resync("Redis lost entries this node had not delivered yet")
         self._epoch = epoch
 
-    def _resync(self, why: str) -> None:
-        assert self._node is not None
-        users = list(self._node.presence())
-        closed = sum(self._node.close_local(user, CLOSE_TRY_AGAIN, "messages may be missing: reconnect with since")
-                     for user in users)  # fmt: skip
-        if closed:
-            log.warning("%s: closed its %d sockets with %d so they resume", why, closed, CLOSE_TRY_AGAIN)
-
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> tuple[str, bytes] | None:
         """Fan one entry out here; the report to send to its publisher, if it is another node."""
         msg_id = parse_id(entry_id)
         assert self._node is not None
+        if msg_id is not None and fields.get("c") == "rejoin":
+            self._rejoined(msg_id)
+            return None
         if msg_id is not None and fields.get("c") == "close":
             closed = self._node.close_local(fields["u"], int(fields["code"]), fields["why"])
             counts = Counts(closed, closed, 0, int(closed > 0), None)
@@ -321,6 +322,20 @@ class FeedMixin(RedisCore):
         if origin is None or (now is not None and now - msg_id.ms > REPORT_MAX_AGE_MS):
             return None
         return origin, orjson.dumps({"t": token, "n": self.node_id, "c": counts[:4], "u": counts.users})
+
+    def _rejoined(self, mark: MessageId) -> None:
+        """This node's heartbeat had expired and came back at `mark` (scripts.BEAT): every publish in between
+        skipped this node, so a socket that joined before the mark may have missed messages. Close those with
+        1013, before anything newer is delivered; they resume with `since` from the user's history."""
+        assert self._node is not None
+        self._last_mark = max(self._last_mark, mark)
+        # A user whose only sockets here are still joining is decided when the JOIN answers (PresenceMixin).
+        zero = MessageId(0, 0)
+        joined, joining = self._joined, self._joining
+        users = [u for u in self._node.presence() if joined.get(u, zero) < mark and (u in joined or u not in joining)]
+        closed = sum(self._close_for_mark(user) for user in users)
+        log.warning("this node's heartbeat had expired (publishes skipped it): closed its %d sockets with %d so "
+                    "they resume", closed, CLOSE_TRY_AGAIN)  # fmt: skip
 
     async def _replies_once(self) -> None:
         assert self._blocking is not None

@@ -1,4 +1,9 @@
-"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`."""
+"""Presence: this node's hash of user -> socket count, its heartbeat, the per-user limit, and `status`.
+
+Each count is written twice: in this node's hash (`presence:<node>`, for `status` and for the rewrite after
+Redis lost it) and in the user's index (`where:<user>`, node -> count), which the publish script reads to
+route a targeted message to the nodes that hold its users and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,17 @@ from redis.exceptions import RedisError
 from diary_ws import deadline
 from diary_ws.backends.base import NodeInfo
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
+from diary_ws.backends.redis.client import (
+    COMMAND_TIMEOUT,
+    FEED_MIN,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TTL,
+    PREFIX,
+    RedisCore,
+    log,
+)
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
+from diary_ws.messages import MessageId, parse_id
 
 
 class PresenceMixin(RedisCore):
@@ -26,6 +40,7 @@ class PresenceMixin(RedisCore):
             raise BrokerUnavailable("broker unavailable: cannot record the connection; retry later")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._joins.append((user_id, limit, done))
+        self._joining[user_id] = self._joining.get(user_id, 0) + 1
         self._wake.set()
         try:
             # A handshake waits no longer than a request would: the writer may be stuck on a silent Redis.
@@ -33,6 +48,10 @@ class PresenceMixin(RedisCore):
                 await done  # cancelled on timeout: the writer then skips it
         except TimeoutError:
             raise BrokerUnavailable("broker unavailable: cannot record the connection in time; retry later") from None
+        finally:
+            self._joining[user_id] -= 1
+            if not self._joining[user_id]:
+                del self._joining[user_id]
 
     def left(self, user_id: str) -> None:
         self._dirty.add(user_id)
@@ -90,27 +109,48 @@ class PresenceMixin(RedisCore):
             raise exc
 
     async def _beat(self) -> None:
-        """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again."""
+        """Refresh the heartbeat; if it had expired (or Redis lost it), write the whole presence hash again.
+
+        Whether the node must close its sockets because its heartbeat had expired is not decided here: the
+        script writes a mark in this node's inbox, which the reader meets in order (scripts.BEAT).
+        """
         assert self._cmd is not None
         ttl = int(HEARTBEAT_TTL * 1000)
-        async with self._cmd.pipeline(transaction=True) as pipe:
-            # The value is when this node beat (its own clock): the console shows it; nothing compares it.
-            pipe.set(self._heartbeat_key, str(int(time.time())), px=ttl, get=True)
-            pipe.sadd(self._keys[0], self.node_id)
-            pipe.pexpire(self._presence_key, ttl)
-            pipe.time()
-            asked = time.monotonic()
-            previous, _added, _expiring, (seconds, micros) = await pipe.execute()
-            # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
-            self._clock = (seconds * 1000 + micros / 1000, (asked + time.monotonic()) / 2)
+        # The value is when this node beat (its own clock): the console shows it; nothing compares it.
+        beat = str(int(time.time()))
+        argv = [
+            PREFIX,
+            self.node_id,
+            beat,
+            ttl,
+            self._epoch,
+            max(self._size, FEED_MIN),
+            FEED_MIN,
+            int(self._presence.ever),
+        ]
+        asked = time.monotonic()
+        previous, seconds, micros, _epoch, _mark = await self._run(
+            scripts.BEAT, [*self._keys, self._heartbeat_key], argv
+        )
+        # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
+        self._clock = (int(seconds) * 1000 + int(micros) / 1000, (asked + time.monotonic()) / 2)
         if previous is None or self._rewrite:
             counts = self._counts(self._presence_snapshot())
+            # The per-user index too: this node's entry for every user here, and none for a user no longer here.
+            gone = self._indexed - counts.keys()
             async with self._cmd.pipeline(transaction=True) as pipe:
                 pipe.delete(self._presence_key)
                 if counts:
                     pipe.hset(self._presence_key, mapping=counts)  # type: ignore[arg-type]
                     pipe.pexpire(self._presence_key, ttl)
+                for user_id in gone:
+                    pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                for user_id, count in counts.items():
+                    pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                 await pipe.execute()
+            self._indexed = set(counts)
+            for user_id in gone:
+                self._joined.pop(user_id, None)
             self._dirty.clear()
             if previous is None and self._presence.ever:
                 log.warning("presence: heartbeat had expired or Redis lost it; rewrote %d users", len(counts))
@@ -128,11 +168,22 @@ class PresenceMixin(RedisCore):
                 continue
             mine = len(presence.get(user_id, ()))
             try:
-                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000)]
-                accepted, others, registered = await self._run(scripts.JOIN, [self._keys[0]], argv)
+                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000), str(int(time.time())),
+                        self._epoch, max(self._size, FEED_MIN), FEED_MIN]  # fmt: skip
+                accepted, others, registered, *life = await self._run(scripts.JOIN, list(self._keys), argv)
             except BaseException:
                 self._joins = joins[index:] + self._joins
                 raise
+            if accepted:
+                self._indexed.add(user_id)
+                # The oldest rejoin mark a socket of the user here may predate (see FeedMixin._rejoined).
+                mark = parse_id(life[0] or "")  # None: no mark in this Redis's data (new, or it lost it)
+                joined = mark or MessageId(0, 0)
+                self._joined[user_id] = min(joined, self._joined.get(user_id, joined))
+                if mark is not None and mark < self._last_mark:
+                    # Joined before a rejoin mark the reader met while this answer was on its way: the socket
+                    # may have missed what skipped this node, as the ones the reader closed then.
+                    self._close_for_mark(user_id)
             if not registered:
                 self._rewrite = True
                 self._wake.set()
@@ -162,9 +213,16 @@ class PresenceMixin(RedisCore):
                     count = len(presence.get(user_id, ()))
                     if count:
                         pipe.hset(self._presence_key, user_id, count)
+                        pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
                     else:
                         pipe.hdel(self._presence_key, user_id)
+                        pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
                 await pipe.execute()
+            self._indexed |= {user_id for user_id in users if presence.get(user_id)}
+            self._indexed -= {user_id for user_id in users if not presence.get(user_id)}
+            for user_id in users:
+                if not presence.get(user_id):
+                    self._joined.pop(user_id, None)
         except BaseException:
             self._dirty |= users
             raise

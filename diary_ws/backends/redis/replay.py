@@ -1,4 +1,4 @@
-"""History: `?since=` read from the one stream, with the stream's state, in one script."""
+"""History: `?since=` read through the per-user and broadcast indexes, with the window's floor, in one script."""
 
 from __future__ import annotations
 
@@ -7,12 +7,8 @@ import orjson
 from diary_ws import deadline
 from diary_ws.backends.base import Page, Replay
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import RedisCore
+from diary_ws.backends.redis.client import PREFIX, RedisCore
 from diary_ws.messages import Draft, Message, MessageId, parse_id
-
-# Entries one page reads from the stream (XRANGE COUNT), the user's or not: a bounded slice of Redis's work and
-# of ours between two turns of the event loop.
-PAGE_SCAN = 500
 
 
 class ReplayMixin(RedisCore):
@@ -23,77 +19,67 @@ class ReplayMixin(RedisCore):
     replay_covers_live = False
 
     async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
-        """One page, read forward from the stream (XRANGE) as the socket drains.
+        """One page, read forward through the user's and the broadcast index as the socket drains.
 
-        The frames are rendered here for this socket, one page at a time: what a socket holds of its replay
-        is at most a page. Entries past HISTORY_TTL count as deleted. HISTORY_SIZE bounds the stream through
-        XADD's approximate MAXLEN, so a page may reach a little further back than `replay`'s exact window.
+        At most `limit` entries are read (the user's messages only: no scan of anyone else's), and the frames
+        are rendered here for this socket, one page at a time, cut at `max_bytes` (at least one message).
+        The window is REPLAY's, exactly: HISTORY_SIZE messages, none past HISTORY_TTL.
         """
-        with deadline.request():  # each page waits for Redis no longer than a request would
-            answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], [str(after), PAGE_SCAN])
-        seconds, micros, last, deleted, entries, first, lost = answer
+        argv = [PREFIX, user_id, str(after), self._size, int(self._ttl * 1000), max(1, limit)]
+        with deadline.request():  # a resuming socket waits for the history no longer than a request would
+            answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], argv)
+        seconds, micros, last, floor_id, entries, more = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        cutoff = now_ms - self._ttl * 1000
-        floor = parse_id(deleted) or MessageId(0, 0)
-        oldest = parse_id(first)
-        if lost and oldest is not None:  # trimmed: anything before the first entry may have been there
-            floor = max(
-                floor, MessageId(oldest.ms, oldest.seq - 1) if oldest.seq else MessageId(oldest.ms - 1, 2**64 - 1)
-            )
+        floor = parse_id(floor_id) or MessageId(0, 0)
         found: list[Message] = []
         size = 0
-        looked = after
-        read = 0
-        for entry_id, flat in entries:  # oldest first
-            if len(found) >= limit or size >= max_bytes:
+        looked = max(after, floor)
+        for read, (entry_id, flat) in enumerate(entries):  # oldest first, each newer than the floor
+            if found and size >= max_bytes:
+                more = more or read < len(entries)
                 break
-            read += 1
             msg_id = parse_id(entry_id)
             if msg_id is None:
                 continue
             looked = msg_id
-            if msg_id.ms < cutoff:
-                floor = max(floor, msg_id)  # outside the history: as good as deleted
-                continue
-            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
-            targets = fields["t"].split(",") if "t" in fields else None
-            if "k" not in fields or (targets is not None and user_id not in targets):
-                continue
-            data = orjson.loads(fields["d"]) if "d" in fields else None
-            message = Message.build(msg_id, None, Draft(fields["k"], fields["m"], data).render(msg_id))
-            found.append(message)
-            size += message.size
+            message = _message(user_id, msg_id, flat)
+            if message is not None:
+                found.append(Message.build(msg_id, None, message))
+                size += found[-1].size
         top = max(parse_id(last) or MessageId(0, 0), MessageId(now_ms, 2**64 - 1))
-        # More: this page stopped short of what it read, or read a full scan (the stream may hold more).
-        more = read < len(entries) or len(entries) >= PAGE_SCAN
-        return Page(found, looked, more, floor <= after <= top)
+        return Page(found, looked, bool(more), floor <= after <= top)
 
     # --- history -------------------------------------------------------------------------------------------
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
+        argv = [PREFIX, user_id, str(since), self._size, int(self._ttl * 1000)]
         with deadline.request():  # a resuming handshake waits for the history no longer than a request would
-            answer = await self._run(scripts.REPLAY, [self._keys[1]], [str(since), self._size + 1])
-        seconds, micros, last, deleted, entries = answer
+            answer = await self._run(scripts.REPLAY, [self._keys[1]], argv)
+        seconds, micros, last, floor_id, entries = answer
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        cutoff = now_ms - self._ttl * 1000
-        floor = parse_id(deleted) or MessageId(0, 0)
-        window: list[tuple[MessageId, dict[str, str]]] = []
-        for entry_id, flat in entries:  # newest first
-            msg_id = parse_id(entry_id)
-            if msg_id is None:
-                continue
-            if len(window) == self._size or msg_id.ms < cutoff:
-                floor = max(floor, msg_id)  # outside the history: as good as deleted
-                break
-            window.append((msg_id, dict(zip(flat[0::2], flat[1::2], strict=True))))
+        floor = parse_id(floor_id) or MessageId(0, 0)
         found: list[Message] = []
-        for msg_id, fields in reversed(window):
-            targets = frozenset(fields["t"].split(",")) if "t" in fields else None
-            if "k" not in fields or (targets is not None and user_id not in targets):
-                continue
-            data = orjson.loads(fields["d"]) if "d" in fields else None
-            found.append(Message.build(msg_id, targets, Draft(fields["k"], fields["m"], data).render(msg_id)))
+        for entry_id, flat in entries:  # oldest first, each newer than the floor
+            msg_id = parse_id(entry_id)
+            payload = _message(user_id, msg_id, flat) if msg_id is not None else None
+            if msg_id is not None and payload is not None:
+                targets = _targets(flat)
+                found.append(Message.build(msg_id, targets, payload))
         # As in memory mode: up to Redis's "now", nothing newer than the last id was added, so a `since` in
         # between misses nothing (a client that saw no message yet resumes from the time it connected).
         top = max(parse_id(last) or MessageId(0, 0), MessageId(now_ms, 2**64 - 1))
         return Replay(found, floor <= since <= top)
+
+
+def _targets(flat: list[str]) -> frozenset[str] | None:
+    fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+    return frozenset(fields["t"].split(",")) if "t" in fields else None
+
+
+def _message(user_id: str, msg_id: MessageId, flat: list[str]) -> bytes | None:
+    """The JSON of a feed entry for `user_id`; None for a control entry or someone else's (never indexed)."""
+    fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+    if "k" not in fields or ("t" in fields and user_id not in fields["t"].split(",")):
+        return None
+    data = orjson.loads(fields["d"]) if "d" in fields else None
+    return Draft(fields["k"], fields["m"], data).render(msg_id)
