@@ -30,20 +30,12 @@ from typing import NamedTuple, Protocol
 import orjson
 
 from diary_ws.deadline import REQUEST_SECONDS
-from diary_ws.errors import BadRequest, Conflict, DiaryWSError, ValidationError
+from diary_ws.errors import Answer, BadRequest, Conflict, DiaryWSError, ValidationError
 from diary_ws.validation import Notification
 
 HEADER = "Idempotency-Key"
 MAX_ENTRIES = 10_000
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The first request's answer, replayed as it was."""
-
-    status: int
-    body: bytes
 
 
 class Claim(NamedTuple):
