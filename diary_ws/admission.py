@@ -23,10 +23,9 @@ from starlette.types import Scope
 
 from diary_ws.auth import Security, client_address, direct_peer, token_from
 from diary_ws.broadcaster import Connection
+from diary_ws.protocols import CloseCode
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.validation import ListenQuery, check_user_id, parse_listen_query
-
-CLOSE_TOKEN_EXPIRED = 4001
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,5 +69,5 @@ def close_when_expired(conn: Connection, expires_at: float | None) -> asyncio.Ti
         return None
     delay = max(0.0, expires_at - time.time())  # exp is wall-clock time
     return asyncio.get_running_loop().call_later(
-        delay, conn.close, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a new token"
+        delay, conn.close, CloseCode.TOKEN_EXPIRED, "token expired: reconnect with a new token"
     )

@@ -15,47 +15,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, NobodyListening, NotStarted, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
+from diary_ws.protocols import Backend, Claim, CloseCode, Counts, PublishResult, Sink, WriteResult
 from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
-CLOSE_SLOW_CONSUMER = 4008
 FANOUT_CHUNK = 256  # sockets per turn of the event loop in a fan-out: about 2-3 ms of work
-CLOSE_GOING_AWAY = 1012
-CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
-CLOSE_BY_OPERATOR = 4003
-
-
-# What `Sink.try_write` reports.
-WROTE, LATER, DEAD = 1, 0, -1
-
-
-class Sink(Protocol):
-    """What the Hub needs of one socket or stream; `routes` adapts an ASGI WebSocket to it, `sse` an SSE stream."""
-
-    def try_write(self, message: Message) -> int:
-        """Write at once if the socket takes bytes now: WROTE; LATER if it cannot now; DEAD if it is gone."""
-
-    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
-        """Send one JSON frame (a message with its id, or a control frame with None), waiting while the peer
-        is slow; raises once the peer is gone."""
-
-    async def send_heartbeat(self) -> None:
-        """Tell the peer the line is alive: a heartbeat frame, or an SSE comment line."""
-
-    async def close(self, code: int, reason: str) -> None:
-        """Send a close frame."""
-
-    def stalled(self) -> bool:
-        """The peer is not reading: the transport has stopped taking bytes."""
-
-    def abort(self) -> bool:
-        """Drop the connection at once, buffers and all; False if the server offers no way to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +37,6 @@ class Limits:
     send_queue_bytes: int
     max_message_chars: int = 65536  # what `notify` checks, as the POST does
     stall_timeout: float = 20.0  # PING_TIMEOUT: a replay that sends nothing for this long is dropped
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """The counts of the POST's answer (docs/api.md): sockets, summed over the cluster; plus distinct users reached."""
-
-    id: MessageId
-    sent_count: int
-    total_connections: int
-    disconnected_users: int
-    users_reached: int
-    nodes_missing: int = 0  # nodes that did not report their counts in time (Redis only)
 
 
 @dataclass(slots=True)
@@ -148,9 +105,9 @@ class Connection:
             return True
         if self._writer is None and self._started:
             outcome = self.sink.try_write(message)
-            if outcome == WROTE:
+            if outcome == WriteResult.WROTE:
                 return True
-            if outcome == DEAD:
+            if outcome == WriteResult.DEAD:
                 self._hub.stats.dropped_dead += 1
                 self._hub.drop(self)
                 return False
@@ -220,9 +177,9 @@ class Connection:
             "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
             self.user_id, len(self._backlog or ()), self._bytes,
             extra={"event": "slow_consumer", "user_id": self.user_id, "backlog": len(self._backlog or ()),
-                   "backlog_bytes": self._bytes, "close_code": CLOSE_SLOW_CONSUMER},
+                   "backlog_bytes": self._bytes, "close_code": CloseCode.SLOW_CONSUMER},
         )  # fmt: skip
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
         # for it forever (docs/delivery.md, "Slow consumers"): free the connection, buffers and file descriptor, now.
         if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
@@ -242,9 +199,9 @@ class Connection:
             "slow consumer: user %s's resume sent nothing for %.0f s (PING_TIMEOUT); dropping it",
             self.user_id, self._hub.limits.stall_timeout,
             extra={"event": "slow_consumer", "user_id": self.user_id, "replayed": self._replayed,
-                   "close_code": CLOSE_SLOW_CONSUMER},
+                   "close_code": CloseCode.SLOW_CONSUMER},
         )  # fmt: skip
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that took nothing for that long will not read a close frame either: free it now.
         if not self.sink.abort() and self._writer is not None:
             self._writer.cancel()
@@ -300,7 +257,7 @@ class Connection:
         try:
             recovered = await self._replay_pages(since)
         except BrokerUnavailable:
-            self.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
+            self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable: reconnect with since later")
             return
         finally:
             self._resume = None
@@ -335,9 +292,9 @@ class Connection:
                 if self._close is not None:
                     return False
                 outcome = sink.try_write(message)
-                if outcome == LATER:
+                if outcome == WriteResult.LATER:
                     await sink.send_text(message.text, message.id)  # waits while the peer is slow
-                elif outcome == DEAD:
+                elif outcome == WriteResult.DEAD:
                     raise ConnectionError("the socket is gone")
                 self._replayed += 1
             # One page per turn of the event loop: a replay to a fast peer never waits on a send, and would
@@ -375,7 +332,7 @@ class Hub:
         """Close every socket that is still here (1012) and stop the backend."""
         self.draining = True
         for conn in list(self.connections()):
-            conn.close(CLOSE_GOING_AWAY, "server shutting down: reconnect with since")
+            conn.close(CloseCode.SERVICE_RESTART, "server shutting down: reconnect with since")
         self.started = False
         await self.backend.stop()
 
@@ -431,7 +388,7 @@ class Hub:
         self.backend.left(conn.user_id)
 
     async def disconnect_user(
-        self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
+        self, user_id: str, code: int = CloseCode.DISCONNECTED, reason: str = "disconnected by an operator"
     ) -> tuple[int, int]:
         """Close every socket of `user_id` with `code`, on every node: (closed, nodes that did not report)."""
         if not self.launched:
@@ -469,8 +426,7 @@ class Hub:
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
-        result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
+        result = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         seconds = time.perf_counter() - started
         self.stats.published += 1
         self.stats.observe_fanout(seconds)
@@ -494,14 +450,8 @@ class Hub:
         items = [
             (None if n.user_ids is None else frozenset(n.user_ids), Draft(n.type, n.message, n.data)) for n in notes
         ]
-        done = await self.backend.publish_batch(items, claim)
+        results = await self.backend.publish_batch(items, claim)
         seconds = time.perf_counter() - started
-        results: list[PublishResult | NobodyListening] = [
-            d
-            if isinstance(d, NobodyListening)
-            else PublishResult(d.id, d.sent, d.total, d.lost, d.reached, d.nodes_missing)
-            for d in done
-        ]
         stored = sum(1 for r in results if isinstance(r, PublishResult))
         self.stats.published += stored
         if log.isEnabledFor(logging.INFO):  # one line per batch: a thousand items must not make a thousand lines

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
 from starlette.convertors import Convertor, register_url_convertor
@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 from diary_ws import deadline, idempotency
 from diary_ws.admission import admit_listener, close_when_expired
 from diary_ws.auth import Security, client_address
-from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, PublishResult
+from diary_ws.broadcaster import Connection, Hub
 from diary_ws.browser_client import client_script, cors_send
 from diary_ws.console import console, overview
 from diary_ws.errors import (
@@ -35,13 +35,13 @@ from diary_ws.errors import (
     ValidationError,
     error_answer,
 )
-from diary_ws.idempotency import Claim
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
+from diary_ws.protocols import Claim, CloseCode, PublishResult, SocketControl, StreamControl, WriteResult
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
-from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
+from diary_ws.sse import STREAM_EXTENSION, SseSink, until_ended
 from diary_ws.validation import (
     Batch,
     ListenQuery,
@@ -399,14 +399,6 @@ async def readyz(request: Request) -> Response:
 # --- WebSocket -------------------------------------------------------------------------------------------
 
 
-class SocketControl(Protocol):
-    """The transport hooks `diary_ws.server` puts in the scope; other ASGI servers have none."""
-
-    def try_write(self, wire: bytes) -> int: ...
-    def stalled(self) -> bool: ...
-    def abort(self) -> None: ...
-
-
 class AsgiSink:
     """Adapts one ASGI WebSocket to the Hub's `Sink`."""
 
@@ -416,8 +408,8 @@ class AsgiSink:
         self._send = send
         self._control = control
 
-    def try_write(self, message: Message) -> int:
-        return LATER if self._control is None else self._control.try_write(message.wire)
+    def try_write(self, message: Message) -> WriteResult:
+        return WriteResult.LATER if self._control is None else self._control.try_write(message.wire)
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -469,7 +461,7 @@ class Listen:
         since, heartbeat = admission.query.since, admission.query.heartbeat
         expiry = close_when_expired(conn, admission.expires_at)
         del admission  # the socket's life needs none of it, and this frame lives as long as the socket
-        code = 1006  # the handler failed before the peer's disconnect reached it
+        code: int = CloseCode.ABNORMAL  # the handler failed before the peer's disconnect reached it
         try:
             await receive()  # websocket.connect, which the server sends first
             await send(ACCEPT)
@@ -496,7 +488,7 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            code: int = message.get("code", 1005)
+            code: int = message.get("code", CloseCode.NO_STATUS)
             return code
         if closing or message["type"] != "websocket.receive":
             continue  # after our close frame we only wait for the disconnect
@@ -505,10 +497,13 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
         tokens = min(max_rate, tokens + (now - last) * max_rate) - 1
         last = now
         if size > max_bytes:
-            conn.close(1009, f"frame too big: at most {max_bytes} bytes")
+            conn.close(CloseCode.MESSAGE_TOO_BIG, f"frame too big: at most {max_bytes} bytes")
             closing = True
         elif tokens < 0:
-            conn.close(1008, f"too many frames: at most {max_rate:g} a second; this socket is receive-only")
+            conn.close(
+                CloseCode.POLICY_VIOLATION,
+                f"too many frames: at most {max_rate:g} a second; this socket is receive-only",
+            )
             closing = True
 
 
@@ -540,7 +535,7 @@ class Stream:
         expiry = close_when_expired(conn, admission.expires_at)
         # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
         if control is not None:
-            control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
+            control.on_shutdown(lambda: conn.close(CloseCode.SERVICE_RESTART, "server restarting"))
         try:
             await sink.open()
             scope["app"].state.metrics.accepted_handshake("sse")

@@ -68,6 +68,23 @@ def test_nothing_below_imports_the_app_or_the_cli() -> None:
     assert importers_of("diary_ws.app") <= {"diary_ws", "diary_ws.cli"}
 
 
+def test_the_protocols_are_a_leaf_every_layer_may_import() -> None:
+    ours = {d for d in MODULES["diary_ws.protocols"] if d.startswith("diary_ws")}
+    assert ours <= {"diary_ws.errors", "diary_ws.messages"}, ours
+    assert not {d for d in MODULES["diary_ws.protocols"] if d.split(".")[0] in ("starlette", "uvicorn", "redis")}
+
+
+def test_each_protocol_is_defined_once() -> None:
+    """A seam has one definition, in protocols.py: no other module declares a Protocol of its own name."""
+    defined: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                defined.setdefault(node.name, []).append(module_name(path))
+    for name in ("Sink", "SocketControl", "StreamControl", "SharedStore", "Node", "Backend", "PublishResult", "Answer"):
+        assert defined.get(name, []) == ["diary_ws.errors" if name == "Answer" else "diary_ws.protocols"], name
+
+
 def test_leaf_helpers_import_no_other_layer() -> None:
     for leaf in ("diary_ws.errors", "diary_ws.messages", "diary_ws.settings", "diary_ws.deadline"):
         ours = {d for d in MODULES[leaf] if d.startswith("diary_ws")}
@@ -118,5 +135,6 @@ def test_security_helpers_are_leaves(leaf: str) -> None:
         "diary_ws.validation",
         "diary_ws.messages",
         "diary_ws.deadline",
+        "diary_ws.protocols",
     }, ours
     assert not {d for d in MODULES[leaf] if d.split(".")[0] in ("starlette", "uvicorn")}

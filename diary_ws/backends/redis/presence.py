@@ -10,10 +10,10 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from diary_ws import deadline
-from diary_ws.backends.base import NodeInfo
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import COMMAND_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TTL, PREFIX, RedisCore, log
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
+from diary_ws.protocols import NodeInfo
 
 
 class PresenceMixin(RedisCore):
