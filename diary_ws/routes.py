@@ -17,9 +17,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from diary_ws import deadline, idempotency
-from diary_ws.admission import admit_listener, close_when_expired
+from diary_ws.admission import admit_listener
 from diary_ws.auth import Security, client_address
-from diary_ws.broadcaster import Connection, Hub
+from diary_ws.broadcaster import Connection, Hub, State
 from diary_ws.browser_client import client_script, cors_send
 from diary_ws.console import console, overview
 from diary_ws.errors import (
@@ -449,32 +449,32 @@ class Listen:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
         metrics: Metrics = scope["app"].state.metrics
-        try:
-            admission = await admit_listener(scope)
-            conn = await hub.attach(
-                admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
-            )
-        except DiaryWSError as exc:
-            await WebSocket(scope, receive, send).send_denial_response(error_response(exc))
-            metrics.refused(exc.status_code)
-            return
-        since, heartbeat = admission.query.since, admission.query.heartbeat
-        expiry = close_when_expired(conn, admission.expires_at)
-        del admission  # the socket's life needs none of it, and this frame lives as long as the socket
+        conn: Connection | None = None
         code: int = CloseCode.ABNORMAL  # the handler failed before the peer's disconnect reached it
         try:
-            await receive()  # websocket.connect, which the server sends first
-            await send(ACCEPT)
-            metrics.accepted_handshake("websocket")
-            await hub.listen(conn, since)
-            if heartbeat is not None:
-                conn.heartbeat_every(heartbeat)
-            code = await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            await conn.stop()
-            metrics.closed(code)
+            admission = await admit_listener(scope)  # 400, 401, 403, 429: before the upgrade
+            sink = AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
+            conn = hub.session(admission.user_id, sink, admission.expires_at)
+            since, heartbeat = admission.query.since, admission.query.heartbeat
+            del admission  # this frame lives as long as the socket, which needs none of it
+            async with conn:  # the Hub's limits (429, 503), then the socket's whole life
+                try:
+                    await receive()  # websocket.connect, which the server sends first
+                    await send(ACCEPT)
+                    metrics.accepted_handshake("websocket")
+                    await hub.listen(conn, since)
+                    if heartbeat is not None:
+                        conn.heartbeat_every(heartbeat)
+                    code = await read_and_discard(
+                        receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate
+                    )
+                finally:
+                    metrics.closed(code)
+        except DiaryWSError as exc:
+            if conn is not None and conn.state is not State.REFUSED:
+                raise  # no refusal: nothing after the upgrade raises one
+            await WebSocket(scope, receive, send).send_denial_response(error_response(exc))
+            metrics.refused(exc.status_code)
 
 
 async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, max_rate: float) -> int:
@@ -482,8 +482,8 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
 
     Returns the close code the connection ended with (ours when we closed it, the peer's otherwise).
     """
-    clock = asyncio.get_running_loop().time
-    tokens, last = max_rate, clock()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
+    loop = asyncio.get_running_loop()  # not its bound `time`: that would be one more object per socket
+    tokens, last = max_rate, loop.time()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
     closing = False
     while True:
         message = await receive()
@@ -493,7 +493,7 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
         if closing or message["type"] != "websocket.receive":
             continue  # after our close frame we only wait for the disconnect
         size = len(message.get("bytes") or b"") or len((message.get("text") or "").encode())
-        now = clock()
+        now = loop.time()
         tokens = min(max_rate, tokens + (now - last) * max_rate) - 1
         last = now
         if size > max_bytes:
@@ -522,32 +522,32 @@ class Stream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
+        metrics: Metrics = scope["app"].state.metrics
         send = cors_send(scope, send)  # the browser client's fallback may stream to a page on another origin
         control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
         sink = SseSink(send, control)
+        conn: Connection | None = None
         try:
             admission = await admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
-            conn = await hub.attach(admission.user_id, sink)
+            conn = hub.session(admission.user_id, sink, admission.expires_at)
+            async with conn:  # the Hub's limits (429, 503), then the stream's whole life
+                # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
+                if control is not None:
+                    control.on_shutdown(lambda: conn.close(CloseCode.SERVICE_RESTART, "server restarting"))
+                try:
+                    await sink.open()
+                    metrics.accepted_handshake("sse")
+                    await hub.listen(conn, admission.query.since)
+                    conn.heartbeat_every(settings.ping_interval)
+                    await until_ended(receive, sink)
+                finally:
+                    if control is not None:
+                        control.on_shutdown(None)
         except DiaryWSError as exc:
+            if conn is not None and conn.state is not State.REFUSED:
+                raise  # no refusal: nothing after the stream starts raises one
             await send_json(send, *error_answer(exc))  # before the stream starts: a plain JSON answer
-            scope["app"].state.metrics.refused(exc.status_code, "sse")
-            return
-        expiry = close_when_expired(conn, admission.expires_at)
-        # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
-        if control is not None:
-            control.on_shutdown(lambda: conn.close(CloseCode.SERVICE_RESTART, "server restarting"))
-        try:
-            await sink.open()
-            scope["app"].state.metrics.accepted_handshake("sse")
-            await hub.listen(conn, admission.query.since)
-            conn.heartbeat_every(settings.ping_interval)
-            await until_ended(receive, sink)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            if control is not None:
-                control.on_shutdown(None)
-            await conn.stop()
+            metrics.refused(exc.status_code, "sse")
 
 
 async def unknown_socket(websocket: WebSocket) -> None:
