@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,44 @@ def test_only_cli_and_the_edge_import_uvicorn() -> None:
     importers = importers_of("uvicorn")
     assert "diary_ws.cli" in importers
     assert {m for m in importers if m != "diary_ws.cli" and not in_edge(m)} == set()
+
+
+def test_only_the_edge_imports_uvicorns_protocols() -> None:
+    # The edge subclasses them and lists every internal it touches (edge/internals.py); nothing else may lean on them.
+    importers = importers_of("uvicorn.protocols")
+    assert importers
+    assert {m for m in importers if not in_edge(m)} == set()
+
+
+def environment_reads(path: Path) -> list[str]:
+    """What in a file reads the environment itself: a DIARY_WS_ name spelled out (what a look-up needs),
+    os.getenv, or os.environ used other than as the argument of a call to one of settings.py's readers."""
+    import diary_ws.settings
+
+    readers = {name for name in dir(diary_ws.settings) if not name.startswith("_")}
+    tree = ast.parse(path.read_text())
+    handed: set[int] = set()  # the os.environ nodes passed straight to a settings reader
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if callee in readers:
+                handed.update(id(arg) for arg in node.args)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"DIARY_WS_\w*", node.value):
+            found.append(f"line {node.lineno}: the name {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in ("getenv", "environb"):
+            found.append(f"line {node.lineno}: os.{node.attr}")
+        elif isinstance(node, ast.Attribute) and node.attr == "environ" and id(node) not in handed:
+            found.append(f"line {node.lineno}: os.environ read here")
+    return found
+
+
+def test_only_settings_reads_the_environment() -> None:
+    """DIARY_WS_* reach the server, the commands and the senders through settings.py only."""
+    readers = {mod: found for mod, found in ((module_name(p), environment_reads(p)) for p in PACKAGE.rglob("*.py"))}
+    assert readers.pop("diary_ws.settings")  # it does read it
+    assert {mod: found for mod, found in readers.items() if found} == {}
 
 
 def test_only_the_redis_backend_imports_redis_py() -> None:
