@@ -76,11 +76,11 @@ class Front:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 0  # no answer started yet
 
-        async def sent(message: Message) -> None:
+        def sent(message: Message) -> Awaitable[None]:  # no coroutine of its own: it hands back `send`'s
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, sent)
@@ -109,9 +109,7 @@ def from_starlette(exc: HTTPException, scope: Scope) -> DiaryWSError:
         return NotFound(f"no route for {where}{hint}")
     if exc.status_code == 405:
         return MethodNotAllowed(f"{where} is not allowed; use {headers.get('Allow', '')}", headers=headers)
-    error = DiaryWSError(exc.detail, headers=headers)
-    error.status_code = exc.status_code
-    return error
+    return DiaryWSError.of_status(exc.status_code, exc.detail, headers)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -34,6 +34,13 @@ class DiaryWSError(Exception):
         self.headers = headers or {}
         self.extra = extra or {}  # more keys for the JSON body, such as the zero counters of a 404
 
+    @classmethod
+    def of_status(cls, status: int, message: str, headers: dict[str, str] | None = None) -> DiaryWSError:
+        """An error with a status no subclass names: the server's own 400, 414 or 431, Starlette's others."""
+        error = cls(message, headers=headers)
+        error.status_code = status
+        return error
+
     def body(self) -> dict[str, Any]:
         """The JSON error body every error answer has (docs/api.md)."""
         return {"status": "error", "message": self.message, **self.extra}

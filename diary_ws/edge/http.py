@@ -11,12 +11,12 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
-import orjson
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from diary_ws.edge.limits import edge_of
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
+from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
 from diary_ws.protocols import WriteResult
 from diary_ws.sse import STREAM_EXTENSION
@@ -432,7 +432,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
     # --- answers of our own ------------------------------------------------------------------------------
 
     def _answer_and_close(self, status: int, message: str) -> None:
-        """A JSON error answer outside the app (DESIGN's error body), then close; the app's request, if one is
+        """A JSON error answer outside the app (the body of docs/api.md), then close; the app's request, if one is
         running, hears a disconnect."""
         self._release()
         self._cancel_clock()
@@ -445,7 +445,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
                 return
         if self.transport.is_closing():
             return
-        body = orjson.dumps({"status": "error", "message": message})
+        body = error_answer(DiaryWSError.of_status(status, message)).body
         phrase = HTTPStatus(status).phrase.encode()
         head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         self.transport.write(head % (status, phrase, len(body)) + body)

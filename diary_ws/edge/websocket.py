@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-import orjson
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
@@ -28,6 +27,7 @@ from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import OPEN, Protocol
 
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, log
+from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
 from diary_ws.protocols import CloseCode, WriteResult
 from diary_ws.routes import SOCKET_EXTENSION
@@ -293,7 +293,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             )
         else:
             status, why = 400, "the WebSocket handshake is not a valid HTTP request"
-        body = orjson.dumps({"status": "error", "message": why})
+        body = error_answer(DiaryWSError.of_status(status, why)).body
         phrase = HTTPStatus(status).phrase.encode()
         head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         self.transport.write(head % (status, phrase, len(body)) + body)
