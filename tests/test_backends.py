@@ -1,6 +1,6 @@
 """The backend contract, run on both backends: memory, and Redis (a real redis-server on a free port).
 
-The Node here is our own seam (DESIGN: the memory backend is the fake), standing in for the Hub: it records
+The Node here is our own seam (protocols.Node; fakes only for our own seams), standing in for the Hub: it records
 what the backend delivers and holds a presence the test sets.
 """
 
