@@ -25,13 +25,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import orjson
 
 from diary_ws.deadline import REQUEST_SECONDS
 from diary_ws.errors import Answer, BadRequest, Conflict, DiaryWSError, ValidationError
-from diary_ws.protocols import Claim, SharedStore
+from diary_ws.protocols import Claim, Idempotency, SharedStore
 from diary_ws.validation import Notification
 
 HEADER = "Idempotency-Key"
@@ -119,16 +118,6 @@ class IdempotencyCache:
             if oldest.expires > now:
                 return
             entries.popitem(last=False)
-
-
-class Idempotency(Protocol):
-    """What the publish route needs: `IdempotencyCache`'s three steps, awaitable, and the claim for the
-    backend (None when the key is kept in this process)."""
-
-    async def begin(self, key: str, print_: bytes) -> Answer | None: ...
-    def claim(self, key: str, print_: bytes) -> Claim | None: ...
-    async def finish(self, key: str, answer: Answer) -> None: ...
-    async def abandon(self, key: str) -> None: ...
 
 
 class LocalIdempotency:

@@ -4,7 +4,8 @@
 - `SocketControl`, `StreamControl`: the transport hooks diary-ws's own server puts in a scope (`edge/`);
 - `Node` and `Backend`: the Hub and the broker, and the records they pass (`PublishResult`, `Counts`, `Page`,
   `Replay`, `NodeInfo`, `Claim`);
-- `SharedStore`: the rate-limit buckets and idempotency keys every node shares (the Redis backend);
+- `SharedStore`: the rate-limit buckets and idempotency keys every node shares (the Redis backend), and
+  `Idempotency`, the keys as the publish route sees them (kept in this process, or shared);
 - `WriteResult` and `CloseCode`: the values that cross them.
 
 No Starlette, no uvicorn, no redis here: every layer may import it.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple, Protocol
 
-from diary_ws.errors import NobodyListening
+from diary_ws.errors import Answer, NobodyListening
 from diary_ws.messages import Draft, Message, MessageId
 
 
@@ -103,6 +104,16 @@ class SharedStore(Protocol):
 
     async def idem_abandon(self, key: str) -> None:
         """Forget the key if no message was stored under it."""
+
+
+class Idempotency(Protocol):
+    """What the publish route needs: `idempotency.IdempotencyCache`'s three steps, awaitable, and the claim for the
+    backend (None when the key is kept in this process)."""
+
+    async def begin(self, key: str, print_: bytes) -> Answer | None: ...
+    def claim(self, key: str, print_: bytes) -> Claim | None: ...
+    async def finish(self, key: str, answer: Answer) -> None: ...
+    async def abandon(self, key: str) -> None: ...
 
 
 class Claim(NamedTuple):

@@ -38,7 +38,7 @@ from diary_ws.errors import (
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
-from diary_ws.protocols import Claim, CloseCode, PublishResult, SocketControl, StreamControl, WriteResult
+from diary_ws.protocols import Claim, CloseCode, Idempotency, PublishResult, SocketControl, StreamControl, WriteResult
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
 from diary_ws.sse import STREAM_EXTENSION, SseSink, until_ended
@@ -159,7 +159,7 @@ def backstop(hub: Hub) -> float | None:
 
 
 async def publish_once(
-    cache: idempotency.Idempotency,
+    cache: Idempotency,
     key: str,
     print_: bytes,
     run: Callable[[Claim | None], Awaitable[Answer]],

@@ -113,13 +113,17 @@ def test_the_protocols_are_a_leaf_every_layer_may_import() -> None:
     assert not {d for d in MODULES["diary_ws.protocols"] if d.split(".")[0] in ("starlette", "uvicorn", "redis")}
 
 
-def test_each_protocol_is_defined_once() -> None:
-    """A seam has one definition, in protocols.py: no other module declares a Protocol of its own name."""
+def test_each_seam_is_defined_once() -> None:
+    """Every Protocol lives in protocols.py, and no other module declares a class of a seam's name."""
     defined: dict[str, list[str]] = {}
+    protocols: set[str] = set()
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 defined.setdefault(node.name, []).append(module_name(path))
+                if any(isinstance(base, ast.Name) and base.id == "Protocol" for base in node.bases):
+                    protocols.add(module_name(path))
+    assert protocols == {"diary_ws.protocols"}
     for name in ("Sink", "SocketControl", "StreamControl", "SharedStore", "Node", "Backend", "PublishResult", "Answer"):
         assert defined.get(name, []) == ["diary_ws.errors" if name == "Answer" else "diary_ws.protocols"], name
 
