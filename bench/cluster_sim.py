@@ -42,10 +42,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from diary_ws.backends.base import Counts
 from diary_ws.backends.redis import RedisBackend
 from diary_ws.errors import DiaryWSError
 from diary_ws.messages import Draft, Message, MessageId
+from diary_ws.protocols import Counts
 from tests.utils import async_wait_until, redis_server, wait_until
 
 RESULTS = Path(__file__).parent / "results"
@@ -202,8 +202,10 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
                 expected[user] -= 1
                 row.errors.append(f"targeted to {user}: {exc.status_code} {exc}")
                 return
-            if published.sent != 1 or published.nodes_missing:
-                row.errors.append(f"targeted {published.id}: sent {published.sent}, missing {published.nodes_missing}")
+            if published.sent_count != 1 or published.nodes_missing:
+                row.errors.append(
+                    f"targeted {published.id}: sent {published.sent_count}, missing {published.nodes_missing}"
+                )
 
         async def broadcast_one() -> None:
             try:
@@ -212,8 +214,10 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
                 row.errors.append(f"broadcast: {exc.status_code} {exc}")
                 return
             delivered_broadcasts.append(published.id)
-            if published.sent != k * args.users or published.nodes_missing:
-                row.errors.append(f"broadcast {published.id}: sent {published.sent}, missing {published.nodes_missing}")
+            if published.sent_count != k * args.users or published.nodes_missing:
+                row.errors.append(
+                    f"broadcast {published.id}: sent {published.sent_count}, missing {published.nodes_missing}"
+                )
 
         # Fill the history to its size first (not measured), so a resume asks for a full window.
         fill = max(0, args.history - args.targeted - args.broadcasts)
@@ -302,7 +306,7 @@ async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
             except DiaryWSError:
                 errors += 1
                 return
-            if published.sent != 1 or published.nodes_missing:
+            if published.sent_count != 1 or published.nodes_missing:
                 errors += 1
 
         rate = args.ramp_from

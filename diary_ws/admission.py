@@ -13,8 +13,6 @@ The per-user and server-wide connection limits (429, 503) come after, when the H
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,11 +20,8 @@ from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from diary_ws.auth import Security, client_address, direct_peer, token_from
-from diary_ws.broadcaster import Connection
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.validation import ListenQuery, check_user_id, parse_listen_query
-
-CLOSE_TOKEN_EXPIRED = 4001
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +57,3 @@ async def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuer
     if security.user_header is not None and security.proxies.trusts(direct_peer(scope)):
         header = headers.get(security.user_header)
     return Admission(user_id, query, security.listener_auth(user_id, token, header))
-
-
-def close_when_expired(conn: Connection, expires_at: float | None) -> asyncio.TimerHandle | None:
-    """Close `conn` with 4001 when its token expires; the caller cancels the timer when the socket ends."""
-    if expires_at is None:
-        return None
-    delay = max(0.0, expires_at - time.time())  # exp is wall-clock time
-    return asyncio.get_running_loop().call_later(
-        delay, conn.close, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a new token"
-    )

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable
 
 from starlette.applications import Starlette
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diary_ws import idempotency, logs, sharing
 from diary_ws.auth import Security
 from diary_ws.backends import backend_for
 from diary_ws.broadcaster import Hub, Limits
-from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound
-from diary_ws.metrics import Metrics, RequestMetrics
+from diary_ws.errors import DiaryWSError, MethodNotAllowed, NotFound, error_answer
+from diary_ws.metrics import UNMATCHED, Metrics, route_label
 from diary_ws.ratelimit import RateLimiter
-from diary_ws.routes import (
-    API,
-    LISTEN_PREFIX,
-    NOTIFY_ROUTE,
-    SERVER_ERROR,
-    Listen,
-    Notify,
-    error_response,
-    json_response,
-    routes,
-    send_json,
-)
+from diary_ws.routes import API, routes, send_json
 from diary_ws.settings import SettingError, Settings, fd_budget, open_file_limit
 
 log = logging.getLogger("diary_ws.app")
@@ -47,59 +33,83 @@ def default_max_connections(settings: Settings) -> int:
 
 
 class DiaryApp(Starlette):
-    """Starlette, with two shortcuts past its middleware stack and router, to the two hottest handlers.
+    """Starlette with one middleware layer of its own, `Front`, in place of Starlette's default three.
 
-    - A POST to the notification route, the one a busy back end calls thousands of times a second:
-      Starlette's three middleware layers, its router and the request wrapper cost a third of its time
-      (py-spy). The shortcut does what they would have done for it: counts the request in the metrics, and
-      answers an unexpected exception with the JSON 500 before it re-raises it for the server to log.
-    - A WebSocket under /api/v1/ws/: through the stack, every open socket keeps about 40 more objects alive
-      for its whole life (the await chain of every layer, their closures and a second WebSocket wrapper).
-      Python's full garbage collections walk every one of them: at 10,000 sockets each took about 0.3 s.
-      The stack does nothing else for a WebSocket (our metrics middleware counts HTTP only, and `Listen`
-      answers its own refusals).
-
-    Both are taken only while the middleware stack is the one `create_app` built: middleware that an
-    embedding host adds sees every request.
+    Every request takes the one path: any middleware a host adds, `Front`, the router, the route's endpoint.
     """
 
-    _shortcuts: tuple[Notify, Listen] | None = None
-
     def build_middleware_stack(self) -> ASGIApp:
-        if [m.cls for m in self.user_middleware] == [cast(Any, RequestMetrics)]:
-            self._shortcuts = Notify(), Listen()
-        return super().build_middleware_stack()
+        # The router's own stack (its `app`, without router middleware): one coroutine less in every await chain.
+        app: ASGIApp = Front(self.router.middleware_stack)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        shortcuts = self._shortcuts
-        kind = scope["type"]
-        if shortcuts is not None and (kind == "websocket" or (kind == "http" and scope["method"] == "POST")):
-            path: str = scope["path"]
-            root: str = scope.get("root_path", "")
-            inside = path[len(root) :] if root and path.startswith(root) else path  # as Starlette's router sees it
-            if kind == "http":
-                if inside == NOTIFY_ROUTE:
-                    await self._notify(shortcuts[0], scope, receive, send)
-                    return
-            elif inside.startswith(LISTEN_PREFIX):
-                scope["app"] = self
-                scope["path_params"] = {"user_id": inside[len(LISTEN_PREFIX) :]}  # what the route would match
-                await shortcuts[1](scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
 
-    async def _notify(self, handler: Notify, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["app"] = self
-        status = 500
+class Front:
+    """The layer above the router: what Starlette's ServerErrorMiddleware, ExceptionMiddleware and a metrics
+    middleware would do, in one raw ASGI call and for HTTP only.
+
+    - It counts every HTTP request by route template and status, so raw paths never become labels.
+    - It answers every error an endpoint or the router raises with its JSON body (`errors.error_answer`):
+      ours with their status, Starlette's 404 and 405 as ours, anything else as the JSON 500, which it then
+      re-raises for the server to log.
+
+    A WebSocket and the lifespan are handed on without a frame of this layer: `__call__` is a plain function
+    that returns the router's coroutine for the caller to await. A socket's await chain stays alive for the
+    socket's whole life, and Python's full garbage collections walk every object in it: Starlette's default
+    stack kept about 40 more per socket (every layer's frame, closures, a second WebSocket wrapper), and at
+    10,000 sockets each full collection took about 0.3 s. `Listen` answers its own refusals, so a WebSocket
+    needs nothing here.
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] != "http":
+            return self.app(scope, receive, send)
+        return self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = 0  # no answer started yet
+
+        def sent(message: Message) -> Awaitable[None]:  # no coroutine of its own: it hands back `send`'s
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
         try:
-            status = await handler.respond(scope, receive, send)
-        except Exception:
-            with contextlib.suppress(Exception):  # it fails only if the answer had started: then uvicorn closes
-                await send_json(send, 500, SERVER_ERROR)
-            raise
+            await self.app(scope, receive, sent)
+        except Exception as exc:
+            if status:
+                raise  # the answer had started: the server closes the connection
+            answer = error_answer(from_starlette(exc, scope) if isinstance(exc, HTTPException) else exc)
+            status = answer.status
+            await send_json(send, *answer)
+            if not isinstance(exc, (DiaryWSError, HTTPException)):
+                raise  # a bug of ours: the client has its JSON 500; the server logs the traceback
         finally:
-            metrics: Metrics = self.state.metrics
-            metrics.request("POST", NOTIFY_ROUTE, status)
+            route = getattr(scope.get("route"), "path", None)
+            metrics: Metrics = scope["app"].state.metrics
+            metrics.request(scope["method"], route_label(route) if isinstance(route, str) else UNMATCHED, status or 500)
+
+
+def from_starlette(exc: HTTPException, scope: Scope) -> DiaryWSError:
+    """The router's own 404 and 405 as our errors, with a message that says what to do."""
+    where = f"{scope['method']} {URL(scope=scope).path}"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        # Match on the path below the prefix, so the hint survives a Mount or ROOT_PATH.
+        inside = URL(scope=scope).path.removeprefix(scope.get("root_path", ""))
+        hint = ": WebSocket endpoints need a WebSocket client" if inside.startswith(API + "/") else ""
+        return NotFound(f"no route for {where}{hint}")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"{where} is not allowed; use {headers.get('Allow', '')}", headers=headers)
+    return DiaryWSError.of_status(exc.status_code, exc.detail, headers)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -116,16 +126,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     hub = Hub(backend_for(settings), limits)
     backend = "redis" if settings.broker_url.startswith("redis") else "memory"
     metrics = Metrics(hub, per_worker=settings.workers > 1, backend=backend)
-    app = DiaryApp(
-        routes=routes(),
-        middleware=[Middleware(RequestMetrics, metrics=metrics)],
-        lifespan=lifespan,
-        exception_handlers={
-            DiaryWSError: _diary_error,
-            HTTPException: _http_error,
-            500: _server_error,
-        },
-    )
+    app = DiaryApp(routes=routes(), lifespan=lifespan)
     app.state.settings = settings
     app.state.hub = hub
     app.state.metrics = metrics
@@ -157,29 +158,3 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 yield
         finally:
             await hub.stop()
-
-
-async def _diary_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, DiaryWSError)  # Starlette picks handlers by class; this narrows the type
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    where = f"{request.method} {request.url.path}"
-    if exc.status_code == 404:
-        # Match on the path below the prefix, so the hint survives a Mount or ROOT_PATH.
-        inside = request.url.path.removeprefix(request.scope.get("root_path", ""))
-        hint = ": WebSocket endpoints need a WebSocket client" if inside.startswith(API + "/") else ""
-        return error_response(NotFound(f"no route for {where}{hint}"))
-    if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow", "")
-        return error_response(
-            MethodNotAllowed(f"{where} is not allowed; use {allowed}", headers=dict(exc.headers or {}))
-        )
-    return json_response({"status": "error", "message": exc.detail}, exc.status_code, dict(exc.headers or {}))
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    # A bug of ours: Starlette logs the traceback; the client still gets the JSON error shape, not plain text.
-    return Response(SERVER_ERROR, 500, media_type="application/json")

@@ -15,47 +15,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from enum import IntEnum
+from typing import Any
 
-from diary_ws.backends import Backend, Claim, Counts
 from diary_ws.errors import BrokerUnavailable, NobodyListening, NotStarted, ServerFull, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId, control_frame
+from diary_ws.protocols import Backend, Claim, CloseCode, Counts, PublishResult, Sink, WriteResult
 from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
-CLOSE_SLOW_CONSUMER = 4008
 FANOUT_CHUNK = 256  # sockets per turn of the event loop in a fan-out: about 2-3 ms of work
-CLOSE_GOING_AWAY = 1012
-CLOSE_TRY_AGAIN = 1013  # the history could not be read (the broker went away after the handshake)
-CLOSE_BY_OPERATOR = 4003
-
-
-# What `Sink.try_write` reports.
-WROTE, LATER, DEAD = 1, 0, -1
-
-
-class Sink(Protocol):
-    """What the Hub needs of one socket or stream; `routes` adapts an ASGI WebSocket to it, `sse` an SSE stream."""
-
-    def try_write(self, message: Message) -> int:
-        """Write at once if the socket takes bytes now: WROTE; LATER if it cannot now; DEAD if it is gone."""
-
-    async def send_text(self, text: str, msg_id: MessageId | None) -> None:
-        """Send one JSON frame (a message with its id, or a control frame with None), waiting while the peer
-        is slow; raises once the peer is gone."""
-
-    async def send_heartbeat(self) -> None:
-        """Tell the peer the line is alive: a heartbeat frame, or an SSE comment line."""
-
-    async def close(self, code: int, reason: str) -> None:
-        """Send a close frame."""
-
-    def stalled(self) -> bool:
-        """The peer is not reading: the transport has stopped taking bytes."""
-
-    def abort(self) -> bool:
-        """Drop the connection at once, buffers and all; False if the server offers no way to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +38,6 @@ class Limits:
     send_queue_bytes: int
     max_message_chars: int = 65536  # what `notify` checks, as the POST does
     stall_timeout: float = 20.0  # PING_TIMEOUT: a replay that sends nothing for this long is dropped
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """The counts of the POST's answer (docs/api.md): sockets, summed over the cluster; plus distinct users reached."""
-
-    id: MessageId
-    sent_count: int
-    total_connections: int
-    disconnected_users: int
-    users_reached: int
-    nodes_missing: int = 0  # nodes that did not report their counts in time (Redis only)
 
 
 @dataclass(slots=True)
@@ -97,8 +55,42 @@ class HubStats:
     observe_notify: Callable[[float], None] = field(default=lambda seconds: None)  # a `notify` that published
 
 
+class State(IntEnum):
+    """Where a connection is in its life. It changes only in `Connection._move`, along these arrows:
+
+        NEW -> ATTACHED -> REPLAYING -> LIVE -> CLOSING -> GONE
+        NEW or ATTACHED -> REFUSED; ATTACHED -> LIVE; ATTACHED, REPLAYING or LIVE -> CLOSING or GONE
+
+    The order it keeps: nothing goes out before the handshake is done (ATTACHED: messages wait in the
+    backlog); a resume's replay goes out before any live message (REPLAYING: live messages are left to the
+    replay, or wait behind it); a message is written directly only while no writer exists, so nothing
+    overtakes what waits (LIVE); after a close, only the close frame goes out (CLOSING); after GONE, nothing.
+    """
+
+    NEW = 0  # made by `Hub.session`, not counted anywhere yet
+    ATTACHED = 1  # in the registry, handshake not done: messages wait in the backlog
+    REPLAYING = 2  # handshake done; the writer replays a `since` resume from the history
+    LIVE = 3  # handshake done: written at once when no writer exists, else queued behind what waits
+    CLOSING = 4  # out of the registry; the writer sends the close frame (once the handshake is done)
+    GONE = 5  # out of the registry; nothing more goes out
+    REFUSED = 6  # the Hub's limits turned it away (429, 503): nothing was taken
+
+
+_MOVES = {
+    State.NEW: frozenset({State.ATTACHED, State.REFUSED}),
+    State.ATTACHED: frozenset({State.REPLAYING, State.LIVE, State.CLOSING, State.GONE, State.REFUSED}),
+    State.REPLAYING: frozenset({State.LIVE, State.CLOSING, State.GONE}),
+    State.LIVE: frozenset({State.CLOSING, State.GONE}),
+    State.CLOSING: frozenset({State.GONE}),
+    State.GONE: frozenset(),
+    State.REFUSED: frozenset(),
+}
+_REGISTERED = frozenset({State.ATTACHED, State.REPLAYING, State.LIVE})  # in the Hub's registry, taking messages
+_WRITING = frozenset({State.REPLAYING, State.LIVE, State.CLOSING})  # a writer task may exist
+
+
 class Connection:
-    """One socket of one user, and its backlog.
+    """One socket of one user, and its backlog; also the session that owns it (`async with hub.session()`).
 
     A message for a socket that takes bytes now is written at once, with no task and no queue (the common
     case). Only when the peer falls behind does the message wait in the backlog, and only then does a
@@ -107,52 +99,77 @@ class Connection:
 
     A `since` resume is pulled from the history by the writer, a page at a time as the socket drains (see
     `_replay`): the socket never holds more of it than its backlog caps allow, however long the replay.
+
+    Its life is a `State`. As a session, entering takes its slot (the Hub's limits: 429, 503) and arms the
+    token's expiry (4001); leaving stops it, whatever ended the handler.
     """
 
-    __slots__ = ("user_id", "sink", "_hub", "_backlog", "_bytes", "_writer", "_close", "_resume", "_floor",
-                 "_started", "active", "_beat", "_beat_due", "_replayed", "_watch")  # fmt: skip
+    __slots__ = ("user_id", "sink", "state", "_hub", "_backlog", "_bytes", "_writer", "_close", "_floor",
+                 "_beat", "_beat_due", "_replayed", "_watch", "_expires_at", "_expiry")  # fmt: skip
 
-    def __init__(self, hub: Hub, user_id: str, sink: Sink) -> None:
+    def __init__(self, hub: Hub, user_id: str, sink: Sink, expires_at: float | None = None) -> None:
         self.user_id = user_id
         self.sink = sink
+        self.state = State.NEW
         self._hub = hub
         self._backlog: deque[Message] | None = None  # made when first needed: an empty deque is ~600 bytes
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
-        self._close: tuple[int, str] | None = None
-        # While a resume replays: the id it has reached. Live messages are not queued meanwhile: the replay
-        # reads them from the history when it gets there.
-        self._resume: MessageId | None = None
+        self._close: tuple[int, str] | None = None  # the close frame CLOSING sends
         self._floor: MessageId | None = None  # live messages at or below it were replayed already
         self._replayed = 0  # frames replayed so far: what the stall watch looks at
         self._watch: asyncio.TimerHandle | None = None
-        self._started = False  # the handshake is done: frames may go out
-        self.active = True  # in the registry and taking messages
         self._beat: asyncio.TimerHandle | None = None
         self._beat_due = False  # a heartbeat waits for the writer; at most one ever does
+        self._expires_at = expires_at  # Unix time the listener's token expires (None: no token)
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> Connection:
+        """Take the socket's slot, or raise 429/503 (the state is then REFUSED); arm the token's expiry."""
+        await self._hub._admit(self)
+        if self._expires_at is not None:
+            delay = max(0.0, self._expires_at - time.time())  # exp is wall-clock time
+            self._expiry = asyncio.get_running_loop().call_later(
+                delay, self.close, CloseCode.TOKEN_EXPIRED, "token expired: reconnect with a new token"
+            )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _move(self, to: State) -> None:
+        """The one place the state changes, along `State`'s arrows only; leaving the registry leaves the Hub."""
+        if to not in _MOVES[self.state]:
+            raise RuntimeError(f"a connection of user {self.user_id} cannot go from {self.state.name} to {to.name}")
+        registered = self.state in _REGISTERED
+        self.state = to
+        if registered and to not in _REGISTERED:
+            self._hub._forget(self)
 
     def offer(self, message: Message) -> bool:
         """Hand over one message without waiting; False when the socket is dead or just overflowed."""
-        if not self.active:
-            return False  # left the registry while a chunked fan-out was under way: nothing more goes out
-        if self._resume is not None and self._hub.backend.replay_covers_live:
-            # Replaying: the history got this message before any socket was offered it, so the replay reaches
-            # it in its turn, and nothing is held for it here. Should the history lose it first, the resume
-            # frame says `recovered: false`. (Otherwise it queues, within the caps, and the floor sorts it.)
-            return True
+        state = self.state
+        if state is not State.LIVE:
+            if state not in _REGISTERED:
+                return False  # left the registry while a chunked fan-out was under way: nothing more goes out
+            if state is State.REPLAYING and self._hub.backend.replay_covers_live:
+                # The history got this message before any socket was offered it, so the replay reaches it in
+                # its turn, and nothing is held for it here. Should the history lose it first, the resume
+                # frame says `recovered: false`. (Otherwise it queues, within the caps, and the floor sorts it.)
+                return True
         floor = self._floor
         if floor is not None and message.id <= floor:
             # Replayed already: this socket resumed while the message was on its way here (a paused fan-out
             # here, or a Redis reader that had not reached it yet when the history was read).
             # See docs/delivery.md, "Resume and the live feed".
             return True
-        if self._writer is None and self._started:
+        if state is State.LIVE and self._writer is None:
             outcome = self.sink.try_write(message)
-            if outcome == WROTE:
+            if outcome == WriteResult.WROTE:
                 return True
-            if outcome == DEAD:
+            if outcome == WriteResult.DEAD:
                 self._hub.stats.dropped_dead += 1
-                self._hub.drop(self)
+                self._move(State.GONE)
                 return False
         limits = self._hub.limits
         backlog = self._backlog
@@ -167,17 +184,28 @@ class Connection:
         return True
 
     def start(self, since: MessageId | None) -> None:
-        """The handshake is done; with `since`, replay what came after it and a control frame, then go live."""
-        if since is not None and self._close is None:
-            self._resume = self._floor = since  # nothing at or below `since` goes out: the client has it
-            if self._hub.backend.replay_covers_live:
-                # Queued since the socket attached: all of it is in the history already; the replay sends it.
-                self._backlog = None
-                self._bytes = 0
-            self._watch = asyncio.get_running_loop().call_later(self._hub.limits.stall_timeout, self._check, 0)
-        self._started = True
-        if self._resume is not None or self._backlog or self._close:
-            self._ensure_writer()
+        """The handshake is done; with `since`, replay what came after it and a control frame, then go live.
+
+        Closed before the handshake: the close frame goes out now. Gone: nothing does.
+        """
+        if self.state is State.CLOSING:
+            self._ensure_writer()  # the close frame
+            return
+        if self.state is not State.ATTACHED:
+            return  # gone
+        if since is None:
+            self._move(State.LIVE)
+            if self._backlog:
+                self._ensure_writer()  # what was published during the handshake, in order
+            return
+        self._move(State.REPLAYING)
+        self._floor = since  # nothing at or below `since` goes out: the client has it
+        if self._hub.backend.replay_covers_live:
+            # Queued since the socket attached: all of it is in the history already; the replay sends it.
+            self._backlog = None
+            self._bytes = 0
+        self._watch = asyncio.get_running_loop().call_later(self._hub.limits.stall_timeout, self._check, 0)
+        self._ensure_writer()  # the replay
 
     def heartbeat_every(self, seconds: float) -> None:
         """Send a heartbeat every `seconds` through the writer, in order: never between replayed frames.
@@ -195,20 +223,32 @@ class Connection:
         self._beat = loop.call_later(seconds, tick)
 
     def close(self, code: int, reason: str) -> None:
-        """Leave the registry, drop what is unsent, and close with `code`."""
+        """Leave the registry, drop what is unsent, and close with `code`; a second close changes nothing."""
+        was = self.state
+        if was not in _REGISTERED:
+            return
         self._stop_beat()
-        self._hub.drop(self)
+        self._move(State.CLOSING)
         self._backlog = None
         self._bytes = 0
-        if self._close is None:
-            self._close = (code, reason)
-        self._ensure_writer()
+        self._close = (code, reason)
+        if was is not State.ATTACHED:
+            self._ensure_writer()  # before the handshake, `start` sends the close frame
+
+    def leave(self) -> None:
+        """Leave the registry without a close frame (the peer is gone); safe to call more than once."""
+        if self.state in _REGISTERED:
+            self._move(State.GONE)
 
     async def stop(self) -> None:
         """Called when the handler ends: leave the registry and stop the writer."""
         self._stop_beat()
         self._stop_watch()
-        self._hub.drop(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.state is not State.GONE:
+            self._move(State.GONE)
         task = self._writer
         if task is not None and not task.done():
             task.cancel()
@@ -220,9 +260,9 @@ class Connection:
             "slow consumer: user %s has %d messages (%d bytes) unsent; closing with 4008",
             self.user_id, len(self._backlog or ()), self._bytes,
             extra={"event": "slow_consumer", "user_id": self.user_id, "backlog": len(self._backlog or ()),
-                   "backlog_bytes": self._bytes, "close_code": CLOSE_SLOW_CONSUMER},
+                   "backlog_bytes": self._bytes, "close_code": CloseCode.SLOW_CONSUMER},
         )  # fmt: skip
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that reads nothing would never read the close frame either, and uvicorn's send would wait
         # for it forever (docs/delivery.md, "Slow consumers"): free the connection, buffers and file descriptor, now.
         if self.sink.stalled() and not self.sink.abort() and self._writer is not None:
@@ -231,7 +271,7 @@ class Connection:
     def _check(self, seen: int) -> None:
         """The replay's stall watch: a replay that sent nothing for PING_TIMEOUT is dropped as a slow socket."""
         self._watch = None
-        if self._resume is None or not self.active:
+        if self.state is not State.REPLAYING:
             return
         if self._replayed != seen:
             loop = asyncio.get_running_loop()
@@ -242,9 +282,9 @@ class Connection:
             "slow consumer: user %s's resume sent nothing for %.0f s (PING_TIMEOUT); dropping it",
             self.user_id, self._hub.limits.stall_timeout,
             extra={"event": "slow_consumer", "user_id": self.user_id, "replayed": self._replayed,
-                   "close_code": CLOSE_SLOW_CONSUMER},
+                   "close_code": CloseCode.SLOW_CONSUMER},
         )  # fmt: skip
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: reconnect with since")
+        self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect with since")
         # A peer that took nothing for that long will not read a close frame either: free it now.
         if not self.sink.abort() and self._writer is not None:
             self._writer.cancel()
@@ -261,14 +301,15 @@ class Connection:
             self._beat = None
 
     def _ensure_writer(self) -> None:
-        if self._writer is None and self._started:
+        if self._writer is None and self.state in _WRITING:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
         send = self.sink.send_text
         try:
-            if self._resume is not None:
-                await self._replay(self._resume)
+            since = self._floor
+            if self.state is State.REPLAYING and since is not None:
+                await self._replay(since)
             while True:
                 if self._beat_due:
                     self._beat_due = False
@@ -289,7 +330,7 @@ class Connection:
             raise
         except Exception as exc:  # the peer is gone: any error from the server's send means that
             log.debug("socket of user %s failed while sending: %r", self.user_id, exc)
-            self._hub.drop(self)
+            self.leave()
         finally:
             self._writer = None
 
@@ -300,12 +341,13 @@ class Connection:
         try:
             recovered = await self._replay_pages(since)
         except BrokerUnavailable:
-            self.close(CLOSE_TRY_AGAIN, "broker unavailable: reconnect with since later")
+            self.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable: reconnect with since later")
             return
         finally:
-            self._resume = None
+            if self.state is State.REPLAYING:
+                self._move(State.LIVE)
             self._stop_watch()
-        if self._close is None:
+        if self.state is State.LIVE:
             resume = control_frame(type="resume", recovered=recovered, replayed=self._replayed)
             await self.sink.send_text(resume, None)
 
@@ -314,9 +356,9 @@ class Connection:
         backend, sink, limits = self._hub.backend, self.sink, self._hub.limits
         after, recovered = since, True
         reached: MessageId | None = None  # the newest history entry a page looked at
-        while self._resume is not None:
+        while self.state is State.REPLAYING:
             page = await backend.replay_page(self.user_id, after, limits.send_queue_size, limits.send_queue_bytes)
-            if self._close is not None:
+            if self.state >= State.CLOSING:
                 return False
             recovered = recovered and page.recovered
             stuck = page.last <= after and not page.messages  # a page that moved nowhere: never ask again
@@ -329,15 +371,15 @@ class Connection:
                 # Nothing at or below the floor goes out live: the client has it, or the replay sent it. A
                 # `since` the history does not know (recovered: false) is no floor: from the future, it
                 # would hold back every live message.
-                self._resume = None
+                self._move(State.LIVE)
                 self._floor = (max(since, reached) if reached is not None else since) if recovered else reached
             for message in page.messages:
-                if self._close is not None:
+                if self.state >= State.CLOSING:
                     return False
                 outcome = sink.try_write(message)
-                if outcome == LATER:
+                if outcome == WriteResult.LATER:
                     await sink.send_text(message.text, message.id)  # waits while the peer is slow
-                elif outcome == DEAD:
+                elif outcome == WriteResult.DEAD:
                     raise ConnectionError("the socket is gone")
                 self._replayed += 1
             # One page per turn of the event loop: a replay to a fast peer never waits on a send, and would
@@ -375,7 +417,7 @@ class Hub:
         """Close every socket that is still here (1012) and stop the backend."""
         self.draining = True
         for conn in list(self.connections()):
-            conn.close(CLOSE_GOING_AWAY, "server shutting down: reconnect with since")
+            conn.close(CloseCode.SERVICE_RESTART, "server shutting down: reconnect with since")
         self.started = False
         await self.backend.stop()
 
@@ -385,31 +427,42 @@ class Hub:
 
     # --- listeners -------------------------------------------------------------------------------------
 
+    def session(self, user_id: str, sink: Sink, expires_at: float | None = None) -> Connection:
+        """A listener's whole life with the Hub, for both transports: `async with hub.session(...) as conn:`
+        takes its slot or raises 429/503 (`_admit`), arms its token's expiry, and stops it on the way out."""
+        return Connection(self, user_id, sink, expires_at)
+
     async def attach(self, user_id: str, sink: Sink) -> Connection:
+        """A session entered, for a caller that stops it itself (tests and tools)."""
+        conn = self.session(user_id, sink)
+        await self._admit(conn)
+        return conn
+
+    async def _admit(self, conn: Connection) -> None:
         """Take a slot for a new socket, or raise 429/503; messages queue for it from now on.
 
         The per-user limit holds across the cluster: the backend records the socket and refuses it when the
         user already has MAX_CONNECTIONS_PER_USER on all nodes together.
         """
-        if not self.launched:
-            raise NotStarted()
-        conns = self._users.get(user_id)
-        if conns is not None and len(conns) >= self.limits.max_connections_per_user:
-            raise TooManyConnections(
-                f"user {user_id} already has {len(conns)} open connections, the most allowed "
-                f"(MAX_CONNECTIONS_PER_USER); close one first"
-            )
-        if self._count >= self.limits.max_connections:
-            raise ServerFull("server is full: too many open connections (MAX_CONNECTIONS); retry later")
-        conn = Connection(self, user_id, sink)
-        self._users.setdefault(user_id, set()).add(conn)
-        self._count += 1
+        user_id = conn.user_id
         try:
+            if not self.launched:
+                raise NotStarted()
+            conns = self._users.get(user_id)
+            if conns is not None and len(conns) >= self.limits.max_connections_per_user:
+                raise TooManyConnections(
+                    f"user {user_id} already has {len(conns)} open connections, the most allowed "
+                    f"(MAX_CONNECTIONS_PER_USER); close one first"
+                )
+            if self._count >= self.limits.max_connections:
+                raise ServerFull("server is full: too many open connections (MAX_CONNECTIONS); retry later")
+            self._users.setdefault(user_id, set()).add(conn)
+            self._count += 1
+            conn._move(State.ATTACHED)
             await self.backend.join(user_id, self.limits.max_connections_per_user)
         except BaseException:
-            self.drop(conn)
+            conn._move(State.REFUSED)
             raise
-        return conn
 
     async def listen(self, conn: Connection, since: MessageId | None) -> None:
         """Start delivering to an attached socket; with `since`, replay what it missed first."""
@@ -418,10 +471,11 @@ class Hub:
         conn.start(since)
 
     def drop(self, conn: Connection) -> None:
-        """Forget a socket; safe to call more than once."""
-        if not conn.active:
-            return
-        conn.active = False
+        """Forget a socket without a close frame; safe to call more than once."""
+        conn.leave()
+
+    def _forget(self, conn: Connection) -> None:
+        """Take a socket out of the registry: `Connection._move` calls it once, when the socket leaves."""
         conns = self._users.get(conn.user_id)
         if conns is not None:
             conns.discard(conn)
@@ -431,7 +485,7 @@ class Hub:
         self.backend.left(conn.user_id)
 
     async def disconnect_user(
-        self, user_id: str, code: int = CLOSE_BY_OPERATOR, reason: str = "disconnected by an operator"
+        self, user_id: str, code: int = CloseCode.DISCONNECTED, reason: str = "disconnected by an operator"
     ) -> tuple[int, int]:
         """Close every socket of `user_id` with `code`, on every node: (closed, nodes that did not report)."""
         if not self.launched:
@@ -469,8 +523,7 @@ class Hub:
         if not self.backend.ready():
             raise BrokerUnavailable("broker unavailable: the notification was not sent; retry later")
         started = time.perf_counter()
-        done = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
-        result = PublishResult(done.id, done.sent, done.total, done.lost, done.reached, done.nodes_missing)
+        result = await self.backend.publish(targets, Draft(note.type, note.message, note.data), claim)
         seconds = time.perf_counter() - started
         self.stats.published += 1
         self.stats.observe_fanout(seconds)
@@ -494,14 +547,8 @@ class Hub:
         items = [
             (None if n.user_ids is None else frozenset(n.user_ids), Draft(n.type, n.message, n.data)) for n in notes
         ]
-        done = await self.backend.publish_batch(items, claim)
+        results = await self.backend.publish_batch(items, claim)
         seconds = time.perf_counter() - started
-        results: list[PublishResult | NobodyListening] = [
-            d
-            if isinstance(d, NobodyListening)
-            else PublishResult(d.id, d.sent, d.total, d.lost, d.reached, d.nodes_missing)
-            for d in done
-        ]
         stored = sum(1 for r in results if isinstance(r, PublishResult))
         self.stats.published += stored
         if log.isEnabledFor(logging.INFO):  # one line per batch: a thousand items must not make a thousand lines

@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from diary_ws import __version__
 from diary_ws.messages import MessageId, parse_id
+from diary_ws.protocols import CloseCode
 from diary_ws.validation import USER_ID_RULE, is_user_id
 
 log = logging.getLogger("diary_ws.client")
@@ -48,8 +49,7 @@ MAX_HINT = 60.0  # seconds: a 1012 hint is honoured even above the backoff's cap
 # Closes the client does not undo: the token expired (4001; the same token would be refused, so it is final
 # unless `token` is a callable that can fetch a fresh one) or an operator disconnected this user (4003; log-out
 # or ban). Every other close is reconnected with `since`.
-CLOSE_TOKEN_EXPIRED = 4001
-FINAL_CLOSE_CODES = frozenset({CLOSE_TOKEN_EXPIRED, 4003})
+FINAL_CLOSE_CODES = frozenset({CloseCode.TOKEN_EXPIRED, CloseCode.DISCONNECTED})
 
 # A token, or a function that returns a fresh one (sync or async), called before every handshake.
 TokenSource = str | Callable[[], str | Awaitable[str]]
@@ -111,7 +111,7 @@ def listen_url(base_url: str, user_id: str, query: Mapping[str, str] | None = No
 
 def reconnect_hint(code: int | None, reason: str) -> float | None:
     """The delay, in seconds, that a 1012 close reason asks for; None when it asks for none."""
-    if code != 1012:
+    if code != CloseCode.SERVICE_RESTART:
         return None
     found = _HINT.search(reason)
     return int(found.group(1)) / 1000 if found else None
@@ -276,7 +276,7 @@ class Client:
         if self._closing:
             return
         code, reason = ws.close_code, ws.close_reason or ""
-        if code in FINAL_CLOSE_CODES and not (code == CLOSE_TOKEN_EXPIRED and callable(self._token)):
+        if code in FINAL_CLOSE_CODES and not (code == CloseCode.TOKEN_EXPIRED and callable(self._token)):
             raise Ended(code, reason)
         if time.monotonic() - self._opened >= self.healthy_after:
             self._attempt = 0  # it was a good connection: start the backoff over

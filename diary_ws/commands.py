@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,7 +31,7 @@ import orjson
 from diary_ws.auth import check_hs256_secret
 from diary_ws.client import Client, ClientError
 from diary_ws.sender import DEFAULT_DEADLINE, NoListeners, Refused, Sender, SenderError, Sent, Unavailable
-from diary_ws.settings import SettingError, client_from_env, first_api_key
+from diary_ws.settings import SettingError, TokenSettings, client_from_env, first_api_key, token_from_env
 from diary_ws.settings import base_url as checked_url
 from diary_ws.validation import USER_ID_RULE, is_user_id
 
@@ -231,7 +231,8 @@ def _through_sender(args: argparse.Namespace, call: Callable[[Sender], Any]) -> 
         raise CommandError(f"--timeout must be a number of seconds above 0 (got {args.timeout:g})", EXIT_USAGE)
     url = base_url(args.url)
     try:
-        key = api_key(args.api_key, os.environ)
+        # --api-key, or the first key of DIARY_WS_API_KEY (a comma or newline list, for rotation) or its *_FILE
+        key = args.api_key or first_api_key(os.environ)
     except SettingError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
     try:
@@ -252,11 +253,6 @@ def exit_code(exc: SenderError) -> int:
     if exc.status is None or exc.status < 400 or exc.status in (404, 405):
         return EXIT_USAGE
     return EXIT_REFUSED
-
-
-def api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
-    """--api-key, or the first key of DIARY_WS_API_KEY (a comma or newline list, for rotation) or its *_FILE."""
-    return flag or first_api_key(environ)
 
 
 def _answer_of(sent: Sent) -> dict[str, Any]:
@@ -305,35 +301,21 @@ def token(args: argparse.Namespace) -> int:
         raise CommandError(f"--ttl must be at least 1 second (got {args.ttl})", EXIT_USAGE)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": args.user_id, "iat": now, "exp": now + args.ttl}
-    for claim, name in (("aud", "DIARY_WS_JWT_AUDIENCE"), ("iss", "DIARY_WS_JWT_ISSUER")):
-        if os.environ.get(name):
-            claims[claim] = os.environ[name]
-    print(jwt.encode(claims, jwt_secret(os.environ), algorithm="HS256"))
+    signing = jwt_settings()
+    if signing.audience:
+        claims["aud"] = signing.audience
+    if signing.issuer:
+        claims["iss"] = signing.issuer
+    print(jwt.encode(claims, signing.secret, algorithm="HS256"))
     return EXIT_OK
 
 
-def jwt_secret(environ: Mapping[str, str]) -> str:
-    """The HS256 secret from DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, read directly."""
-    inline, path = (environ.get("DIARY_WS_JWT_SECRET") or "").strip(), environ.get("DIARY_WS_JWT_SECRET_FILE")
-    if inline and path:
-        raise CommandError("set DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, not both", EXIT_USAGE)
-    secret = inline or (_read_secret_file(path, "DIARY_WS_JWT_SECRET_FILE") if path else "")
-    if not secret:
-        raise CommandError(
-            "no JWT secret configured: set DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE (the server's HS256 "
-            "secret); tokens for RS256/ES256 come from whoever holds the private key",
-            EXIT_USAGE,
-        )
-    try:  # the server's own rule, so the command never mints a token the server would refuse to check
-        check_hs256_secret(secret, "DIARY_WS_JWT_SECRET_FILE" if path else "DIARY_WS_JWT_SECRET")
+def jwt_settings() -> TokenSettings:
+    """The signing settings (settings.token_from_env), checked by the server's own rule for HS256 secrets, so
+    the command never mints a token the server would refuse to check."""
+    try:
+        signing = token_from_env(os.environ)
+        check_hs256_secret(signing.secret, signing.source)
     except SettingError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    return secret
-
-
-def _read_secret_file(path: str, name: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read().strip()  # a trailing newline from `echo secret > file` is not part of it
-    except OSError as exc:
-        raise CommandError(f"{name}: cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    return signing

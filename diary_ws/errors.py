@@ -1,11 +1,26 @@
-"""The one family of errors the service answers with; `app` turns each into the JSON error body.
+"""The one family of errors the service answers with, and `error_answer`, the one function that turns any
+error into its JSON answer (every endpoint and the app's error layer call it).
 
 No Starlette here: the broadcaster and the validation helper raise these too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import orjson
+
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+class Answer(NamedTuple):
+    """An HTTP answer before it is sent: status, JSON body, extra headers."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = NO_HEADERS
 
 
 class DiaryWSError(Exception):
@@ -19,6 +34,13 @@ class DiaryWSError(Exception):
         self.headers = headers or {}
         self.extra = extra or {}  # more keys for the JSON body, such as the zero counters of a 404
 
+    @classmethod
+    def of_status(cls, status: int, message: str, headers: dict[str, str] | None = None) -> DiaryWSError:
+        """An error with a status no subclass names: the server's own 400, 414 or 431, Starlette's others."""
+        error = cls(message, headers=headers)
+        error.status_code = status
+        return error
+
     def body(self) -> dict[str, Any]:
         """The JSON error body every error answer has (docs/api.md)."""
         return {"status": "error", "message": self.message, **self.extra}
@@ -28,6 +50,21 @@ class BadRequest(DiaryWSError):
     """Unparsable JSON, bad UTF-8, a bad user id or a bad query."""
 
     status_code = 400
+
+
+class ClientGone(BadRequest):
+    """The sender hung up before its body was complete. Nobody reads this answer (the server drops it); it is
+    sent so that the request counts as a 400, not a 500."""
+
+    def __init__(self) -> None:
+        super().__init__("client disconnected")
+
+
+class InternalError(DiaryWSError):
+    """A bug of ours: the server log has the traceback; the client still gets the JSON error shape."""
+
+    def __init__(self) -> None:
+        super().__init__("internal server error; the server log has the details")
 
 
 class ValidationError(DiaryWSError):
@@ -142,3 +179,13 @@ class SharedInMemory(DiaryWSError):
             "in-memory diary-ws, so each would hold only its own listeners and a send would reach some of them. "
             "Run one worker, or set BROKER_URL (DIARY_WS_BROKER_URL) to redis://... for several"
         )
+
+
+SERVER_ERROR = Answer(500, orjson.dumps(InternalError().body()))
+
+
+def error_answer(exc: BaseException) -> Answer:
+    """The JSON answer to `exc`: its own status, body and headers for one of ours, the 500 for anything else."""
+    if isinstance(exc, DiaryWSError):
+        return Answer(exc.status_code, orjson.dumps(exc.body()), exc.headers)
+    return SERVER_ERROR

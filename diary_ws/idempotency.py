@@ -25,33 +25,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
 
 import orjson
 
 from diary_ws.deadline import REQUEST_SECONDS
-from diary_ws.errors import BadRequest, Conflict, DiaryWSError, ValidationError
+from diary_ws.errors import Answer, BadRequest, Conflict, DiaryWSError, ValidationError
+from diary_ws.protocols import Claim, Idempotency, SharedStore
 from diary_ws.validation import Notification
 
 HEADER = "Idempotency-Key"
 MAX_ENTRIES = 10_000
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """The first request's answer, replayed as it was."""
-
-    status: int
-    body: bytes
-
-
-class Claim(NamedTuple):
-    """An Idempotency-Key a publish carries to the backend: Redis records it in the step that stores the message."""
-
-    key: str
-    fingerprint: str  # hex: the notification's meaning (see `fingerprint`)
-    ttl: float  # seconds the key is kept
 
 
 @dataclass(slots=True)
@@ -136,33 +120,6 @@ class IdempotencyCache:
             entries.popitem(last=False)
 
 
-class SharedKeys(Protocol):
-    """Idempotency keys every node shares (the Redis backend)."""
-
-    async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
-        """("first", 0, "") | ("busy", 0, "") | ("other", 0, "") | ("done", status, body) |
-        ("stale", live nodes, id): stored over `busy_ttl` seconds ago and never answered."""
-        ...
-
-    async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None:
-        """Keep the first answer for `ttl` seconds (if the key is still waiting for one)."""
-        ...
-
-    async def idem_abandon(self, key: str) -> None:
-        """Forget the key if no message was stored under it."""
-        ...
-
-
-class Idempotency(Protocol):
-    """What the publish route needs: `IdempotencyCache`'s three steps, awaitable, and the claim for the
-    backend (None when the key is kept in this process)."""
-
-    async def begin(self, key: str, print_: bytes) -> Answer | None: ...
-    def claim(self, key: str, print_: bytes) -> Claim | None: ...
-    async def finish(self, key: str, answer: Answer) -> None: ...
-    async def abandon(self, key: str) -> None: ...
-
-
 class LocalIdempotency:
     """This process's IdempotencyCache behind the awaitable interface."""
 
@@ -196,7 +153,7 @@ class SharedIdempotency:
     from its answer rather than from its first use.
     """
 
-    def __init__(self, ttl: float, store: SharedKeys) -> None:
+    def __init__(self, ttl: float, store: SharedStore) -> None:
         self.ttl = ttl
         self.store = store
 
@@ -261,6 +218,6 @@ def _stale_batch(marks: list[str], nodes: int) -> bytes:
     return orjson.dumps({"status": "success", "results": results, "failed": marks.count("-")})
 
 
-def for_app(ttl: float, shared: SharedKeys | None) -> Idempotency:
+def for_app(ttl: float, shared: SharedStore | None) -> Idempotency:
     """The idempotency keys for an app: in this process, or shared by the cluster."""
     return LocalIdempotency(IdempotencyCache(ttl)) if shared is None else SharedIdempotency(ttl, shared)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import os
 import platform
@@ -25,7 +26,6 @@ from typing import Any, NamedTuple
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diary_ws import __version__
 from diary_ws.broadcaster import Hub
@@ -303,39 +303,8 @@ class Metrics:
                 self.ring.append(self.sample())
 
 
-class RequestMetrics:
-    """Raw ASGI middleware: counts HTTP requests by route template and status, so raw paths never become labels.
-
-    Starlette's router records the matched route in `scope["route"]` (the dict we passed down), so after
-    the call it names the template, `/api/v1/ws/status`, with no root_path and no path parameters.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-        self._labels: dict[str, str] = {}  # one entry per route template, so it stays as small as the table
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # what Starlette's outer error middleware answers if the app raises before it responds
-
-        async def record_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None)
-            self.metrics.request(scope["method"], self._label(route) if isinstance(route, str) else UNMATCHED, status)
-
-    def _label(self, path: str) -> str:
-        """`/api/v1/sse/{user_id:anything}` -> `/api/v1/sse/{user_id}`, worked out once per route."""
-        label = self._labels.get(path)
-        if label is None:
-            label = self._labels[path] = re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
-        return label
+@functools.cache
+def route_label(template: str) -> str:
+    """`/api/v1/sse/{user_id:anything}` -> `/api/v1/sse/{user_id}`: the route's template as a label, worked out
+    once per route (the templates are ours, so the cache is as small as the route table)."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", template)

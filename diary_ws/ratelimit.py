@@ -14,9 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from diary_ws.errors import RateLimited, ValidationError
+from diary_ws.protocols import SharedStore
 from diary_ws.settings import rate_parts
 
 MAX_BUCKETS = 50_000  # about 150 bytes each: a few MB at most
@@ -62,14 +62,6 @@ class Verdict:
         return found
 
 
-class SharedBuckets(Protocol):
-    """Buckets every node shares (the Redis backend): the same token bucket, kept in one place."""
-
-    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]:
-        """Take `cost` tokens from `bucket` if it has them all: (taken, whole and partial tokens left)."""
-        ...
-
-
 class RateLimiter:
     """Buckets by key, for one Rate. Kept on `app.state`; one event loop uses it, so it needs no lock.
 
@@ -85,7 +77,7 @@ class RateLimiter:
         max_buckets: int = MAX_BUCKETS,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
-        shared: SharedBuckets | None = None,
+        shared: SharedStore | None = None,
     ) -> None:
         self.rate = rate
         self.max_buckets = max_buckets
@@ -95,7 +87,7 @@ class RateLimiter:
         self.shared = shared
 
     @classmethod
-    def from_setting(cls, text: str | None, name: str = "", shared: SharedBuckets | None = None) -> RateLimiter | None:
+    def from_setting(cls, text: str | None, name: str = "", shared: SharedStore | None = None) -> RateLimiter | None:
         """A limiter for a RATE_LIMIT-style setting; None when the setting is unset."""
         return None if text is None else cls(Rate.parse(text), name=name, shared=shared)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, cast
 
 import orjson
 from starlette.convertors import Convertor, register_url_convertor
@@ -17,28 +17,31 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from diary_ws import deadline, idempotency
-from diary_ws.admission import admit_listener, close_when_expired
+from diary_ws.admission import admit_listener
 from diary_ws.auth import Security, client_address
-from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER, Connection, Hub, PublishResult
+from diary_ws.broadcaster import Connection, Hub, State
 from diary_ws.browser_client import client_script, cors_send
 from diary_ws.console import console, overview
 from diary_ws.errors import (
+    Answer,
     BadRequest,
     BrokerUnavailable,
+    ClientGone,
     DiaryWSError,
     NotFound,
     OutcomeUnknown,
     PayloadTooLarge,
     ServerFull,
     ValidationError,
+    error_answer,
 )
-from diary_ws.idempotency import Claim
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
 from diary_ws.metrics import CONTENT_TYPE, Metrics
 from diary_ws.openapi import openapi_document
+from diary_ws.protocols import Claim, CloseCode, Idempotency, PublishResult, SocketControl, StreamControl, WriteResult
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
-from diary_ws.sse import STREAM_EXTENSION, SseSink, StreamControl, until_ended
+from diary_ws.sse import STREAM_EXTENSION, SseSink, until_ended
 from diary_ws.validation import (
     Batch,
     ListenQuery,
@@ -61,8 +64,9 @@ def json_response(body: dict[str, Any], status_code: int = 200, headers: dict[st
 
 
 def error_response(exc: DiaryWSError) -> Response:
-    """The JSON error body (docs/api.md) with the error's status."""
-    return json_response(exc.body(), exc.status_code, exc.headers)
+    """`errors.error_answer` as a Starlette Response, for the endpoints that are functions."""
+    status, body, headers = error_answer(exc)
+    return Response(body, status, dict(headers), media_type="application/json")
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------
@@ -71,21 +75,12 @@ def error_response(exc: DiaryWSError) -> Response:
 NOTIFY_ROUTE = f"{API}/notification"
 BATCH_ROUTE = f"{API}/notifications"
 LISTEN_PREFIX = f"{API}/"  # every WebSocket path under it is a listener's, valid user id or not
-SERVER_ERROR = orjson.dumps({"status": "error", "message": "internal server error; the server log has the details"})
 _JSON_TYPE = (b"content-type", b"application/json")
 # The request headers the POST reads, picked out of the raw list in one pass (first one wins, as Starlette's).
 _WANTED = frozenset((b"authorization", b"x-api-key", b"idempotency-key", b"content-type", b"content-length"))
 
 
-# An answer before it is sent: status, JSON body, extra headers.
-Answer = tuple[int, bytes, dict[str, str]]
-
-
-class ClientGone(Exception):
-    """The sender hung up before its body was complete."""
-
-
-async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+async def send_json(send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
     """One JSON answer as two ASGI messages, without building a Starlette Response."""
     raw = [(b"content-length", str(len(body)).encode()), _JSON_TYPE]
     if headers:
@@ -97,29 +92,21 @@ async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str
 class Notify:
     """POST /api/v1/ws/notification, the route a busy back end calls thousands of times a second.
 
-    Raw ASGI: it skips Starlette's Request and Response objects and reads the five headers it needs in one
-    pass over the list. `app.DiaryApp` calls `respond` straight from the top of the app, past the router and
-    the middleware stack, when nothing but our own metrics middleware is in it.
+    Raw ASGI (Starlette calls a class instance as an ASGI app): it skips Starlette's Request and Response
+    objects and reads the five headers it needs in one pass over the list. An exception that escapes it has
+    sent nothing: `app.Front` answers it with the JSON 500.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.respond(scope, receive, send)
-
-    async def respond(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """Answer one POST; returns the status sent. An exception that escapes has sent nothing."""
         started = time.perf_counter()
         try:
-            status, body, headers = await self._handle(scope, receive)
-            if status == 200:
+            answer = await self._handle(scope, receive)
+            if answer.status == 200:
                 metrics: Metrics = scope["app"].state.metrics
                 metrics.observe_http_publish(time.perf_counter() - started)
         except DiaryWSError as exc:
-            status, body, headers = exc.status_code, orjson.dumps(exc.body()), exc.headers
-        except ClientGone:
-            # Nobody reads this answer (uvicorn drops it); it is sent so the request counts as a 400, not a 500.
-            status, body, headers = 400, orjson.dumps({"status": "error", "message": "client disconnected"}), None
-        await send_json(send, status, body, headers)
-        return status
+            answer = error_answer(exc)
+        await send_json(send, *answer)
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
         # One deadline for every broker call of this request (rate limit, idempotency key, publish), and a
@@ -172,7 +159,7 @@ def backstop(hub: Hub) -> float | None:
 
 
 async def publish_once(
-    cache: idempotency.Idempotency,
+    cache: Idempotency,
     key: str,
     print_: bytes,
     run: Callable[[Claim | None], Awaitable[Answer]],
@@ -184,19 +171,19 @@ async def publish_once(
     """
     first = await cache.begin(key, print_)
     if first is not None:
-        return first.status, first.body, {**headers, "Idempotent-Replayed": "true"}
+        return Answer(first.status, first.body, {**headers, "Idempotent-Replayed": "true"})
     try:
-        status, body, headers = await run(cache.claim(key, print_))
+        answer = await run(cache.claim(key, print_))
     except BaseException:  # 404, 503, a cancelled request: the key is free for a retry (unless a message is stored)
         await cache.abandon(key)
         raise
-    await cache.finish(key, idempotency.Answer(status, body))
-    return status, body, headers
+    await cache.finish(key, Answer(answer.status, answer.body))
+    return answer
 
 
 async def publish(hub: Hub, note: Notification, headers: dict[str, str], claim: Claim | None = None) -> Answer:
     """Publish and answer with the guide's fields plus `id`."""
-    return 200, orjson.dumps(sent_answer(await hub.publish(note, claim))), headers
+    return Answer(200, orjson.dumps(sent_answer(await hub.publish(note, claim))), headers)
 
 
 def sent_answer(result: PublishResult) -> dict[str, Any]:
@@ -223,12 +210,10 @@ class NotifyMany:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            status, body, headers = await self._handle(scope, receive)
+            answer = await self._handle(scope, receive)
         except DiaryWSError as exc:
-            status, body, headers = exc.status_code, orjson.dumps(exc.body()), exc.headers
-        except ClientGone:
-            status, body, headers = 400, orjson.dumps({"status": "error", "message": "client disconnected"}), None
-        await send_json(send, status, body, headers)
+            answer = error_answer(exc)
+        await send_json(send, *answer)
 
     async def _handle(self, scope: Scope, receive: Receive) -> Answer:
         # As for one notification: one deadline for every broker call, and a backstop past which it is a 504.
@@ -259,7 +244,7 @@ class NotifyMany:
             return await run(None)
         # The limit is taken inside the keyed run: a replay of a batch (a retry after a 504) costs no tokens.
         status, body, headers = await publish_once(state.idempotency, key, batch.fingerprint, run, {})
-        return status, with_invalid_items(body, batch) if "Idempotent-Replayed" in headers else body, headers
+        return Answer(status, with_invalid_items(body, batch) if "Idempotent-Replayed" in headers else body, headers)
 
 
 async def limit_and_publish(
@@ -296,7 +281,7 @@ async def publish_batch(hub: Hub, batch: Batch, headers: dict[str, str], claim: 
         done = item if isinstance(item, ValidationError) else next(published)
         results.append(sent_answer(done) if isinstance(done, PublishResult) else _item_error(done))
     failed = sum(1 for r in results if r["status"] == "error")
-    return 200, orjson.dumps({"status": "success", "results": results, "failed": failed}), headers
+    return Answer(200, orjson.dumps({"status": "success", "results": results, "failed": failed}), headers)
 
 
 def check_sender(request: Request) -> None:
@@ -414,14 +399,6 @@ async def readyz(request: Request) -> Response:
 # --- WebSocket -------------------------------------------------------------------------------------------
 
 
-class SocketControl(Protocol):
-    """The transport hooks `diary_ws.server` puts in the scope; other ASGI servers have none."""
-
-    def try_write(self, wire: bytes) -> int: ...
-    def stalled(self) -> bool: ...
-    def abort(self) -> None: ...
-
-
 class AsgiSink:
     """Adapts one ASGI WebSocket to the Hub's `Sink`."""
 
@@ -431,8 +408,8 @@ class AsgiSink:
         self._send = send
         self._control = control
 
-    def try_write(self, message: Message) -> int:
-        return LATER if self._control is None else self._control.try_write(message.wire)
+    def try_write(self, message: Message) -> WriteResult:
+        return WriteResult.LATER if self._control is None else self._control.try_write(message.wire)
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._send({"type": "websocket.send", "text": text})
@@ -453,37 +430,51 @@ class AsgiSink:
         return True
 
 
+# What Starlette's accept() sends.
+ACCEPT: dict[str, Any] = {
+    "type": "websocket.accept",
+    "subprotocol": None,
+    "headers": [],
+}  # what Starlette's accept() sends
+
+
 class Listen:
-    """WebSocket /api/v1/ws/{user_id}: receive-only. A raw ASGI app, so each frame skips a wrapper layer."""
+    """WebSocket /api/v1/ws/{user_id}: receive-only.
+
+    Raw ASGI, with no Starlette WebSocket wrapper: everything a handler holds lives as long as its socket, and
+    Python's full garbage collections walk it, at every one of 10,000 sockets.
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        websocket = WebSocket(scope, receive, send)
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
-        try:
-            admission = await admit_listener(scope)
-            conn = await hub.attach(
-                admission.user_id, AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
-            )
-        except DiaryWSError as exc:
-            await websocket.send_denial_response(error_response(exc))
-            scope["app"].state.metrics.refused(exc.status_code)
-            return
-        expiry = close_when_expired(conn, admission.expires_at)
-        code = 1006  # the handler failed before the peer's disconnect reached it
         metrics: Metrics = scope["app"].state.metrics
+        conn: Connection | None = None
+        code: int = CloseCode.ABNORMAL  # the handler failed before the peer's disconnect reached it
         try:
-            await websocket.accept()
-            metrics.accepted_handshake("websocket")
-            await hub.listen(conn, admission.query.since)
-            if admission.query.heartbeat is not None:
-                conn.heartbeat_every(admission.query.heartbeat)
-            code = await read_and_discard(receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            await conn.stop()
-            metrics.closed(code)
+            admission = await admit_listener(scope)  # 400, 401, 403, 429: before the upgrade
+            sink = AsgiSink(send, scope.get("extensions", {}).get(SOCKET_EXTENSION))
+            conn = hub.session(admission.user_id, sink, admission.expires_at)
+            since, heartbeat = admission.query.since, admission.query.heartbeat
+            del admission  # this frame lives as long as the socket, which needs none of it
+            async with conn:  # the Hub's limits (429, 503), then the socket's whole life
+                try:
+                    await receive()  # websocket.connect, which the server sends first
+                    await send(ACCEPT)
+                    metrics.accepted_handshake("websocket")
+                    await hub.listen(conn, since)
+                    if heartbeat is not None:
+                        conn.heartbeat_every(heartbeat)
+                    code = await read_and_discard(
+                        receive, conn, settings.max_incoming_bytes, settings.max_incoming_rate
+                    )
+                finally:
+                    metrics.closed(code)
+        except DiaryWSError as exc:
+            if conn is not None and conn.state is not State.REFUSED:
+                raise  # no refusal: nothing after the upgrade raises one
+            await WebSocket(scope, receive, send).send_denial_response(error_response(exc))
+            metrics.refused(exc.status_code)
 
 
 async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, max_rate: float) -> int:
@@ -491,25 +482,28 @@ async def read_and_discard(receive: Receive, conn: Connection, max_bytes: int, m
 
     Returns the close code the connection ended with (ours when we closed it, the peer's otherwise).
     """
-    clock = asyncio.get_running_loop().time
-    tokens, last = max_rate, clock()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
+    loop = asyncio.get_running_loop()  # not its bound `time`: that would be one more object per socket
+    tokens, last = max_rate, loop.time()  # a token bucket: bursts of up to `max_rate` frames, `max_rate` a second
     closing = False
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            code: int = message.get("code", 1005)
+            code: int = message.get("code", CloseCode.NO_STATUS)
             return code
         if closing or message["type"] != "websocket.receive":
             continue  # after our close frame we only wait for the disconnect
         size = len(message.get("bytes") or b"") or len((message.get("text") or "").encode())
-        now = clock()
+        now = loop.time()
         tokens = min(max_rate, tokens + (now - last) * max_rate) - 1
         last = now
         if size > max_bytes:
-            conn.close(1009, f"frame too big: at most {max_bytes} bytes")
+            conn.close(CloseCode.MESSAGE_TOO_BIG, f"frame too big: at most {max_bytes} bytes")
             closing = True
         elif tokens < 0:
-            conn.close(1008, f"too many frames: at most {max_rate:g} a second; this socket is receive-only")
+            conn.close(
+                CloseCode.POLICY_VIOLATION,
+                f"too many frames: at most {max_rate:g} a second; this socket is receive-only",
+            )
             closing = True
 
 
@@ -528,32 +522,32 @@ class Stream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub: Hub = scope["app"].state.hub
         settings: Settings = scope["app"].state.settings
+        metrics: Metrics = scope["app"].state.metrics
         send = cors_send(scope, send)  # the browser client's fallback may stream to a page on another origin
         control: StreamControl | None = scope.get("extensions", {}).get(STREAM_EXTENSION)
         sink = SseSink(send, control)
+        conn: Connection | None = None
         try:
             admission = await admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
-            conn = await hub.attach(admission.user_id, sink)
+            conn = hub.session(admission.user_id, sink, admission.expires_at)
+            async with conn:  # the Hub's limits (429, 503), then the stream's whole life
+                # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
+                if control is not None:
+                    control.on_shutdown(lambda: conn.close(CloseCode.SERVICE_RESTART, "server restarting"))
+                try:
+                    await sink.open()
+                    metrics.accepted_handshake("sse")
+                    await hub.listen(conn, admission.query.since)
+                    conn.heartbeat_every(settings.ping_interval)
+                    await until_ended(receive, sink)
+                finally:
+                    if control is not None:
+                        control.on_shutdown(None)
         except DiaryWSError as exc:
-            await error_response(exc)(scope, receive, send)  # before the stream starts: a plain JSON answer
-            scope["app"].state.metrics.refused(exc.status_code, "sse")
-            return
-        expiry = close_when_expired(conn, admission.expires_at)
-        # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first
-        if control is not None:
-            control.on_shutdown(lambda: conn.close(CLOSE_GOING_AWAY, "server restarting"))
-        try:
-            await sink.open()
-            scope["app"].state.metrics.accepted_handshake("sse")
-            await hub.listen(conn, admission.query.since)
-            conn.heartbeat_every(settings.ping_interval)
-            await until_ended(receive, sink)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            if control is not None:
-                control.on_shutdown(None)
-            await conn.stop()
+            if conn is not None and conn.state is not State.REFUSED:
+                raise  # no refusal: nothing after the stream starts raises one
+            await send_json(send, *error_answer(exc))  # before the stream starts: a plain JSON answer
+            metrics.refused(exc.status_code, "sse")
 
 
 async def unknown_socket(websocket: WebSocket) -> None:
@@ -594,11 +588,31 @@ class UserConvertor(AnythingConvertor):
 register_url_convertor("user", UserConvertor())
 
 
+class AsgiRoute(Route):
+    """A `Route` to a raw ASGI endpoint whose `handle` has no frame of its own when the method matches: it
+    returns the endpoint's coroutine for the router to await (one coroutine less per request on the POST
+    a busy back end sends thousands of times a second). Any other method gets Starlette's own 405."""
+
+    def handle(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        if self.methods and scope["method"] not in self.methods:
+            return super().handle(scope, receive, send)
+        return cast(Coroutine[Any, Any, None], self.app(scope, receive, send))
+
+
+class SocketRoute(WebSocketRoute):
+    """A `WebSocketRoute` whose `handle` has no frame of its own: it returns the endpoint's coroutine for the
+    router to await. A socket's await chain lives as long as the socket, and Python's full garbage
+    collections walk every object in it, at every one of 10,000 sockets: one coroutine less each."""
+
+    def handle(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        return cast(Coroutine[Any, Any, None], self.app(scope, receive, send))
+
+
 def routes() -> list[BaseRoute]:
     """Every route of the service, in match order."""
     return [
-        Route(NOTIFY_ROUTE, Notify(), methods=["POST"]),
-        Route(BATCH_ROUTE, NotifyMany(), methods=["POST"]),
+        AsgiRoute(NOTIFY_ROUTE, Notify(), methods=["POST"]),
+        AsgiRoute(BATCH_ROUTE, NotifyMany(), methods=["POST"]),
         Route(f"{API}/status", status, methods=["GET"]),
         # `anything`, so that a user id with a / (or an empty one) gets the documented 400, not a 404.
         Route(f"{API}/users/{{user_id:anything}}/connections", disconnect, methods=["DELETE"]),
@@ -613,7 +627,7 @@ def routes() -> list[BaseRoute]:
         Route(f"{API}/client.js", client_script, methods=["GET"]),  # HTTP only: a WebSocket here is user client.js
         # `anything` so that /api/v1/ws/a/b or a%0Ab reaches the user-id check and gets its 400, not the
         # empty 403 of an unmatched WebSocket (Starlette's `path` convertor stops at a newline).
-        Route(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
-        WebSocketRoute(LISTEN_PREFIX + "{user_id:anything}", Listen()),
+        AsgiRoute(SSE + "/{user_id:anything}", Stream(), methods=["GET"]),
+        SocketRoute(LISTEN_PREFIX + "{user_id:anything}", Listen()),
         WebSocketRoute("/{path:anything}", unknown_socket),
     ]

@@ -527,3 +527,37 @@ def first_api_key(environ: Mapping[str, str]) -> str | None:
             raise SettingError(env_name("api_key_file"), f"cannot be read: {path}: {exc.strerror}") from None
     listed = [key.strip() for key in re.split(r"[,\n]", keys or "") if key.strip()]  # as the server splits them
     return listed[0] if listed else None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """What `diary-ws token` signs with: the server's HS256 secret, the variable it came from, aud and iss."""
+
+    secret: str
+    source: str  # DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, for messages about the secret
+    audience: str | None = None
+    issuer: str | None = None
+
+
+def token_from_env(environ: Mapping[str, str]) -> TokenSettings:
+    """The HS256 secret from DIARY_WS_JWT_SECRET or DIARY_WS_JWT_SECRET_FILE, and DIARY_WS_JWT_AUDIENCE and
+    DIARY_WS_JWT_ISSUER when they are set; SettingError when there is no secret, or two."""
+    inline_name, file_name = env_name("jwt_secret"), env_name("jwt_secret_file")
+    inline, path = (environ.get(inline_name) or "").strip(), environ.get(file_name)
+    if inline and path:
+        raise SettingError(inline_name, f"or {file_name}: set one, not both")
+    secret = inline
+    if not inline and path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                secret = handle.read().strip()  # a trailing newline from `echo secret > file` is not part of it
+        except OSError as exc:
+            raise SettingError(file_name, f"cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise SettingError(
+            inline_name,
+            f"or {file_name} must be set: no JWT secret configured (the server's HS256 secret); tokens for "
+            "RS256/ES256 come from whoever holds the private key",
+        )
+    audience, issuer = environ.get(env_name("jwt_audience")) or None, environ.get(env_name("jwt_issuer")) or None
+    return TokenSettings(secret, file_name if path else inline_name, audience, issuer)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
-from typing import Protocol
 
 from starlette.types import Receive, Send
 
-from diary_ws.broadcaster import CLOSE_GOING_AWAY, LATER
 from diary_ws.messages import Message, MessageId
+from diary_ws.protocols import CloseCode, StreamControl, WriteResult
 
 STREAM_EXTENSION = "diary_ws.stream"  # offered by diary_ws.server's uvicorn HTTP protocol
 HEADERS = [
@@ -24,15 +22,6 @@ HEADERS = [
     (b"x-accel-buffering", b"no"),  # nginx would otherwise buffer the stream and deliver it late, in lumps
 ]
 PING = b": ping\n\n"
-
-
-class StreamControl(Protocol):
-    """The transport hooks `diary_ws.server` puts in an HTTP scope; other ASGI servers have none."""
-
-    def try_write(self, chunk: bytes) -> int: ...
-    def stalled(self) -> bool: ...
-    def abort(self) -> None: ...
-    def on_shutdown(self, callback: Callable[[], None] | None) -> None: ...
 
 
 def event(text: str, msg_id: MessageId | None) -> bytes:
@@ -57,7 +46,7 @@ def farewell(code: int, reason: str) -> bytes:
     On a restart, `retry:` also sets the browser's reconnect delay, jittered as in the WebSocket's 1012
     reason, so that clients do not all come back at the same instant.
     """
-    if code == CLOSE_GOING_AWAY:
+    if code == CloseCode.SERVICE_RESTART:
         delay_ms = random.randint(500, 5000)
         return f"retry: {delay_ms}\n: closed ({code}): server restarting: reconnect after {delay_ms} ms\n\n".encode()
     return f": closed ({code}): {reason}\n\n".encode()
@@ -77,11 +66,11 @@ class SseSink:
         """Send the status line and headers: from here on, the client is listening."""
         await self._send({"type": "http.response.start", "status": 200, "headers": HEADERS})
 
-    def try_write(self, message: Message) -> int:
+    def try_write(self, message: Message) -> WriteResult:
         # As a WebSocket frame is: straight onto the transport when it takes bytes now. Without diary-ws's
         # own server there is no raw transport, and the Hub's writer task sends it through ASGI.
         control = self._control
-        return LATER if control is None else control.try_write(chunk_of(message))
+        return WriteResult.LATER if control is None else control.try_write(chunk_of(message))
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self._body(event(text, msg_id))

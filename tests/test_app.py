@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from diary_ws import Settings, create_app
-from diary_ws.app import DiaryApp
+from diary_ws.app import Front
 from tests.utils import serve_in_process
 
 
@@ -93,8 +93,8 @@ async def test_an_unexpected_error_still_answers_the_json_error_shape() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_bug_behind_the_notification_shortcut_still_answers_the_json_500() -> None:
-    """The POST skips Starlette's error middleware (app.DiaryApp): the shortcut must answer as it would."""
+async def test_a_bug_in_a_raw_asgi_endpoint_answers_the_json_500_and_is_counted() -> None:
+    """The POST's endpoint is raw ASGI: a bug that escapes it is answered by `app.Front`, as any endpoint's."""
     app = create_app()
 
     async def boom(note: object) -> None:
@@ -123,83 +123,101 @@ class Recorder:
         await self.app(scope, receive, send)
 
 
-POSTS: list[tuple[dict[str, str], bytes]] = [
-    ({"content-type": "application/json"}, b'{"message": "to alice", "user_ids": ["alice"]}'),
-    ({"content-type": "application/json"}, b'{"message": "to nobody", "user_ids": ["zed"]}'),
-    ({"content-type": "application/json"}, b'{"message": "a typo", "usr_ids": ["alice"]}'),
-    ({"content-type": "application/json"}, b'{"message": '),
-    ({"content-type": "text/plain"}, b"hello"),
-    ({"content-type": "application/json", "idempotency-key": "k" * 256}, b'{"message": "hi"}'),
-    ({"content-type": "application/json"}, b'{"message": "' + b"x" * 300_000 + b'"}'),
+POSTS: list[tuple[dict[str, str], bytes, int, str]] = [
+    ({"content-type": "application/json"}, b'{"message": "to alice", "user_ids": ["alice"]}', 200, "Notification sent"),
+    ({"content-type": "application/json"}, b'{"message": "to nobody", "user_ids": ["zed"]}', 404, "No active conn"),
+    ({"content-type": "application/json"}, b'{"message": "a typo", "usr_ids": ["alice"]}', 422, "usr_ids"),
+    ({"content-type": "application/json"}, b'{"message": ', 400, "JSON"),
+    ({"content-type": "text/plain"}, b"hello", 415, "Content-Type"),
+    ({"content-type": "application/json", "idempotency-key": "k" * 256}, b'{"message": "hi"}', 400, "Idempotency"),
+    ({"content-type": "application/json"}, b'{"message": "' + b"x" * 300_000 + b'"}', 413, "MAX_BODY_BYTES"),
 ]
 
 
 @pytest.mark.anyio
-async def test_the_notification_shortcut_answers_exactly_as_the_whole_stack() -> None:
-    """One app takes the shortcut; the other has a host's middleware, so every POST goes through Starlette.
-
-    The answers must be the same, byte for byte but the message id, and the host's middleware sees the POSTs.
-    """
+async def test_every_post_takes_the_one_path_through_a_hosts_middleware() -> None:
+    """A host's middleware sees every POST; each is answered and counted by its route, whatever its outcome."""
     seen: list[tuple[str, str]] = []
-    plain, hosted = create_app(), create_app()
-    hosted.add_middleware(Recorder, seen=seen)
-    answers: list[list[tuple[int, dict[str, Any], str]]] = []
-    for app in (plain, hosted):
-        async with (
-            serve_in_process(app) as base,
-            httpx.AsyncClient(timeout=10) as http,
-            connect(f"ws://{base}/api/v1/ws/alice") as ws,
-        ):
-            got = []
-            for headers, body in POSTS:
-                answer = await http.post(f"http://{base}/api/v1/ws/notification", content=body, headers=headers)
-                doc = answer.json()
-                doc.pop("id", None)
-                kept = {k: v for k, v in answer.headers.items() if k not in ("date", "server")}
-                got.append((answer.status_code, kept, orjson.dumps(doc).decode()))
-            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "to alice"
-        answers.append(got)
-    assert [status for status, _, _ in answers[0]] == [200, 404, 422, 400, 415, 400, 413]
-    assert answers[0] == answers[1]
+    app = create_app()
+    app.add_middleware(Recorder, seen=seen)
+    async with (
+        serve_in_process(app) as base,
+        httpx.AsyncClient(timeout=10) as http,
+        connect(f"ws://{base}/api/v1/ws/alice") as ws,
+    ):
+        for headers, body, status, words in POSTS:
+            answer = await http.post(f"http://{base}/api/v1/ws/notification", content=body, headers=headers)
+            assert (answer.status_code, answer.headers["content-type"]) == (status, "application/json"), body[:40]
+            assert words.lower() in answer.json()["message"].lower(), answer.json()
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["message"] == "to alice"
+        exposition = (await http.get(f"http://{base}/metrics")).text
     assert seen.count(("POST", "/api/v1/ws/notification")) == len(POSTS)
-    assert isinstance(plain, DiaryApp)
-    assert isinstance(hosted, DiaryApp)
-    assert plain._shortcuts is not None  # the shortcuts were on for the plain app, and off for the hosted one
-    assert hosted._shortcuts is None
+    for status in {s for _, _, s, _ in POSTS}:
+        assert f'method="POST",route="/api/v1/ws/notification",status="{status}"' in exposition
+
+
+@pytest.mark.anyio
+async def test_the_routers_404_and_405_are_json_and_counted_as_such() -> None:
+    app = create_app()
+    async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+        missing = await http.get(f"http://{base}/api/v1/ws/alice")
+        wrong = await http.get(f"http://{base}/api/v1/ws/notification")
+        exposition = (await http.get(f"http://{base}/metrics")).text
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "status": "error",
+        "message": "no route for GET /api/v1/ws/alice: WebSocket endpoints need a WebSocket client",
+    }
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["message"] == "GET /api/v1/ws/notification is not allowed; use POST"
+    assert 'method="GET",route="unmatched",status="404"' in exposition
+    assert 'method="GET",route="/api/v1/ws/notification",status="405"' in exposition
 
 
 LISTENS = [
-    ("alice", ""),  # accepted
-    ("a%20b", ""),  # bad user id: 400
-    ("", ""),  # empty user id: 400
-    ("alice", "?since=abc"),  # bad since: 400
-    ("alice", "?heartbeat=0"),  # bad heartbeat: 400
-    ("alice", "?since=0-0"),  # accepted, with a resume frame
+    ("alice", "", None),  # accepted
+    ("a%20b", "", 400),  # bad user id
+    ("", "", 400),  # empty user id
+    ("alice", "?since=abc", 400),  # bad since
+    ("alice", "?heartbeat=0", 400),  # bad heartbeat
+    ("alice", "?since=0-0", None),  # accepted, with a resume frame
 ]
 
 
 @pytest.mark.anyio
-async def test_the_websocket_shortcut_refuses_and_accepts_exactly_as_the_whole_stack() -> None:
-    """As for the POST: one app takes the WebSocket shortcut, the other goes through a host's middleware."""
+async def test_every_websocket_takes_the_one_path_through_a_hosts_middleware() -> None:
+    """A host's middleware sees every handshake; refusals are JSON, accepted sockets get their frames."""
     seen: list[tuple[str, str]] = []
-    plain, hosted = create_app(), create_app()
-    hosted.add_middleware(Recorder, seen=seen)
-    outcomes: list[list[object]] = []
-    for app in (plain, hosted):
-        got: list[object] = []
-        async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
-            for user, query in LISTENS:
-                try:
-                    async with connect(f"ws://{base}/api/v1/ws/{user}{query}", open_timeout=5) as ws:
-                        note = {"message": f"to {user}", "user_ids": [user]}
-                        assert (await http.post(f"http://{base}/api/v1/ws/notification", json=note)).status_code == 200
-                        frames = [
-                            orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(1 + ("since" in query))
-                        ]
-                        got.append([{k: v for k, v in f.items() if k not in ("id", "sent_at")} for f in frames])
-                except InvalidStatus as refused:
-                    got.append((refused.response.status_code, orjson.loads(refused.response.body or b"{}")))
-        outcomes.append(got)
-    assert [type(o).__name__ for o in outcomes[0]] == ["list", "tuple", "tuple", "tuple", "tuple", "list"]
-    assert outcomes[0] == outcomes[1]
-    assert [p for m, p in seen if m == "WS"] == [f"/api/v1/ws/{unquote(user)}" for user, _ in LISTENS]
+    app = create_app()
+    app.add_middleware(Recorder, seen=seen)
+    async with serve_in_process(app) as base, httpx.AsyncClient(timeout=10) as http:
+        for user, query, refused_with in LISTENS:
+            outcome = await listen_once(base, http, user, query)
+            if refused_with is None:
+                assert isinstance(outcome, list)
+                assert any(f.get("message") == f"to {user}" for f in outcome), outcome
+                assert any(f["type"] == "resume" for f in outcome) == ("since" in query)
+            else:
+                assert outcome == refused_with
+    assert [p for m, p in seen if m == "WS"] == [f"/api/v1/ws/{unquote(user)}" for user, _, _ in LISTENS]
+
+
+async def listen_once(base: str, http: httpx.AsyncClient, user: str, query: str) -> list[dict[str, Any]] | int:
+    """The frames a socket gets for one notification to it, or the status of its JSON refusal."""
+    try:
+        async with connect(f"ws://{base}/api/v1/ws/{user}{query}", open_timeout=5) as ws:
+            note = {"message": f"to {user}", "user_ids": [user]}
+            assert (await http.post(f"http://{base}/api/v1/ws/notification", json=note)).status_code == 200
+            return [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(1 + ("since" in query))]
+    except InvalidStatus as refused:
+        response = refused.response
+    assert orjson.loads(response.body or b"{}")["status"] == "error"
+    return response.status_code
+
+
+def test_the_app_has_one_layer_of_its_own_above_the_router() -> None:
+    app = create_app()
+    stack = app.build_middleware_stack()
+    assert isinstance(stack, Front)
+    assert stack.app == app.router.app  # the router's own stack, which has no middleware

@@ -1,6 +1,6 @@
 """The backend contract, run on both backends: memory, and Redis (a real redis-server on a free port).
 
-The Node here is our own seam (DESIGN: the memory backend is the fake), standing in for the Hub: it records
+The Node here is our own seam (protocols.Node; fakes only for our own seams), standing in for the Hub: it records
 what the backend delivers and holds a presence the test sets.
 """
 
@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sized
 import orjson
 import pytest
 
-from diary_ws.backends import Backend, Counts, backend_for
+from diary_ws.backends import backend_for
 from diary_ws.errors import NobodyListening, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId
+from diary_ws.protocols import Backend, CloseCode, Counts, WriteResult
 from diary_ws.settings import Settings
 from tests.utils import RedisServer, async_wait_until, redis_server
 
@@ -115,7 +116,13 @@ async def test_publish_delivers_once_in_order_with_the_id_in_the_frame(broker_ur
         frame = orjson.loads(node.got[-1].text)
         assert (frame["id"], frame["type"], frame["data"]) == (str(targeted.id), "task.done", {"n": 1})
         assert node.got[-1].targets == frozenset({"bob"})
-        assert (targeted.sent, targeted.total, targeted.lost, targeted.reached, targeted.nodes_missing) == (
+        assert (
+            targeted.sent_count,
+            targeted.total_connections,
+            targeted.disconnected_users,
+            targeted.users_reached,
+            targeted.nodes_missing,
+        ) == (
             1,
             1,
             0,
@@ -209,9 +216,9 @@ async def test_two_redis_nodes_share_one_feed_presence_and_counts(redis: RedisSe
             with pytest.raises(TooManyConnections):
                 await join(first, one, "alice", limit=2)
             done = await second.publish(None, draft("everyone"))
-            assert (done.sent, done.total, done.reached, done.nodes_missing) == (3, 3, 2, 0)
+            assert (done.sent_count, done.total_connections, done.users_reached, done.nodes_missing) == (3, 3, 2, 0)
             only = await first.publish(frozenset({"bob"}), draft("bob"))
-            assert (only.sent, only.reached) == (1, 1)
+            assert (only.sent_count, only.users_reached) == (1, 1)
             await async_wait_until(lambda: len(two.got) == 2, 5, "bob's node to get both")
             assert [m.id for m in two.got] == [done.id, only.id]
             # A targeted message goes to the nodes that hold its users only: the first node never sees bob's.
@@ -273,7 +280,7 @@ async def test_messages_past_the_ttl_are_not_replayed(broker_url: str) -> None:
 @pytest.mark.anyio
 async def test_a_resume_that_meets_a_broker_outage_closes_with_1013() -> None:
     """Redis goes away between the handshake and the history read: the socket is told to come back later."""
-    from diary_ws.broadcaster import CLOSE_TRY_AGAIN, Hub, Limits
+    from diary_ws.broadcaster import Hub, Limits
 
     with redis_server() as server:
         hub = Hub(backend_for(Settings(broker_url=server.url)), Limits(100, 16, 256, 1 << 20))
@@ -286,7 +293,7 @@ async def test_a_resume_that_meets_a_broker_outage_closes_with_1013() -> None:
             await hub.listen(conn, MessageId(1, 0))
             await async_wait_until(lambda: sink.closed is not None, 5, "the close")
             assert sink.closed is not None
-            assert sink.closed[0] == CLOSE_TRY_AGAIN
+            assert sink.closed[0] == CloseCode.TRY_AGAIN_LATER
             assert sink.texts == []  # no resume frame: nothing was read
         finally:
             await hub.stop()
@@ -299,8 +306,8 @@ class ClosingSink:
         self.texts: list[str] = []
         self.closed: tuple[int, str] | None = None
 
-    def try_write(self, message: Message) -> int:
-        return 0  # LATER: everything goes through send_text
+    def try_write(self, message: Message) -> WriteResult:
+        return WriteResult.LATER  # everything goes through send_text
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         self.texts.append(text)

@@ -418,6 +418,7 @@ def test_listeners_do_not_count_as_http_connections() -> None:
         for sock in streams + sockets:
             sock.close()
         assert 503 not in access_statuses(server.log())
+        assert "with 503" not in server.log()  # nor a refusal logged
         assert_bounded_log(server)
 
 

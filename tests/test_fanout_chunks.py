@@ -12,8 +12,9 @@ import asyncio
 import pytest
 
 from diary_ws.backends.memory import MemoryBackend
-from diary_ws.broadcaster import FANOUT_CHUNK, WROTE, Hub, Limits
+from diary_ws.broadcaster import FANOUT_CHUNK, Hub, Limits
 from diary_ws.messages import Message, MessageId
+from diary_ws.protocols import WriteResult
 from diary_ws.validation import Notification
 from tests.utils import async_wait_until
 
@@ -26,9 +27,9 @@ class CountingSink:
     def __init__(self) -> None:
         self.ids: list[MessageId] = []
 
-    def try_write(self, message: Message) -> int:
+    def try_write(self, message: Message) -> WriteResult:
         self.ids.append(message.id)
-        return WROTE
+        return WriteResult.WROTE
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         if msg_id is not None:  # a replayed message; the resume control frame has none

@@ -10,8 +10,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from diary_ws.backends.memory import MemoryBackend
-from diary_ws.broadcaster import LATER, Hub, Limits
+from diary_ws.broadcaster import Hub, Limits
 from diary_ws.messages import HEARTBEAT_FRAME, Message, MessageId
+from diary_ws.protocols import WriteResult
 from diary_ws.validation import Notification
 from tests.utils import Server, async_wait_until, next_frame
 
@@ -92,8 +93,8 @@ class RecordingSink:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    def try_write(self, message: Message) -> int:
-        return LATER
+    def try_write(self, message: Message) -> WriteResult:
+        return WriteResult.LATER
 
     async def send_text(self, text: str, msg_id: MessageId | None) -> None:
         await self.gate.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,44 @@ def test_only_cli_and_the_edge_import_uvicorn() -> None:
     assert {m for m in importers if m != "diary_ws.cli" and not in_edge(m)} == set()
 
 
+def test_only_the_edge_imports_uvicorns_protocols() -> None:
+    # The edge subclasses them and lists every internal it touches (edge/internals.py); nothing else may lean on them.
+    importers = importers_of("uvicorn.protocols")
+    assert importers
+    assert {m for m in importers if not in_edge(m)} == set()
+
+
+def environment_reads(path: Path) -> list[str]:
+    """What in a file reads the environment itself: a DIARY_WS_ name spelled out (what a look-up needs),
+    os.getenv, or os.environ used other than as the argument of a call to one of settings.py's readers."""
+    import diary_ws.settings
+
+    readers = {name for name in dir(diary_ws.settings) if not name.startswith("_")}
+    tree = ast.parse(path.read_text())
+    handed: set[int] = set()  # the os.environ nodes passed straight to a settings reader
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if callee in readers:
+                handed.update(id(arg) for arg in node.args)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"DIARY_WS_\w*", node.value):
+            found.append(f"line {node.lineno}: the name {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in ("getenv", "environb"):
+            found.append(f"line {node.lineno}: os.{node.attr}")
+        elif isinstance(node, ast.Attribute) and node.attr == "environ" and id(node) not in handed:
+            found.append(f"line {node.lineno}: os.environ read here")
+    return found
+
+
+def test_only_settings_reads_the_environment() -> None:
+    """DIARY_WS_* reach the server, the commands and the senders through settings.py only."""
+    readers = {mod: found for mod, found in ((module_name(p), environment_reads(p)) for p in PACKAGE.rglob("*.py"))}
+    assert readers.pop("diary_ws.settings")  # it does read it
+    assert {mod: found for mod, found in readers.items() if found} == {}
+
+
 def test_only_the_redis_backend_imports_redis_py() -> None:
     importers = importers_of("redis")
     assert "diary_ws.backends.redis.client" in importers
@@ -66,6 +105,27 @@ def test_routes_is_imported_only_from_above() -> None:
 def test_nothing_below_imports_the_app_or_the_cli() -> None:
     assert importers_of("diary_ws.cli") == {"diary_ws.__main__"}
     assert importers_of("diary_ws.app") <= {"diary_ws", "diary_ws.cli"}
+
+
+def test_the_protocols_are_a_leaf_every_layer_may_import() -> None:
+    ours = {d for d in MODULES["diary_ws.protocols"] if d.startswith("diary_ws")}
+    assert ours <= {"diary_ws.errors", "diary_ws.messages"}, ours
+    assert not {d for d in MODULES["diary_ws.protocols"] if d.split(".")[0] in ("starlette", "uvicorn", "redis")}
+
+
+def test_each_seam_is_defined_once() -> None:
+    """Every Protocol lives in protocols.py, and no other module declares a class of a seam's name."""
+    defined: dict[str, list[str]] = {}
+    protocols: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                defined.setdefault(node.name, []).append(module_name(path))
+                if any(isinstance(base, ast.Name) and base.id == "Protocol" for base in node.bases):
+                    protocols.add(module_name(path))
+    assert protocols == {"diary_ws.protocols"}
+    for name in ("Sink", "SocketControl", "StreamControl", "SharedStore", "Node", "Backend", "PublishResult", "Answer"):
+        assert defined.get(name, []) == ["diary_ws.errors" if name == "Answer" else "diary_ws.protocols"], name
 
 
 def test_leaf_helpers_import_no_other_layer() -> None:
@@ -118,5 +178,6 @@ def test_security_helpers_are_leaves(leaf: str) -> None:
         "diary_ws.validation",
         "diary_ws.messages",
         "diary_ws.deadline",
+        "diary_ws.protocols",
     }, ours
     assert not {d for d in MODULES[leaf] if d.split(".")[0] in ("starlette", "uvicorn")}

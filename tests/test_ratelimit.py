@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from diary_ws.errors import BadRequest, Conflict, RateLimited, ValidationError
-from diary_ws.idempotency import Answer, IdempotencyCache, check_key, fingerprint
+from diary_ws.errors import Answer, BadRequest, Conflict, RateLimited, ValidationError
+from diary_ws.idempotency import IdempotencyCache, check_key, fingerprint
 from diary_ws.logs import RedactTokens, redact
 from diary_ws.ratelimit import Rate, RateLimiter
 from diary_ws.validation import Notification, parse_notification

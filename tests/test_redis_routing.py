@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_client
 
-from diary_ws.backends import Counts
 from diary_ws.backends.redis import PREFIX, RedisBackend
 from diary_ws.errors import NobodyListening
 from diary_ws.messages import Draft, Message, MessageId
+from diary_ws.protocols import Counts
 from tests.tcp_proxy import tcp_proxy
 from tests.test_backends import RecordingNode, draft, join, started
 from tests.utils import RedisServer, async_wait_until, redis_server
@@ -54,12 +54,12 @@ async def test_a_targeted_message_waits_only_for_the_nodes_that_hold_its_users(r
         await join(third, stuck, "carol")
         # The stuck node holds neither alice nor bob: it is not handed the message and not waited for.
         done = await first.publish(frozenset({"alice", "bob"}), draft("ab"))
-        assert (done.sent, done.reached, done.nodes_missing) == (2, 2, 0)
+        assert (done.sent_count, done.users_reached, done.nodes_missing) == (2, 2, 0)
         assert stuck.handed == 0
         assert [m.id for m in one.got] == [m.id for m in two.got] == [done.id]
         # A broadcast still goes to every node, so the stuck one is waited for and counted missing.
         everyone = await second.publish(None, draft("all"))
-        assert (everyone.sent, everyone.nodes_missing) == (2, 1)
+        assert (everyone.sent_count, everyone.nodes_missing) == (2, 1)
         assert stuck.handed == 1
 
 
@@ -153,7 +153,7 @@ async def test_a_batch_routes_each_item_to_the_nodes_of_its_users(redis: RedisSe
         assert isinstance(nobody, NobodyListening)  # nobody called x is connected
         assert not isinstance(a, NobodyListening)
         assert not isinstance(b, NobodyListening)
-        assert [(a.sent, a.nodes_missing), (b.sent, b.nodes_missing)] == [(1, 0), (1, 0)]
+        assert [(a.sent_count, a.nodes_missing), (b.sent_count, b.nodes_missing)] == [(1, 0), (1, 0)]
         assert stuck.handed == 0
         assert [m.id for m in one.got] == [a.id, b.id]
         assert (await first.connections("alice"), await first.connections("carol")) == (1, 1)
@@ -215,7 +215,7 @@ async def test_a_node_taken_for_dead_closes_its_sockets_even_when_the_heartbeat_
             proxy.lose_answers_to(heartbeat.encode())
             admin.delete(heartbeat)  # as after a pause longer than HEARTBEAT_TTL
             missed = await first.publish(frozenset({"alice"}), draft("missed"))
-            assert missed.sent == 1  # to the first node's socket alone: the second was not routed to
+            assert missed.sent_count == 1  # to the first node's socket alone: the second was not routed to
             await async_wait_until(lambda: admin.exists(heartbeat) == 1, 10, "the unanswered heartbeat to run")
             proxy.lose_answers_to(None)
             after = await first.publish(None, draft("after"))
@@ -238,10 +238,10 @@ async def test_a_socket_that_joins_a_node_taken_for_dead_is_routed_to_and_left_o
         assert isinstance(second, RedisBackend)
         admin.delete(f"{PREFIX}node:{second.node_id}")  # as after a pause longer than HEARTBEAT_TTL
         missed = await first.publish(frozenset({"alice"}), draft("missed"))
-        assert missed.sent == 1
+        assert missed.sent_count == 1
         await join(second, two, "bob")
         to_bob = await first.publish(frozenset({"bob"}), draft("bob"))
-        assert (to_bob.sent, to_bob.nodes_missing) == (1, 0)
+        assert (to_bob.sent_count, to_bob.nodes_missing) == (1, 0)
         await async_wait_until(lambda: to_bob.id in two.held, 10, "bob's message at the second node")
         assert [(user, code) for user, code, _why in two.closed] == [("alice", 1013)]
         assert two.held[to_bob.id] == ["bob"]

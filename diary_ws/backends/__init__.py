@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from diary_ws.backends.base import Backend, Counts, Node, Page, Published, Replay
-from diary_ws.idempotency import Claim
+from diary_ws.protocols import Backend
 from diary_ws.settings import Settings
 
 
@@ -21,6 +20,3 @@ def backend_for(settings: Settings) -> Backend:
             settings.broker_url, settings.history_size, settings.history_ttl, history_bytes=settings.history_bytes
         )
     raise ValueError(f"no backend for {scheme}://")  # Settings refuses other schemes before we get here
-
-
-__all__ = ["Backend", "Claim", "Counts", "Node", "Page", "Published", "Replay", "backend_for"]

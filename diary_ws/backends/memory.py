@@ -7,10 +7,9 @@ import socket
 import time
 from bisect import bisect_right
 
-from diary_ws.backends.base import Node, NodeInfo, Page, Published, Replay
 from diary_ws.errors import NobodyListening
-from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, IdClock, Message, MessageId
+from diary_ws.protocols import Claim, Node, NodeInfo, Page, PublishResult, Replay
 
 # One history entry: (ms, seq, targets, created, wire, offset, cost), the fields of a Message and what the
 # entry counts toward HISTORY_BYTES. A tuple of plain values is something Python's garbage collector stops
@@ -65,7 +64,7 @@ class MemoryBackend:
     def ready(self) -> bool:
         return True
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> PublishResult:
         # The claim is for a shared store: in one process, idempotency.IdempotencyCache has the key already.
         node = self._node
         users = node.presence() if node is not None else {}  # not started: nobody can be listening
@@ -73,12 +72,12 @@ class MemoryBackend:
             raise NobodyListening(targeted=targets is not None)
         message = self._append(targets, draft)
         sent, total, lost, reached, _ = await node.deliver(message, False)  # no await before: id order holds
-        return Published(message.id, sent, total, lost, reached, 0)
+        return PublishResult(message.id, sent, total, lost, reached, 0)
 
     async def publish_batch(
         self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
-    ) -> list[Published | NobodyListening]:
-        done: list[Published | NobodyListening] = []
+    ) -> list[PublishResult | NobodyListening]:
+        done: list[PublishResult | NobodyListening] = []
         for targets, draft in items:
             try:
                 done.append(await self.publish(targets, draft))

@@ -2,7 +2,7 @@
 Server, and a supervisor for several workers that keeps both in each worker.
 
 Like `cli`, the only other module that imports uvicorn, this package is loaded only when diary-ws runs its own
-server; an app embedded elsewhere works without it and just lacks the hooks (see `routes.SocketControl`).
+server; an app embedded elsewhere works without it and just lacks the hooks (see `protocols.SocketControl`).
 It leans on uvicorn internals (`WebSocketsSansIOProtocol` attributes), so uvicorn is pinned to 0.54.x.
 
 - `transport`: hard aborts and the stall timer both protocols share.
@@ -18,30 +18,30 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for the type checker: at run time each name is imported on first use (below)
-    from diary_ws.edge.http import DiaryHttpProtocol, OneWrite, StreamControl
+    from diary_ws.edge.http import DiaryHttpProtocol, OneWrite, StreamHooks
     from diary_ws.edge.serve import DiaryServer, RecordPeer, supervise, with_proxy_headers
     from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
     from diary_ws.edge.websocket import (
         DiaryWebSocketProtocol,
         FramePolicy,
         ReceiveQueue,
-        SocketControl,
+        SocketHooks,
         WritableGate,
     )
 
 # Imported lazily, so that `edge.internals` can check the installed uvicorn before anything imports its
 # internals (an unknown version may not even have them: the CLI then runs uvicorn's stock protocols).
 _HOMES = {
-    "DiaryHttpProtocol": "http", "OneWrite": "http", "StreamControl": "http",
+    "DiaryHttpProtocol": "http", "OneWrite": "http", "StreamHooks": "http",
     "DiaryServer": "serve", "RecordPeer": "serve", "supervise": "serve", "with_proxy_headers": "serve",
     "CLOSE_GRACE": "transport", "StallWatch": "transport", "hard_abort": "transport",
-    "DiaryWebSocketProtocol": "websocket", "ReceiveQueue": "websocket", "SocketControl": "websocket",
+    "DiaryWebSocketProtocol": "websocket", "ReceiveQueue": "websocket", "SocketHooks": "websocket",
     "WritableGate": "websocket", "FramePolicy": "websocket",
 }  # fmt: skip
 
 __all__ = [
     "CLOSE_GRACE", "DiaryHttpProtocol", "DiaryServer", "DiaryWebSocketProtocol", "FramePolicy", "OneWrite",
-    "ReceiveQueue", "RecordPeer", "SocketControl", "StallWatch", "StreamControl", "WritableGate", "hard_abort",
+    "ReceiveQueue", "RecordPeer", "SocketHooks", "StallWatch", "StreamHooks", "WritableGate", "hard_abort",
     "supervise", "with_proxy_headers",
 ]  # fmt: skip
 

@@ -11,14 +11,14 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
-import orjson
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.edge.limits import edge_of
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
+from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
+from diary_ws.protocols import WriteResult
 from diary_ws.sse import STREAM_EXTENSION
 
 log = logging.getLogger("diary_ws.server")
@@ -26,7 +26,7 @@ log = logging.getLogger("diary_ws.server")
 LINGER_BYTES = 1 << 20  # what a client may still send after an error answer before its connection is reset
 
 
-class StreamControl:
+class StreamHooks:
     """The transport hooks an HTTP handler gets in `scope["extensions"]`, for streaming responses (SSE)."""
 
     __slots__ = ("_protocol", "_cycle")
@@ -35,20 +35,20 @@ class StreamControl:
         self._protocol = protocol
         self._cycle = cycle  # this request's, which is not always the protocol's latest (pipelining)
 
-    def try_write(self, chunk: bytes) -> int:
+    def try_write(self, chunk: bytes) -> WriteResult:
         """Write one ready-made body chunk if the response streams and the socket takes bytes now.
 
         WROTE, LATER (not now, or not a chunked response under way: the ASGI path sends it) or DEAD.
         """
         cycle = self._cycle
         if cycle is None:
-            return LATER
+            return WriteResult.LATER
         if cycle.disconnected or cycle.response_complete or cycle.transport.is_closing():
-            return DEAD
+            return WriteResult.DEAD
         if not cycle.response_started or not cycle.chunked_encoding or self._protocol.flow.write_paused:
-            return LATER
+            return WriteResult.LATER
         cycle.transport.write(chunk)
-        return WROTE
+        return WriteResult.WROTE
 
     def stalled(self) -> bool:
         """The transport's buffer is over its high-water mark: the peer is not reading."""
@@ -159,7 +159,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
                 plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
                 cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
                 own = cycle if isinstance(cycle, RequestResponseCycle) else None
-                plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self, own)
+                plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamHooks(self, own)
             await app(scope, receive, send)
 
         self.app = with_hooks
@@ -432,7 +432,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
     # --- answers of our own ------------------------------------------------------------------------------
 
     def _answer_and_close(self, status: int, message: str) -> None:
-        """A JSON error answer outside the app (DESIGN's error body), then close; the app's request, if one is
+        """A JSON error answer outside the app (the body of docs/api.md), then close; the app's request, if one is
         running, hears a disconnect."""
         self._release()
         self._cancel_clock()
@@ -445,7 +445,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
                 return
         if self.transport.is_closing():
             return
-        body = orjson.dumps({"status": "error", "message": message})
+        body = error_answer(DiaryWSError.of_status(status, message)).body
         phrase = HTTPStatus(status).phrase.encode()
         head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         self.transport.write(head % (status, phrase, len(body)) + body)

@@ -53,7 +53,7 @@ class Internal:
 INTERNALS: tuple[Internal, ...] = (
     # --- uvicorn's httptools protocol (edge/http.py) ---
     Internal(f"{HTTP}:HttpToolsProtocol", "name", "DiaryHttpProtocol subclasses it"),
-    Internal(f"{HTTP}:RequestResponseCycle", "name", "StreamControl and OneWrite work on a request's cycle"),
+    Internal(f"{HTTP}:RequestResponseCycle", "name", "StreamHooks and OneWrite work on a request's cycle"),
     Internal(
         f"{HTTP}:HttpToolsProtocol.data_received",
         "copied",
@@ -93,7 +93,7 @@ INTERNALS: tuple[Internal, ...] = (
     *(
         Internal(f"{HTTP}:HttpToolsProtocol.{attr}", "self", why)
         for attr, why in (
-            ("app", "wrapped to hand a GET its StreamControl"),
+            ("app", "wrapped to hand a GET its StreamHooks"),
             ("config", "ws_ping_timeout for the SSE stall watch; the edge's limits live on it"),
             ("loop", "the edge's clock"),
             ("transport", "written to directly: answers of the edge's own"),
@@ -117,9 +117,9 @@ INTERNALS: tuple[Internal, ...] = (
                 "replaced by OneWrite: head and body in one send() (2.8 against 5.1 us of CPU per answer)",
             ),
             ("disconnected", "set when the edge answers itself (408): the app's sends are dropped"),
-            ("response_started", "StreamControl: is a chunked response under way"),
+            ("response_started", "StreamHooks: is a chunked response under way"),
             ("response_complete", "the answer is out: the next request may be fed"),
-            ("chunked_encoding", "StreamControl writes chunks only to a chunked response"),
+            ("chunked_encoding", "StreamHooks writes chunks only to a chunked response"),
             ("message_event", "set to wake the app's receive() with a disconnect"),
             ("keep_alive", "cleared at shutdown so a stream's connection closes"),
             ("body", "how much of a body the app has not read (uvicorn pauses reading over 64 KiB)"),
@@ -128,7 +128,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         f"{HTTP}:RequestResponseCycle.run_asgi",
         "source",
-        "the app's `send` is the cycle's bound method: `send.__self__` finds the cycle for StreamControl",
+        "the app's `send` is the cycle's bound method: `send.__self__` finds the cycle for StreamHooks",
         "self.scope, self.receive, self.send",
     ),
     Internal("uvicorn.protocols.http.flow_control:FlowControl.write_paused", "self", "the transport is full"),
@@ -163,7 +163,7 @@ INTERNALS: tuple[Internal, ...] = (
         "a missed pong aborts instead of close()",
         "8e1ceb6ec446de9d",
     ),
-    Internal(f"{WS}:WebSocketsSansIOProtocol.run_asgi", "name", "puts SocketControl in the scope first"),
+    Internal(f"{WS}:WebSocketsSansIOProtocol.run_asgi", "name", "puts SocketHooks in the scope first"),
     Internal(
         f"{WS}:WebSocketsSansIOProtocol.handle_events",
         "copied",
@@ -210,7 +210,7 @@ INTERNALS: tuple[Internal, ...] = (
             ("ping_timeout", "the stall watch's timeout"),
             ("loop", "timers"),
             ("client", "named in log lines"),
-            ("scope", "SocketControl goes into its extensions"),
+            ("scope", "SocketHooks goes into its extensions"),
             ("request", "dropped once the socket is open"),
             ("frames", "a violation drops the fragments gathered so far"),
             ("curr_msg_data_type", "text messages are checked for UTF-8"),

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-import orjson
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
@@ -27,13 +26,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import OPEN, Protocol
 
-from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, log
+from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
+from diary_ws.protocols import CloseCode, WriteResult
 from diary_ws.routes import SOCKET_EXTENSION
-
-CLOSE_POLICY = 1008
-CLOSE_BAD_DATA = 1007
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +47,7 @@ class FramePolicy:
     backlog_bytes: int = 1024 * 1024
 
 
-class SocketControl:
+class SocketHooks:
     """The transport hooks a WebSocket handler gets in `scope["extensions"]`."""
 
     __slots__ = ("_protocol",)
@@ -62,17 +59,17 @@ class SocketControl:
         """The transport's buffer is over its high-water mark: the peer is not reading."""
         return not self._protocol.writable.is_set()
 
-    def try_write(self, wire: bytes) -> int:
+    def try_write(self, wire: bytes) -> WriteResult:
         """Write a ready-made frame if the socket takes bytes now: WROTE, LATER (not now) or DEAD (gone)."""
         protocol = self._protocol
         if protocol.close_sent or protocol.disconnected or protocol.transport.is_closing():
-            return DEAD
+            return WriteResult.DEAD
         # Paused: the peer is behind, so the frame waits in the backlog. With per-message deflate each
         # socket compresses with its own context, so a shared frame cannot go out as it is.
         if not protocol.writable.is_set() or protocol.conn.extensions:
-            return LATER
+            return WriteResult.LATER
         protocol.transport.write(wire)
-        return WROTE
+        return WriteResult.WROTE
 
     def abort(self) -> None:
         """Drop the TCP connection now. `transport.close()` would wait for a stalled peer to read first."""
@@ -200,7 +197,9 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         self._refilled = now
         if self._tokens < 0:
             self._violate(
-                CLOSE_POLICY, f"too many frames: at most {rate:g} a second, control frames included", "frame_rate"
+                CloseCode.POLICY_VIOLATION,
+                f"too many frames: at most {rate:g} a second, control frames included",
+                "frame_rate",
             )
             return False
         if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
@@ -214,7 +213,9 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def _unfinished_too_long(self, timeout: float) -> None:
         self._unfinished = None
-        self._violate(CLOSE_POLICY, f"a message was left unfinished for {timeout:g} s", "unfinished_message")
+        self._violate(
+            CloseCode.POLICY_VIOLATION, f"a message was left unfinished for {timeout:g} s", "unfinished_message"
+        )
 
     def handle_ping(self) -> None:
         # websockets has queued the pong already; a peer that reads nothing would pile pongs up unsent.
@@ -235,7 +236,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
                 b"".join(self.frames).decode()
             except UnicodeDecodeError:  # uvicorn would log a traceback for each such message
                 self.frames = []
-                self._violate(CLOSE_BAD_DATA, "a text message is not valid UTF-8", "invalid_utf8")
+                self._violate(CloseCode.INVALID_DATA, "a text message is not valid UTF-8", "invalid_utf8")
                 return
         super().send_receive_event_to_app()
 
@@ -265,7 +266,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timer = self.loop.call_later(CLOSE_GRACE, self._hard_abort)
 
     async def run_asgi(self) -> None:
-        self.scope["extensions"][SOCKET_EXTENSION] = SocketControl(self)  # type: ignore[assignment]
+        self.scope["extensions"][SOCKET_EXTENSION] = SocketHooks(self)  # type: ignore[assignment]
         await super().run_asgi()
 
     def data_received(self, data: bytes) -> None:
@@ -292,7 +293,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             )
         else:
             status, why = 400, "the WebSocket handshake is not a valid HTTP request"
-        body = orjson.dumps({"status": "error", "message": why})
+        body = error_answer(DiaryWSError.of_status(status, why)).body
         phrase = HTTPStatus(status).phrase.encode()
         head = b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
         self.transport.write(head % (status, phrase, len(body)) + body)
@@ -342,10 +343,12 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         """Server shutdown: 1012 with a jittered reconnect hint, and no waiting on peers that do not read."""
         if self.handshake_complete and not self.close_sent and not self.transport.is_closing():
             self.stop_keepalive()
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1012})
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": CloseCode.SERVICE_RESTART})
             # Spread the reconnects, so a restart does not meet every client at the same instant.
             delay_ms = random.randint(500, 5000)
-            self.conn.send_close(1012, f"server restarting: reconnect with since after {delay_ms} ms")
+            self.conn.send_close(
+                CloseCode.SERVICE_RESTART, f"server restarting: reconnect with since after {delay_ms} ms"
+            )
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.close_sent = True
             self.transport.close()

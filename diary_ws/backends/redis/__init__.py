@@ -32,7 +32,6 @@ import time
 
 from redis.exceptions import RedisError
 
-from diary_ws.backends.base import Node
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
     COMMAND_TIMEOUT,
@@ -55,6 +54,7 @@ from diary_ws.backends.redis.feed import FeedMixin
 from diary_ws.backends.redis.presence import PresenceMixin
 from diary_ws.backends.redis.replay import ReplayMixin
 from diary_ws.backends.redis.store import StoreMixin
+from diary_ws.protocols import Node
 
 
 class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):

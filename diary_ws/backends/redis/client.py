@@ -23,10 +23,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from diary_ws import deadline
-from diary_ws.backends.base import Node
 from diary_ws.backends.redis import scripts
 from diary_ws.errors import BrokerUnavailable, OutcomeUnknown
 from diary_ws.messages import MessageId
+from diary_ws.protocols import CloseCode, Node
 
 if TYPE_CHECKING:
     from diary_ws.backends.redis.feed import _Gather
@@ -49,7 +49,7 @@ REPORT_MAX_AGE_MS = 60_000  # entries older than this (a reader catching up) are
 RETRY_FIRST, RETRY_MAX = 0.1, HEARTBEAT_INTERVAL
 COMMAND_TIMEOUT = 2.0  # socket timeout of ordinary commands
 TOKEN_TTL = 30.0  # seconds a publish's own record lives: longer than any of its retries can take to run
-CLOSE_TRY_AGAIN = 1013  # the close code of a socket that must resume (as diary_ws.broadcaster.CLOSE_TRY_AGAIN)
+CLOSE_TRY_AGAIN = CloseCode.TRY_AGAIN_LATER  # the close code of a socket that must resume
 BACKGROUND_BOUND = 3 * COMMAND_TIMEOUT  # the longest a script outside a request may take, retries included
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 

@@ -11,7 +11,6 @@ from typing import Any, cast
 import orjson
 
 from diary_ws import deadline
-from diary_ws.backends.base import Counts, Published
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
     CLOSE_TRY_AGAIN,
@@ -28,8 +27,8 @@ from diary_ws.backends.redis.client import (
     log,
 )
 from diary_ws.errors import BrokerUnavailable, Conflict, NobodyListening, OutcomeUnknown, ValidationError
-from diary_ws.idempotency import Claim
 from diary_ws.messages import Draft, Message, MessageId, parse_id
+from diary_ws.protocols import Claim, Counts, PublishResult
 
 
 class _Gather:
@@ -88,14 +87,14 @@ def _check_outcome(outcome: str, unknown: bool, what: str) -> None:
         )
 
 
-def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> Published:
+def _published(msg_id: MessageId, reports: list[Counts], missing: int) -> PublishResult:
     """The counts of one message summed over the nodes that reported; users counted once across nodes."""
     users: set[str] = set()
     sent = total = lost = 0
     for counts in reports:
         sent, total, lost = sent + counts.sent, total + counts.total, lost + counts.lost
         users.update(counts.users or ())
-    return Published(msg_id, sent, total, lost, len(users), missing)
+    return PublishResult(msg_id, sent, total, lost, len(users), missing)
 
 
 ANSWER_TIME = 0.2  # of a request's deadline, kept from the wait for counts to record an Idempotency-Key's answer
@@ -106,7 +105,7 @@ class FeedMixin(RedisCore):
 
     # --- publish -----------------------------------------------------------------------------------------
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> Published:
+    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> PublishResult:
         fields = _fields(targets, draft)
         mode, named = ("all", []) if targets is None else ("users", sorted(targets))
         msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification")
@@ -116,7 +115,7 @@ class FeedMixin(RedisCore):
 
     async def publish_batch(
         self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
-    ) -> list[Published | NobodyListening]:
+    ) -> list[PublishResult | NobodyListening]:
         """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
 
         The script records the request as PUBLISH does (its own token, or the claim's Idempotency-Key), so a
@@ -167,7 +166,7 @@ class FeedMixin(RedisCore):
         finally:
             for item_token in tokens:
                 del self._pending[item_token]
-        done: list[Published | NobodyListening] = []
+        done: list[PublishResult | NobodyListening] = []
         late: set[str] = set()
         for (targets, _draft), gather, mark in zip(items, gathers, marks, strict=True):
             msg_id = parse_id(mark)

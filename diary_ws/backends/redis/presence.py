@@ -15,7 +15,6 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from diary_ws import deadline
-from diary_ws.backends.base import NodeInfo
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
     COMMAND_TIMEOUT,
@@ -28,6 +27,7 @@ from diary_ws.backends.redis.client import (
 )
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
 from diary_ws.messages import MessageId, parse_id
+from diary_ws.protocols import NodeInfo
 
 
 class PresenceMixin(RedisCore):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 
 from diary_ws import deadline
-from diary_ws.backends.base import Page, Replay
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import PREFIX, RedisCore
 from diary_ws.messages import Draft, Message, MessageId, parse_id
+from diary_ws.protocols import Page, Replay
 
 
 class ReplayMixin(RedisCore):
