@@ -17,7 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from diary_ws.broadcaster import DEAD, LATER, WROTE
 from diary_ws.edge.limits import edge_of
-from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
+from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, unlink_transport
 from diary_ws.logs import warn_throttled
 from diary_ws.sse import STREAM_EXTENSION
 
@@ -107,6 +107,11 @@ class OneWrite:
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
+
+
+async def _gone(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The app of a connection that is done with HTTP: nothing calls it; it only replaces the wrapper whose
+    closure points back at the protocol."""
 
 
 class Phase(enum.Enum):
@@ -355,6 +360,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
             self._pending = b""  # as uvicorn: what follows an upgrade head before the 101 is not kept
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
+                self._unlink()  # the WebSocket protocol has the transport now; nothing calls this one again
             else:
                 self._unsupported_upgrade_warning()
             return False
@@ -503,6 +509,17 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         self._phase = Phase.GONE
         self._pending = b""
         super().connection_lost(exc)
+        self._unlink()
+        unlink_transport(self.transport)
+
+    def _unlink(self) -> None:
+        """Break this protocol's reference cycles once it is done, so reference counting frees it at once,
+        even after the garbage collector froze it (docs/performance.md): the stall watch's callback, the app
+        wrapper's closure and the parser's callbacks (uvicorn drops the parser itself when the connection is
+        lost, not when it is upgraded). An upgraded connection's transport lives on with the WebSocket."""
+        self.stall.release()
+        self.app = _gone
+        self.parser = None  # type: ignore[assignment]  # as uvicorn's own connection_lost
 
     def _hard_abort(self) -> None:
         if not self._lost:

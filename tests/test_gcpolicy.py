@@ -1,0 +1,100 @@
+"""GC_FREEZE (diary_ws/gcpolicy.py): survivors frozen so no full collection walks every socket, and a closed
+socket that leaves no reference cycle behind, since a frozen cycle would never be freed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from diary_ws import cli, gcpolicy
+from diary_ws.app import create_app
+from diary_ws.edge import DiaryServer
+from diary_ws.settings import from_env
+from tests.utils import ON_BOTH_LOOPS, async_wait_until, free_port, raw_handshake, run_server
+
+
+@pytest.fixture
+def policy() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        gcpolicy.uninstall()
+
+
+def test_survivors_of_a_middle_collection_are_frozen(policy: None) -> None:
+    gcpolicy.install(True)
+    assert gcpolicy.installed()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0  # what start-up left
+    kept = [[i] for i in range(2000)]  # tracked, alive: survivors of the next collection
+    gc.collect(1)
+    assert gc.get_freeze_count() >= frozen + len(kept)
+    assert gc.get_objects(generation=2) == []  # nothing left for a full collection to walk
+    assert sum(gcpolicy.PAUSES.counts[1]) >= 1  # and the collection was timed
+    gcpolicy.uninstall()
+    assert not gcpolicy.installed()
+    assert gc.get_freeze_count() == 0
+
+
+def test_without_freeze_collections_are_only_timed(policy: None) -> None:
+    gcpolicy.install(False)
+    before = sum(gcpolicy.PAUSES.counts[1])
+    gc.collect(1)
+    assert gc.get_freeze_count() == 0
+    assert sum(gcpolicy.PAUSES.counts[1]) == before + 1
+
+
+def metric(server_metrics: str, name: str) -> float:
+    for family in text_string_to_metric_families(server_metrics):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not on /metrics")
+
+
+@pytest.mark.parametrize(("setting", "frozen"), [({}, True), ({"gc_freeze": "0"}, False)])
+def test_serve_freezes_unless_told_not_to(setting: dict[str, str], frozen: bool) -> None:
+    with run_server(setting) as server:
+        text = server.get("/metrics").text
+        assert (metric(text, "diary_ws_gc_frozen_objects") > 1000) is frozen
+        assert metric(text, "diary_ws_gc_frozen_objects") >= 0
+
+
+@ON_BOTH_LOOPS
+@pytest.mark.anyio
+async def test_a_closed_socket_leaves_no_cyclic_garbage(server_loop: str) -> None:
+    """Every WebSocket's HTTP handshake protocol, its WebSocket protocol and its transport are freed by reference
+    counting once closed: with GC_FREEZE they may be frozen, and a frozen cycle would never be freed."""
+    port = free_port()
+    settings = from_env({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning"})
+    app = create_app(settings)
+    server = DiaryServer(cli.uvicorn_config(settings, app), on_signal=lambda: None, drain_seconds=0)
+    task = asyncio.create_task(server.serve())
+    watched = {"DiaryWebSocketProtocol", "DiaryHttpProtocol", "SocketControl", "StallWatch", "ServerProtocol"}
+    watched |= {"_SelectorSocketTransport", "TCPTransport"}  # asyncio's and uvloop's (the client here is blocking)
+    try:
+        await async_wait_until(lambda: server.started, 10, "the server to start")
+        gc.collect()
+        gc.disable()
+        sockets = [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/u{i}") for i in range(20)]
+        await async_wait_until(lambda: app.state.hub.sizes()[0] == 20, 10, "20 listeners")
+        for sock in sockets:
+            sock.close()
+
+        def live() -> list[str]:
+            return sorted({type(o).__name__ for o in gc.get_objects()} & watched)
+
+        assert "DiaryWebSocketProtocol" in live()
+        # The collector is off: only reference counting can free them.
+        with contextlib.suppress(AssertionError):
+            await async_wait_until(lambda: not live(), 10, "the closed sockets to be freed by reference counting")
+        assert live() == [], "left alive (in reference cycles, or still referenced) after the sockets closed"
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
