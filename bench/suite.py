@@ -55,6 +55,9 @@ SERVER_CORE, LOADGEN_CORE = 0, 1
 # The servers run from the project's own environment (what `make run` runs: uvloop, but no FastAPI there);
 # the baseline needs FastAPI, which lives in the bench's environment only.
 PROJECT_PYTHON = os.environ.get("BENCH_PROJECT_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+# The checkout whose diary-ws is measured (`python -m diary_ws` imports from the working directory): another
+# one's, with its own BENCH_PROJECT_PYTHON, measures a before against an after with the same load generator.
+PROJECT_ROOT = Path(os.environ.get("BENCH_PROJECT_ROOT", str(ROOT)))
 
 
 @dataclass
@@ -133,7 +136,8 @@ def start(
         cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--log-level", "warning",
                "--loop", "asyncio", "--http", parser, "--ws-per-message-deflate", "false"]  # fmt: skip
     output = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, preexec_fn=server_child, stdout=output, stderr=output)
+    cwd = PROJECT_ROOT if kind.startswith("diary-ws") else ROOT
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, preexec_fn=server_child, stdout=output, stderr=output)
 
     def up() -> bool:
         try:
@@ -313,23 +317,33 @@ async def fair_run(kind: str, log_level: str | None, seconds: float, connections
     return bench.result
 
 
-def fair(seconds: float) -> list[dict[str, Any]]:
+def fair(seconds: float, rounds: int = 3) -> list[dict[str, Any]]:
     """diary-ws against the tutorial on uvicorn[standard], both at their default log levels, then both at
-    warning, interleaved so that a busy moment of a shared box falls on both; the ratio of POSTs per second."""
+    warning: `rounds` runs of each, alternating, so that a busy moment of a shared machine falls on both; the
+    ratio of the medians of POSTs per second, and of the server CPU per POST (steadier on a busy machine)."""
     import uvloop
 
     rows = []
     for level in (None, "warning"):
-        ours = uvloop.run(fair_run("diary-ws", level, seconds))
-        theirs = uvloop.run(fair_run("fastapi-standard", level, seconds))
+        ours: list[Result] = []
+        theirs: list[Result] = []
+        for _ in range(rounds):
+            ours.append(uvloop.run(fair_run("diary-ws", level, seconds)))
+            theirs.append(uvloop.run(fair_run("fastapi-standard", level, seconds)))
+
+        def median(results: list[Result], key: str) -> float:
+            return statistics.median(getattr(r, key) or 0.0 for r in results)
+
         row = {
             "log_level": level or "each server's default (info)",
-            "diary_ws_posts_per_s": ours.targeted_posts_per_s,
-            "tutorial_posts_per_s": theirs.targeted_posts_per_s,
-            "ratio": (ours.targeted_posts_per_s or 0) / (theirs.targeted_posts_per_s or 1),
-            "diary_ws_cpu_us_per_post": ours.targeted_cpu_us_per_post,
-            "tutorial_cpu_us_per_post": theirs.targeted_cpu_us_per_post,
-            "cpu_ratio": (theirs.targeted_cpu_us_per_post or 0) / (ours.targeted_cpu_us_per_post or 1),
+            "rounds": rounds,
+            "seconds": seconds,
+            "diary_ws_posts_per_s": [round(r.targeted_posts_per_s or 0) for r in ours],
+            "tutorial_posts_per_s": [round(r.targeted_posts_per_s or 0) for r in theirs],
+            "ratio_of_medians": median(ours, "targeted_posts_per_s") / median(theirs, "targeted_posts_per_s"),
+            "diary_ws_cpu_us_per_post": median(ours, "targeted_cpu_us_per_post"),
+            "tutorial_cpu_us_per_post": median(theirs, "targeted_cpu_us_per_post"),
+            "cpu_ratio": median(theirs, "targeted_cpu_us_per_post") / median(ours, "targeted_cpu_us_per_post"),
         }
         print(orjson.dumps(row).decode(), flush=True)
         rows.append(row)

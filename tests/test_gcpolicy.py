@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import http.client
 from collections.abc import Iterator
 
 import pytest
@@ -65,17 +66,37 @@ def test_serve_freezes_unless_told_not_to(setting: dict[str, str], frozen: bool)
         assert metric(text, "diary_ws_gc_frozen_objects") >= 0
 
 
+def requests(port: int) -> None:
+    """GETs (each offered the stream hooks) and POSTs on one keep-alive connection, then a close."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(5):
+            for method, path, body in (
+                ("GET", "/api/v1/ws/status?limit=10", None),
+                ("GET", "/healthz", None),
+                ("POST", "/api/v1/ws/notification", b'{"message": "hi", "user_ids": ["u0"]}'),
+            ):
+                connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                answer.read()
+                assert answer.status == 200, (method, path, answer.status)
+    finally:
+        connection.close()
+
+
 @ON_BOTH_LOOPS
 @pytest.mark.anyio
-async def test_a_closed_socket_leaves_no_cyclic_garbage(server_loop: str) -> None:
-    """Every WebSocket's HTTP handshake protocol, its WebSocket protocol and its transport are freed by reference
-    counting once closed: with GC_FREEZE they may be frozen, and a frozen cycle would never be freed."""
+async def test_closed_connections_leave_no_cyclic_garbage(server_loop: str) -> None:
+    """Every WebSocket's HTTP handshake protocol, its WebSocket protocol and its transport, and every HTTP
+    request and keep-alive connection, are freed by reference counting once done: with GC_FREEZE they may be
+    frozen, and a frozen cycle would never be freed."""
     port = free_port()
     settings = from_env({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning"})
     app = create_app(settings)
     server = DiaryServer(cli.uvicorn_config(settings, app), on_signal=lambda: None, drain_seconds=0)
     task = asyncio.create_task(server.serve())
     watched = {"DiaryWebSocketProtocol", "DiaryHttpProtocol", "SocketControl", "StallWatch", "ServerProtocol"}
+    watched |= {"RequestResponseCycle", "StreamControl", "OneWrite"}
     watched |= {"_SelectorSocketTransport", "TCPTransport"}  # asyncio's and uvloop's (the client here is blocking)
     try:
         await async_wait_until(lambda: server.started, 10, "the server to start")
@@ -83,6 +104,7 @@ async def test_a_closed_socket_leaves_no_cyclic_garbage(server_loop: str) -> Non
         gc.disable()
         sockets = [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/u{i}") for i in range(20)]
         await async_wait_until(lambda: app.state.hub.sizes()[0] == 20, 10, "20 listeners")
+        await asyncio.to_thread(requests, port)
         for sock in sockets:
             sock.close()
 

@@ -164,7 +164,15 @@ class DiaryHttpProtocol(HttpToolsProtocol):
                 plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
                 cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
                 own = cycle if isinstance(cycle, RequestResponseCycle) else None
-                plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamControl(self, own)
+                extensions = plain.setdefault("extensions", {})
+                extensions[STREAM_EXTENSION] = StreamControl(self, own)
+                try:
+                    await app(scope, receive, send)
+                finally:
+                    # The control points at the request's cycle, which holds this scope: a reference cycle,
+                    # which a frozen collector would never free (docs/performance.md).
+                    extensions.pop(STREAM_EXTENSION, None)
+                return
             await app(scope, receive, send)
 
         self.app = with_hooks
@@ -515,11 +523,13 @@ class DiaryHttpProtocol(HttpToolsProtocol):
     def _unlink(self) -> None:
         """Break this protocol's reference cycles once it is done, so reference counting frees it at once,
         even after the garbage collector froze it (docs/performance.md): the stall watch's callback, the app
-        wrapper's closure and the parser's callbacks (uvicorn drops the parser itself when the connection is
-        lost, not when it is upgraded). An upgraded connection's transport lives on with the WebSocket."""
+        wrapper's closure, the parser's callbacks (uvicorn drops the parser itself when the connection is
+        lost, not when it is upgraded) and the last request's cycle. An upgraded connection's transport
+        lives on with the WebSocket."""
         self.stall.release()
         self.app = _gone
         self.parser = None  # type: ignore[assignment]  # as uvicorn's own connection_lost
+        self.cycle = None  # type: ignore[assignment]  # its on_response is this protocol's bound method
 
     def _hard_abort(self) -> None:
         if not self._lost:
