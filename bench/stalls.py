@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench.loadgen import Http
 from bench.suite import LOADGEN_CORE, RESULTS, cpu_seconds, quantile, raise_nofile, start
@@ -346,7 +346,7 @@ async def steady(run: Run, port: int, pid: int) -> None:
         old = pool[i]
         pool[i] = None
         if old is not None:
-            old[0].send_close()
+            old[0].send_close(WSCloseCode.OK)  # picows' default, 1005, must not be sent: a protocol error
             old[0].disconnect()
         try:
             pool[i] = await ws_connect(Churn, f"{url}/c{i}")

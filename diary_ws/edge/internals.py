@@ -231,6 +231,11 @@ INTERNALS: tuple[Internal, ...] = (
         "self",
         "a lost socket's parser is replaced by a spent one: the generator's frame holds the protocol, a cycle",
     ),
+    Internal(
+        "websockets.protocol:Protocol.parser_exc",
+        "self",
+        "cleared once the socket is lost: a protocol error's traceback holds the parser's frame, a cycle",
+    ),
     # --- asyncio (edge/transport.py) ---
     Internal(
         "asyncio.selector_events:_SelectorSocketTransport._read_ready_cb",

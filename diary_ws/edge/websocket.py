@@ -348,6 +348,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             scope.get("extensions", {}).pop(SOCKET_EXTENSION, None)
         unlink_transport(self.transport)
         self.conn.parser = SPENT_PARSER  # the frame parser's generator holds `conn`: a cycle through it
+        self.conn.parser_exc = None  # a protocol error's traceback holds that generator's frame, and so `conn`
 
     def keepalive_timeout(self) -> None:
         was_open = not (self.close_sent or self.transport.is_closing())
