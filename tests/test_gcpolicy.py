@@ -8,6 +8,7 @@ import contextlib
 import gc
 import http.client
 import os
+import socket
 import struct
 from collections.abc import Iterator
 
@@ -74,6 +75,13 @@ def masked_close(code: int) -> bytes:
     return bytes([0x88, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def event_stream(port: int, user_id: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /api/v1/sse/{user_id} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+    assert sock.recv(12) == b"HTTP/1.1 200"
+    return sock
+
+
 def requests(port: int) -> None:
     """GETs (each offered the stream hooks) and POSTs on one keep-alive connection, then a close."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -104,17 +112,20 @@ async def test_closed_connections_leave_no_cyclic_garbage(server_loop: str) -> N
     server = DiaryServer(cli.uvicorn_config(settings, app), on_signal=lambda: None, drain_seconds=0)
     task = asyncio.create_task(server.serve())
     watched = {"DiaryWebSocketProtocol", "DiaryHttpProtocol", "SocketControl", "StallWatch", "ServerProtocol"}
-    watched |= {"RequestResponseCycle", "StreamControl", "OneWrite"}
+    watched |= {"RequestResponseCycle", "StreamControl", "OneWrite", "Connection", "SseSink", "AsgiSink"}
     watched |= {"_SelectorSocketTransport", "TCPTransport"}  # asyncio's and uvloop's (the client here is blocking)
     try:
         await async_wait_until(lambda: server.started, 10, "the server to start")
         gc.collect()
         gc.disable()
         sockets = [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/u{i}") for i in range(20)]
-        await async_wait_until(lambda: app.state.hub.sizes()[0] == 20, 10, "20 listeners")
+        # Heartbeats run on a timer per socket; so do an event stream's.
+        sockets += [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/h{i}?heartbeat=5") for i in range(5)]
+        sockets += [await asyncio.to_thread(event_stream, port, f"s{i}") for i in range(5)]
+        await async_wait_until(lambda: app.state.hub.sizes()[0] == 30, 10, "30 listeners")
         await asyncio.to_thread(requests, port)
         for i, sock in enumerate(sockets):
-            if i % 2:  # a close code no peer may send: the server's parser fails with a protocol error
+            if i % 2 and i < 25:  # a close code no peer may send: the server's parser fails with a protocol error
                 sock.sendall(masked_close(1005))
             sock.close()
 
