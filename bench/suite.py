@@ -20,6 +20,8 @@ instead and reports RSS over time; `--hostile` runs bench/hostile.py (the attack
 
     make bench                                   # N = 1,000, 5,000, 10,000
     make bench BENCH_ARGS=--batch                # bench/batch.py: single POSTs against batches
+    make bench BENCH_ARGS=--fair                 # targeted POSTs against the tutorial on uvicorn[standard]
+    make bench BENCH_ARGS=--stalls               # bench/stalls.py: stalls and memory at 5k, 10k, 18.5k sockets
     .venv-bench/bin/python -m bench.suite --sockets 1000 --rounds 5
     .venv-bench/bin/python -m bench.suite --servers diary-ws+asyncio diary-ws+uvloop --broker memory  # the loops
 """
@@ -53,6 +55,9 @@ SERVER_CORE, LOADGEN_CORE = 0, 1
 # The servers run from the project's own environment (what `make run` runs: uvloop, but no FastAPI there);
 # the baseline needs FastAPI, which lives in the bench's environment only.
 PROJECT_PYTHON = os.environ.get("BENCH_PROJECT_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+# The checkout whose diary-ws is measured (`python -m diary_ws` imports from the working directory): another
+# one's, with its own BENCH_PROJECT_PYTHON, measures a before against an after with the same load generator.
+PROJECT_ROOT = Path(os.environ.get("BENCH_PROJECT_ROOT", str(ROOT)))
 
 
 @dataclass
@@ -107,18 +112,32 @@ def server_child() -> None:
     raise_nofile()
 
 
-def start(kind: str, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start(
+    kind: str, port: int, extra_env: dict[str, str], log_level: str | None = "warning", quiet: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start one server; `log_level` None leaves the server at its own default, `quiet` sends its output to
+    /dev/null (the log lines are still formatted and written)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     if kind.startswith("diary-ws"):
-        env.update({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning", **extra_env})  # extra_env may override
+        env["DIARY_WS_PORT"] = str(port)
+        if log_level is not None:
+            env["DIARY_WS_LOG_LEVEL"] = log_level
+        env.update(extra_env)  # extra_env may override
         cmd = [PROJECT_PYTHON, "-m", "diary_ws", "serve"]
+    elif kind == "fastapi-standard":
+        # The tutorial as users deploy it: `pip install "uvicorn[standard]"` and `uvicorn main:app`, so uvloop,
+        # httptools and uvicorn's defaults (per-message deflate offered, the access log at info).
+        cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port)]
+        cmd += [] if log_level is None else ["--log-level", log_level]
     else:
         # The tutorial on uvicorn's own default install (h11), and once more on httptools, the parser diary-ws
         # runs on, so the HTTP figures can be compared parser for parser. Both on the asyncio loop, as diary-ws.
         parser = "httptools" if kind.endswith("+httptools") else "h11"
         cmd = [sys.executable, "-m", "uvicorn", "bench.baseline:app", "--port", str(port), "--log-level", "warning",
                "--loop", "asyncio", "--http", parser, "--ws-per-message-deflate", "false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, preexec_fn=server_child)
+    output = subprocess.DEVNULL if quiet else None
+    cwd = PROJECT_ROOT if kind.startswith("diary-ws") else ROOT
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, preexec_fn=server_child, stdout=output, stderr=output)
 
     def up() -> bool:
         try:
@@ -277,6 +296,60 @@ class Bench:
         self.result.targeted_cpu_us_per_post = (cpu_seconds(pid) - cpu0) / max(count, 1) * 1e6
 
 
+async def fair_run(kind: str, log_level: str | None, seconds: float, connections: int = 16) -> Result:
+    """Targeted POSTs per second against one listener, from `connections` keep-alive connections: each server
+    at `log_level` (None: its own default), its log lines written to /dev/null."""
+    bench = Bench(kind, 1, 0, 0, {})
+    bench.result.server = f"{kind} @{log_level or 'default'} log level"
+    proc = start(kind, bench.port, {}, log_level=log_level, quiet=True)
+    try:
+        listeners = await open_sockets(f"ws://127.0.0.1:{bench.port}/api/v1/ws", ["u0"], bench.receipts, 1)
+        await bench._targeted(proc.pid, seconds=1.0, connections=connections)  # warm-up, not kept
+        await bench._targeted(proc.pid, seconds=seconds, connections=connections)
+        await close_sockets(listeners)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return bench.result
+
+
+def fair(seconds: float, rounds: int = 3) -> list[dict[str, Any]]:
+    """diary-ws against the tutorial on uvicorn[standard], both at their default log levels, then both at
+    warning: `rounds` runs of each, alternating, so that a busy moment of a shared machine falls on both; the
+    ratio of the medians of POSTs per second, and of the server CPU per POST (steadier on a busy machine)."""
+    import uvloop
+
+    rows = []
+    for level in (None, "warning"):
+        ours: list[Result] = []
+        theirs: list[Result] = []
+        for _ in range(rounds):
+            ours.append(uvloop.run(fair_run("diary-ws", level, seconds)))
+            theirs.append(uvloop.run(fair_run("fastapi-standard", level, seconds)))
+
+        def median(results: list[Result], key: str) -> float:
+            return statistics.median(getattr(r, key) or 0.0 for r in results)
+
+        row = {
+            "log_level": level or "each server's default (info)",
+            "rounds": rounds,
+            "seconds": seconds,
+            "diary_ws_posts_per_s": [round(r.targeted_posts_per_s or 0) for r in ours],
+            "tutorial_posts_per_s": [round(r.targeted_posts_per_s or 0) for r in theirs],
+            "ratio_of_medians": median(ours, "targeted_posts_per_s") / median(theirs, "targeted_posts_per_s"),
+            "diary_ws_cpu_us_per_post": median(ours, "targeted_cpu_us_per_post"),
+            "tutorial_cpu_us_per_post": median(theirs, "targeted_cpu_us_per_post"),
+            "cpu_ratio": median(theirs, "targeted_cpu_us_per_post") / median(ours, "targeted_cpu_us_per_post"),
+        }
+        print(orjson.dumps(row).decode(), flush=True)
+        rows.append(row)
+    return rows
+
+
 async def deflate_run(sockets: int, rounds: int) -> Result:
     """diary-ws with PER_MESSAGE_DEFLATE on and `websockets` clients that negotiate it (as browsers do)."""
     from websockets.asyncio.client import connect
@@ -407,7 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile", action="store_true", help="run the hostile benchmark (bench/hostile.py) instead")
     parser.add_argument("--hostile-scale", type=float, default=1.0, help="its size factor (1: the issue's sizes)")
     parser.add_argument("--hostile-seconds", type=float, default=20.0, help="how long each of its attacks runs")
+    parser.add_argument("--fair", type=float, nargs="?", const=10.0, metavar="SECONDS",
+                        help="targeted POSTs against the tutorial on uvicorn[standard], at each server's default log "
+                        "level and both at warning (SECONDS each, 10 by default)")  # fmt: skip
+    parser.add_argument("--stalls", action="store_true", help="run bench/stalls.py instead: 5k, 10k and 18.5k "
+                        "idle sockets under reconnects, POSTs, broadcasts and status polls (all other flags are "
+                        "its own: --sockets, --seconds, --slope-seconds, --env, --out)")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
+    if args.stalls:
+        from bench import stalls
+
+        return stalls.main([arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--stalls"])
     if args.hostile:
         from bench import hostile
 
@@ -430,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     import uvloop
 
+    if args.fair is not None:
+        rows = fair(args.fair)
+        args.out.parent.mkdir(exist_ok=True)
+        args.out.with_name("fair.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+        return 0
     if args.soak:
         report = uvloop.run(soak(args.soak, 1000, 100, 20))
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())

@@ -213,14 +213,14 @@ class Connection:
         A timer, not a task, per socket; it ends with the socket. Heartbeats are no messages: they are not
         stored, not counted, and a heartbeat still waiting when the next is due is not doubled.
         """
-        loop = asyncio.get_running_loop()
+        self._beat = asyncio.get_running_loop().call_later(seconds, self._tick, seconds)
 
-        def tick() -> None:
-            self._beat = loop.call_later(seconds, tick)
-            self._beat_due = True
-            self._ensure_writer()
-
-        self._beat = loop.call_later(seconds, tick)
+    def _tick(self, seconds: float) -> None:
+        # A bound method, not a closure that names itself: that closure is a reference cycle that outlives the
+        # socket, which a frozen garbage collector never frees (docs/performance.md).
+        self._beat = asyncio.get_running_loop().call_later(seconds, self._tick, seconds)
+        self._beat_due = True
+        self._ensure_writer()
 
     def close(self, code: int, reason: str) -> None:
         """Leave the registry, drop what is unsent, and close with `code`; a second close changes nothing."""

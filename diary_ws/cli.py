@@ -234,6 +234,8 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> bool:
         app.state.hub.draining = True
 
     config = uvicorn_config(settings, with_proxy_headers(app, settings.trusted_proxies))
-    server = DiaryServer(config, on_signal=begin_drain, drain_seconds=settings.drain_seconds)
+    server = DiaryServer(
+        config, on_signal=begin_drain, drain_seconds=settings.drain_seconds, gc_freeze=settings.gc_freeze
+    )
     server.run(sockets=None if sock is None else [sock])
     return server.started

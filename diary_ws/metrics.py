@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import importlib.metadata
 import os
 import platform
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Count
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from diary_ws import __version__
+from diary_ws import __version__, gcpolicy
 from diary_ws.broadcaster import Hub
 from diary_ws.loopwatch import BUCKETS as STALL_BUCKETS
 from diary_ws.loopwatch import StallProbe
@@ -133,6 +134,47 @@ class StallCollector(Collector):
         yield family
 
 
+class GcCollector(Collector):
+    """The garbage collector's state: objects frozen (GC_FREEZE, diary_ws/gcpolicy.py) and collections."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self._names = list(labels)
+        self._values = list(labels.values())
+
+    def collect(self) -> Iterable[Metric]:
+        frozen = GaugeMetricFamily(
+            "diary_ws_gc_frozen_objects",
+            "objects in the garbage collector's permanent generation, which no collection walks (GC_FREEZE)",
+            labels=self._names,
+        )
+        frozen.add_metric(self._values, gc.get_freeze_count())
+        yield frozen
+        runs = CounterMetricFamily(
+            "diary_ws_gc_collections", "garbage collections, by generation (2: full)",
+            labels=["generation", *self._names],
+        )  # fmt: skip
+        for generation, stats in enumerate(gc.get_stats()):
+            runs.add_metric([str(generation), *self._values], stats["collections"])
+        yield runs
+        thaws = CounterMetricFamily(
+            "diary_ws_gc_thaws", "times the frozen generation doubled and was thawed, collected once and frozen "
+            "again (GC_FREEZE's bound; each is one full collection)", labels=self._names,
+        )  # fmt: skip
+        thaws.add_metric(self._values, gcpolicy.VALVE.thaws)
+        yield thaws
+        pauses = HistogramMetricFamily(
+            "diary_ws_gc_pause_seconds", "CPU time of each garbage collection, by generation (timed under "
+            "diary-ws serve)", labels=["generation", *self._names],
+        )  # fmt: skip
+        for generation, counts in enumerate(gcpolicy.PAUSES.counts):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*STALL_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            pauses.add_metric([str(generation), *self._values], buckets, gcpolicy.PAUSES.totals[generation])
+        yield pauses
+
+
 def _version_of(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -184,6 +226,7 @@ class Metrics:
         self.registry.register(BuildInfo(backend, labels))
         self.registry.register(HubCollector(hub, labels))
         self.registry.register(StallCollector(self.stalls, labels))
+        self.registry.register(GcCollector(labels))
         publish = Histogram(
             "diary_ws_publish_seconds", "a successful publish: a POST from its first byte to its answer "
             "(source=http), or one Hub.notify call (source=python)",

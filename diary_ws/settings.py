@@ -75,6 +75,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     loop: str = "asyncio"
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         check_combinations(self)
@@ -406,6 +407,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "log_level": (_choice("critical", "error", "warning", "info", "debug", "trace"), "log level"),
     "log_format": (_choice("text", "json"), "log line format"),
     "loop": (_choice("auto", "asyncio", "uvloop"), "event loop: asyncio, uvloop, or auto (uvloop when installed)"),
+    "gc_freeze": (_bool, "freeze the garbage collector's survivors: no full collection walks every socket"),
 }
 
 # On/off settings: `serve` offers --NAME and --no-NAME for each.

@@ -201,6 +201,9 @@ TYPES = {
     "diary_ws_websocket_refusals": "counter",
     "diary_ws_event_loop_lag_seconds": "gauge",
     "diary_ws_event_loop_stall_seconds": "histogram",
+    "diary_ws_gc_frozen_objects": "gauge",
+    "diary_ws_gc_collections": "counter",
+    "diary_ws_gc_pause_seconds": "histogram",
 }
 
 

@@ -50,6 +50,7 @@ FLAGS = [
     "--console",
     "--log-level",
     "--log-format",
+    "--gc-freeze",
 ]
 
 
@@ -95,6 +96,7 @@ def test_defaults_are_the_design_table() -> None:
     assert s.shutdown_timeout == 3
     assert s.console is False
     assert (s.log_level, s.log_format) == ("info", "text")
+    assert s.gc_freeze is True
 
 
 def test_other_variables_are_ignored() -> None:

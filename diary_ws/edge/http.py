@@ -15,7 +15,7 @@ from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from diary_ws.edge.limits import edge_of
-from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort
+from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, unlink_transport
 from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
 from diary_ws.protocols import WriteResult
@@ -109,6 +109,11 @@ class OneWrite:
         return self._transport.is_closing()
 
 
+async def _gone(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The app of a connection that is done with HTTP: nothing calls it; it only replaces the wrapper whose
+    closure points back at the protocol."""
+
+
 class Phase(enum.Enum):
     """Where a connection is in its request: what the edge's clock is timing, if anything."""
 
@@ -159,7 +164,15 @@ class DiaryHttpProtocol(HttpToolsProtocol):
                 plain = cast("dict[str, Any]", scope)  # uvicorn types extension values as dict[object, object]
                 cycle = getattr(send, "__self__", None)  # uvicorn hands the app its request cycle's own `send`
                 own = cycle if isinstance(cycle, RequestResponseCycle) else None
-                plain.setdefault("extensions", {})[STREAM_EXTENSION] = StreamHooks(self, own)
+                extensions = plain.setdefault("extensions", {})
+                extensions[STREAM_EXTENSION] = StreamHooks(self, own)
+                try:
+                    await app(scope, receive, send)
+                finally:
+                    # The hooks point at the request's cycle, which holds this scope: a reference cycle,
+                    # which a frozen collector would never free (docs/performance.md).
+                    extensions.pop(STREAM_EXTENSION, None)
+                return
             await app(scope, receive, send)
 
         self.app = with_hooks
@@ -355,6 +368,7 @@ class DiaryHttpProtocol(HttpToolsProtocol):
             self._pending = b""  # as uvicorn: what follows an upgrade head before the 101 is not kept
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
+                self._unlink()  # the WebSocket protocol has the transport now; nothing calls this one again
             else:
                 self._unsupported_upgrade_warning()
             return False
@@ -503,6 +517,19 @@ class DiaryHttpProtocol(HttpToolsProtocol):
         self._phase = Phase.GONE
         self._pending = b""
         super().connection_lost(exc)
+        self._unlink()
+        unlink_transport(self.transport)
+
+    def _unlink(self) -> None:
+        """Break this protocol's reference cycles once it is done, so reference counting frees it at once,
+        even after the garbage collector froze it (docs/performance.md): the stall watch's callback, the app
+        wrapper's closure, the parser's callbacks (uvicorn drops the parser itself when the connection is
+        lost, not when it is upgraded) and the last request's cycle. An upgraded connection's transport
+        lives on with the WebSocket."""
+        self.stall.release()
+        self.app = _gone
+        self.parser = None  # type: ignore[assignment]  # as uvicorn's own connection_lost
+        self.cycle = None  # type: ignore[assignment]  # its on_response is this protocol's bound method
 
     def _hard_abort(self) -> None:
         if not self._lost:

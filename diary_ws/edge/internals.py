@@ -226,6 +226,22 @@ INTERNALS: tuple[Internal, ...] = (
         "45aaf900644b63c4",
     ),
     Internal("websockets.protocol:OPEN", "name", "the state in which the parser is rebuilt"),
+    Internal(
+        "websockets.protocol:Protocol.parser",
+        "self",
+        "a lost socket's parser is replaced by a spent one: the generator's frame holds the protocol, a cycle",
+    ),
+    Internal(
+        "websockets.protocol:Protocol.parser_exc",
+        "self",
+        "cleared once the socket is lost: a protocol error's traceback holds the parser's frame, a cycle",
+    ),
+    # --- asyncio (edge/transport.py) ---
+    Internal(
+        "asyncio.selector_events:_SelectorSocketTransport._read_ready_cb",
+        "self",
+        "cleared once the connection is lost: the transport's own bound method, a cycle (docs/performance.md)",
+    ),
     Internal("websockets.frames:Frame", "name", "each frame the peer sends is counted (FramePolicy)"),
     Internal("websockets.frames:Opcode", "name", "the dispatch of the copied handle_events"),
     Internal("websockets.http11:Request", "name", "the handshake event in the copied handle_events"),

@@ -19,6 +19,7 @@ import uvicorn
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from diary_ws import gcpolicy
 from diary_ws.auth import PEER_SCOPE_KEY
 from diary_ws.edge.transport import log
 from diary_ws.logs import warn_throttled
@@ -56,8 +57,11 @@ def with_proxy_headers(app: Any, trusted_proxies: tuple[str, ...]) -> Any:
 class DiaryServer(uvicorn.Server):
     """uvicorn's Server, told about SIGTERM first so /readyz can turn 503 before connections close."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None], drain_seconds: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_signal: Callable[[], None], drain_seconds: float, gc_freeze: bool = False
+    ) -> None:
         super().__init__(config)
+        self._gc_freeze = gc_freeze
         self._on_signal = on_signal
         self._drain_seconds = drain_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -66,7 +70,10 @@ class DiaryServer(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(quiet_accept_errors)
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            gcpolicy.uninstall()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -78,6 +85,8 @@ class DiaryServer(uvicorn.Server):
             for listening in server.sockets:
                 with contextlib.suppress(OSError), socket.socket(fileno=os.dup(listening.fileno())) as dup:
                     dup.listen(LISTEN_QUEUE)
+        if self.started:
+            gcpolicy.install(self._gc_freeze)  # after start-up: what it left is long-lived, frozen with the rest
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # uvicorn waits for every connection before it runs the lifespan shutdown (uvicorn.Server.shutdown), so

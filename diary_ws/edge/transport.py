@@ -52,7 +52,29 @@ class StallWatch:
             self._timer.cancel()
             self._timer = None
 
+    def release(self) -> None:
+        """Cancel for good and drop the abort callback: the callback is the owner's bound method, a reference
+        cycle that would keep a closed connection for the garbage collector instead of freeing it at once."""
+        self.cancel()
+        self._abort = _nothing
+
     def _fire(self, timeout: float) -> None:
         self._timer = None
         log.warning("aborting %s has read nothing for %.0f s", self._what, timeout)
         self._abort()
+
+
+def _nothing() -> None:
+    pass
+
+
+def unlink_transport(transport: asyncio.BaseTransport | None) -> None:
+    """Break the cycle a closed asyncio socket transport keeps with itself, so reference counting frees it.
+
+    asyncio's selector transport holds its own bound read method (`_read_ready_cb`) until the object dies,
+    so every closed connection is left to the garbage collector, and one that the collector's policy froze
+    (docs/performance.md) would never be freed. Only once the connection is lost; uvloop's transports have
+    no such attribute.
+    """
+    if transport is not None and getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Generator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Request
 from websockets.protocol import OPEN, Protocol
 
-from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, log
+from diary_ws.edge.transport import CLOSE_GRACE, StallWatch, hard_abort, log, unlink_transport
 from diary_ws.errors import DiaryWSError, error_answer
 from diary_ws.logs import warn_throttled
 from diary_ws.protocols import CloseCode, WriteResult
@@ -45,6 +46,16 @@ class FramePolicy:
     max_rate: float = 50.0
     unfinished_timeout: float = 20.0
     backlog_bytes: int = 1024 * 1024
+
+
+def _spent() -> Generator[None]:
+    while True:
+        yield
+
+
+# The frame parser of every lost socket: it reads nothing and holds nothing (one for the whole process).
+SPENT_PARSER = _spent()
+next(SPENT_PARSER)
 
 
 class SocketHooks:
@@ -325,11 +336,20 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         self.stall.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stall.cancel()
+        self.stall.release()
         if self._unfinished is not None:
             self._unfinished.cancel()
             self._unfinished = None
         super().connection_lost(exc)
+        # No reference cycles left through this protocol, so reference counting frees a closed socket at once,
+        # even after the garbage collector froze it (docs/performance.md): the handler keeps its own
+        # SocketHooks, and the scope's copy points back here.
+        scope = getattr(self, "scope", None)  # set once the handshake request has come
+        if scope is not None:
+            scope.get("extensions", {}).pop(SOCKET_EXTENSION, None)
+        unlink_transport(self.transport)
+        self.conn.parser = SPENT_PARSER  # the frame parser's generator holds `conn`: a cycle through it
+        self.conn.parser_exc = None  # a protocol error's traceback holds that generator's frame, and so `conn`
 
     def keepalive_timeout(self) -> None:
         was_open = not (self.close_sent or self.transport.is_closing())

@@ -1,0 +1,149 @@
+"""The garbage collector's policy in a `diary-ws serve` process (GC_FREEZE): no stop-the-world collections.
+
+Python's full collection walks every object the collector tracks, about 60 per open socket, and the event
+loop stands still meanwhile: about a second at 18,500 sockets, at every few thousand connects or POSTs.
+Objects that have survived two young collections are almost all long-lived (sockets, their protocols,
+caches), so after each collection of the middle generation this moves every survivor into the
+collector's permanent generation (`gc.freeze()`, a constant-time list splice), which no collection walks
+again. Full collections then find the oldest generation nearly empty and take well under a millisecond.
+
+A frozen object is still freed by reference counting when the last reference goes; what the collector
+never frees any more is a frozen object in a reference cycle. So the edge breaks each connection's cycles
+when it is lost (edge/http.py, edge/websocket.py) and a closed socket leaves no cyclic garbage. Cycles left
+elsewhere (a library's, or a path nobody has measured yet) would pile up in the frozen generation for good,
+so it has a bound: once it has grown to twice its size after the last thaw (and by at least THAW_FLOOR
+objects), the next turn of the event loop thaws it, runs one full collection and freezes again. That is one
+full-collection stall, as often as the frozen generation doubles (twice during a ramp to 18,500 sockets, then
+only if something leaks cycles), instead of one every few thousand connects; memory stays within twice what
+is alive. Measured figures: docs/performance.md.
+
+`diary-ws serve` also times every collection (`diary_ws_gc_pause_seconds`), freezing or not. Only
+`diary-ws serve` applies either, after start-up: the collector is the whole process's, so an app embedded
+in another server leaves it to its host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import gc
+import logging
+import time
+from typing import Any
+
+from diary_ws.loopwatch import BUCKETS
+
+MIDDLE = 1  # the generation whose survivors would otherwise pile up in the oldest one
+THAW_GROWTH = 2.0  # the frozen generation may grow to this many times its size after the last thaw ...
+THAW_FLOOR = 250_000  # ... and by at least this many objects (about 4,000 sockets' worth) before one
+
+log = logging.getLogger("diary_ws.gc")
+
+
+class Pauses:
+    """The CPU time of each collection, per generation: what the collector itself costs the event loop.
+
+    CPU time (the thread's own clock), not wall time: on a busy machine a collection may wait for a CPU
+    halfway, and that wait is the stall histogram's to show, not the collector's.
+    """
+
+    __slots__ = ("counts", "totals", "worst", "_started")
+
+    def __init__(self) -> None:
+        self.counts = [[0] * (len(BUCKETS) + 1) for _ in range(3)]  # per generation; the last slot is +Inf
+        self.totals = [0.0, 0.0, 0.0]
+        self.worst = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def record(self, generation: int, seconds: float) -> None:
+        self.counts[generation][bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.totals[generation] += seconds
+        if seconds > self.worst[generation]:
+            self.worst[generation] = seconds
+
+    def callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+            return
+        generation = info["generation"]
+        self.record(generation, time.thread_time() - self._started)
+        if freezing and generation >= MIDDLE:
+            gc.freeze()
+            if gc.get_freeze_count() > VALVE.limit():
+                VALVE.schedule()  # not here: a collection cannot start from inside the collector's callback
+
+
+class Valve:
+    """The frozen generation's bound: a thaw, one full collection and a freeze once it has doubled."""
+
+    __slots__ = ("baseline", "thaws", "freed", "loop", "pending")
+
+    def __init__(self) -> None:
+        self.baseline = 0  # frozen objects right after the last freeze that followed a full collection
+        self.thaws = 0
+        self.freed = 0  # unreachable objects the thaws' collections found (cycles that froze)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending = False
+
+    def limit(self) -> float:
+        return max(self.baseline * THAW_GROWTH, self.baseline + THAW_FLOOR)
+
+    def schedule(self) -> None:
+        if self.pending or self.loop is None or self.loop.is_closed():
+            return
+        self.pending = True
+        self.loop.call_soon_threadsafe(self.thaw)
+
+    def thaw(self) -> None:
+        """Hand the frozen objects back, collect everything once, and freeze what is left."""
+        self.pending = False
+        if not freezing:
+            return
+        frozen = gc.get_freeze_count()
+        gc.unfreeze()
+        found = gc.collect()  # timed by the callback like any other full collection
+        gc.freeze()
+        self.baseline = gc.get_freeze_count()
+        self.thaws += 1
+        self.freed += found
+        log.info(
+            "the frozen generation grew to %d objects: thawed, collected (%d unreachable) and froze %d",
+            frozen, found, self.baseline,
+        )  # fmt: skip
+
+
+PAUSES = Pauses()  # the process's one collector, so one record of it
+VALVE = Valve()
+freezing = False
+
+
+def install(freeze: bool) -> None:
+    """Time every collection; with `freeze`, collect and freeze what start-up left, then freeze the survivors
+    of every later collection of the middle (or oldest) generation."""
+    global freezing
+    if freeze:
+        gc.collect()
+        gc.freeze()
+        VALVE.baseline = gc.get_freeze_count()
+        try:
+            VALVE.loop = asyncio.get_running_loop()
+        except RuntimeError:  # installed outside a loop (tests): the bound is then checked by calling thaw()
+            VALVE.loop = None
+    freezing = freeze
+    if PAUSES.callback not in gc.callbacks:
+        gc.callbacks.append(PAUSES.callback)
+
+
+def uninstall() -> None:
+    """Stop timing and freezing, and hand the frozen objects back to the collector (at shutdown, in tests)."""
+    global freezing
+    freezing = False
+    VALVE.loop = None
+    VALVE.pending = False
+    if PAUSES.callback in gc.callbacks:
+        gc.callbacks.remove(PAUSES.callback)
+    gc.unfreeze()
+
+
+def installed() -> bool:
+    return PAUSES.callback in gc.callbacks

@@ -1,0 +1,174 @@
+"""GC_FREEZE (diary_ws/gcpolicy.py): survivors frozen so no full collection walks every socket, and a closed
+socket that leaves no reference cycle behind, since a frozen cycle would never be freed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import http.client
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from diary_ws import cli, gcpolicy
+from diary_ws.app import create_app
+from diary_ws.edge import DiaryServer
+from diary_ws.settings import from_env
+from tests.utils import ON_BOTH_LOOPS, async_wait_until, free_port, raw_handshake, run_server
+
+
+@pytest.fixture
+def policy() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        gcpolicy.uninstall()
+
+
+def test_survivors_of_a_middle_collection_are_frozen(policy: None) -> None:
+    gcpolicy.install(True)
+    assert gcpolicy.installed()
+    frozen = gc.get_freeze_count()
+    assert frozen > 0  # what start-up left
+    kept = [[i] for i in range(2000)]  # tracked, alive: survivors of the next collection
+    gc.collect(1)
+    assert gc.get_freeze_count() >= frozen + len(kept)
+    assert gc.get_objects(generation=2) == []  # nothing left for a full collection to walk
+    assert sum(gcpolicy.PAUSES.counts[1]) >= 1  # and the collection was timed
+    gcpolicy.uninstall()
+    assert not gcpolicy.installed()
+    assert gc.get_freeze_count() == 0
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.anyio
+async def test_cycles_that_froze_are_collected_once_the_frozen_generation_doubles(
+    policy: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference cycle that survived into the frozen generation is never walked again: without a bound, a
+    path that leaks cycles would grow the process for good. Doubling the frozen generation thaws it once."""
+    monkeypatch.setattr(gcpolicy, "THAW_FLOOR", 10_000)
+    gcpolicy.install(True)
+    start = gc.get_freeze_count()
+    thaws = gcpolicy.VALVE.thaws
+    leaked = [Cycle() for _ in range(start + 20_000)]  # more than doubles it
+    gc.collect(1)  # survivors: frozen with the rest
+    assert gc.get_freeze_count() >= start + len(leaked)
+    del leaked  # now cyclic garbage inside the frozen generation: only a thaw can free it
+    await async_wait_until(lambda: gcpolicy.VALVE.thaws == thaws + 1, 5, "the thaw, on the next loop turn")
+    assert gcpolicy.VALVE.freed >= start + 20_000  # each Cycle and its __dict__
+    assert gc.get_freeze_count() < start + 20_000  # the cycles are gone; what is alive froze again
+    assert gc.get_freeze_count() <= gcpolicy.VALVE.baseline < start + 20_000
+    # Below the new bound, a middle collection freezes and nothing is thawed.
+    kept = [[i] for i in range(1000)]
+    gc.collect(1)
+    await asyncio.sleep(0)
+    assert gcpolicy.VALVE.thaws == thaws + 1
+    assert len(kept) == 1000
+
+
+def test_without_freeze_collections_are_only_timed(policy: None) -> None:
+    gcpolicy.install(False)
+    before = sum(gcpolicy.PAUSES.counts[1])
+    gc.collect(1)
+    assert gc.get_freeze_count() == 0
+    assert sum(gcpolicy.PAUSES.counts[1]) == before + 1
+
+
+def metric(server_metrics: str, name: str) -> float:
+    for family in text_string_to_metric_families(server_metrics):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not on /metrics")
+
+
+@pytest.mark.parametrize(("setting", "frozen"), [({}, True), ({"gc_freeze": "0"}, False)])
+def test_serve_freezes_unless_told_not_to(setting: dict[str, str], frozen: bool) -> None:
+    with run_server(setting) as server:
+        text = server.get("/metrics").text
+        assert (metric(text, "diary_ws_gc_frozen_objects") > 1000) is frozen
+        assert metric(text, "diary_ws_gc_frozen_objects") >= 0
+
+
+def masked_close(code: int) -> bytes:
+    mask = os.urandom(4)
+    payload = struct.pack("!H", code)
+    return bytes([0x88, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def event_stream(port: int, user_id: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /api/v1/sse/{user_id} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode())
+    assert sock.recv(12) == b"HTTP/1.1 200"
+    return sock
+
+
+def requests(port: int) -> None:
+    """GETs (each offered the stream hooks) and POSTs on one keep-alive connection, then a close."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(5):
+            for method, path, body in (
+                ("GET", "/api/v1/ws/status?limit=10", None),
+                ("GET", "/healthz", None),
+                ("POST", "/api/v1/ws/notification", b'{"message": "hi", "user_ids": ["u0"]}'),
+            ):
+                connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+                answer = connection.getresponse()
+                answer.read()
+                assert answer.status == 200, (method, path, answer.status)
+    finally:
+        connection.close()
+
+
+@ON_BOTH_LOOPS
+@pytest.mark.anyio
+async def test_closed_connections_leave_no_cyclic_garbage(server_loop: str) -> None:
+    """Every WebSocket's HTTP handshake protocol, its WebSocket protocol and its transport, and every HTTP
+    request and keep-alive connection, are freed by reference counting once done: with GC_FREEZE they may be
+    frozen, and a frozen cycle would never be freed."""
+    port = free_port()
+    settings = from_env({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning"})
+    app = create_app(settings)
+    server = DiaryServer(cli.uvicorn_config(settings, app), on_signal=lambda: None, drain_seconds=0)
+    task = asyncio.create_task(server.serve())
+    watched = {"DiaryWebSocketProtocol", "DiaryHttpProtocol", "SocketControl", "StallWatch", "ServerProtocol"}
+    watched |= {"RequestResponseCycle", "StreamControl", "OneWrite", "Connection", "SseSink", "AsgiSink"}
+    watched |= {"_SelectorSocketTransport", "TCPTransport"}  # asyncio's and uvloop's (the client here is blocking)
+    try:
+        await async_wait_until(lambda: server.started, 10, "the server to start")
+        gc.collect()
+        gc.disable()
+        sockets = [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/u{i}") for i in range(20)]
+        # Heartbeats run on a timer per socket; so do an event stream's.
+        sockets += [await asyncio.to_thread(raw_handshake, port, f"/api/v1/ws/h{i}?heartbeat=5") for i in range(5)]
+        sockets += [await asyncio.to_thread(event_stream, port, f"s{i}") for i in range(5)]
+        await async_wait_until(lambda: app.state.hub.sizes()[0] == 30, 10, "30 listeners")
+        await asyncio.to_thread(requests, port)
+        for i, sock in enumerate(sockets):
+            if i % 2 and i < 25:  # a close code no peer may send: the server's parser fails with a protocol error
+                sock.sendall(masked_close(1005))
+            sock.close()
+
+        def live() -> list[str]:
+            return sorted({type(o).__name__ for o in gc.get_objects()} & watched)
+
+        assert "DiaryWebSocketProtocol" in live()
+        # The collector is off: only reference counting can free them.
+        with contextlib.suppress(AssertionError):
+            await async_wait_until(lambda: not live(), 10, "the closed sockets to be freed by reference counting")
+        assert live() == [], "left alive (in reference cycles, or still referenced) after the sockets closed"
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
