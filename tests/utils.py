@@ -262,6 +262,12 @@ def vm_rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS line")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime, in clock ticks
+
+
 def open_fds(pid: int) -> int:
     """How many file descriptors a process holds."""
     return len(os.listdir(f"/proc/{pid}/fd"))

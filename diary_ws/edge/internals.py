@@ -186,7 +186,17 @@ INTERNALS: tuple[Internal, ...] = (
         Internal(f"{WS}:WebSocketsSansIOProtocol.{name}", "name", "dispatched to from the copied handle_events")
         for name in ("handle_connect", "handle_cont", "handle_text", "handle_bytes", "handle_pong", "handle_close")
     ),
-    Internal(f"{WS}:WebSocketsSansIOProtocol.data_received", "name", "an unparsable upgrade is answered"),
+    Internal(
+        f"{WS}:WebSocketsSansIOProtocol.data_received",
+        "name",
+        "an unparsable upgrade is answered; after a violation nothing more is parsed",
+    ),
+    Internal(
+        f"{WS}:WebSocketsSansIOProtocol.receive",
+        "source",
+        "resumes reading once the app has drained the queue: paused again after a violation",
+        "self.transport.resume_reading()",
+    ),
     Internal(f"{WS}:WebSocketsSansIOProtocol.stop_keepalive", "name", "called at shutdown"),
     Internal(
         f"{WS}:WebSocketsSansIOProtocol.handle_connect",

@@ -6,9 +6,9 @@ sans-I/O protocol answers pings and gathers continuation frames itself: the app 
 flood of them cost the server memory and CPU without ever reaching the app's own rate check.
 
 uvicorn internals this module relies on, beside those of the rest of the edge: `handle_events`' dispatch
-(copied, to count each frame before it), `handle_ping`, `send_receive_event_to_app`, and the attributes
-`frames`, `curr_msg_data_type`, `close_sent`, `read_paused`, `queue`, `conn` (websockets `ServerProtocol`:
-`events_received`, `data_to_send`, `send_close`).
+(copied, to count each frame before it), `handle_ping`, `send_receive_event_to_app`, `receive` (which resumes
+reading), and the attributes `frames`, `curr_msg_data_type`, `close_sent`, `read_paused`, `queue`, `conn`
+(websockets `ServerProtocol`: `events_received`, `data_to_send`, `send_close`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, ClassVar
 
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.frames import Frame, Opcode
@@ -261,9 +261,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             self._unfinished.cancel()
             self._unfinished = None
         self.frames = []
-        if not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
+        self._stop_reading()
         self.conn.data_to_send()  # pongs owed for pings of this same read: dropped
         if not self.close_sent and not self.transport.is_closing():
             self.conn.send_close(code, reason)
@@ -280,7 +278,24 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         self.scope["extensions"][SOCKET_EXTENSION] = SocketHooks(self)  # type: ignore[assignment]
         await super().run_asgi()
 
+    async def receive(self) -> ASGIReceiveEvent:
+        message = await super().receive()
+        if self._violated:
+            self._stop_reading()  # uvicorn resumes once the app has drained the queue: not after a violation
+        return message
+
+    def _stop_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
     def data_received(self, data: bytes) -> None:
+        if self._violated:
+            # Read after a violation only if uvicorn resumed reading on a path of its own: dropped unparsed.
+            # Parsing a flood of tiny frames costs about 0.1 s per 256 KiB read, and uvloop makes up to 32
+            # reads a turn before its timers run, so the abort a second after the violation came seconds late.
+            self._stop_reading()
+            return
         super().data_received(data)
         failed = self.conn.handshake_exc
         if failed is not None and not self.handshake_initiated and not self.transport.is_closing():
