@@ -427,6 +427,12 @@ class DiaryHttpProtocol(HttpToolsProtocol):
             return
         if self._phase is Phase.ANSWER:  # not a response sent before its request's body was all in
             self._enter(Phase.HEAD)
+        elif self._phase is Phase.BODY:
+            # Answered before its body was all in (a 413, say): the rest of the body is read and dropped, under
+            # BODY_TIMEOUT, then the next request. uvicorn paused reading if over 64 KiB of the body came before
+            # the app answered, and resumes here (as its own on_response_complete does): else a client that
+            # sends its whole body before it reads waited for its own timeout, or for BODY_TIMEOUT's silent close.
+            self.flow.resume_reading()
         if not self.flow.write_paused:
             self._next_request()
         # else: resume_writing feeds the next request once the peer has read this answer
