@@ -189,8 +189,10 @@ def run_server(
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIARY_WS_")}
     env.update({f"DIARY_WS_{k.upper()}": str(v) for k, v in (settings or {}).items()})
-    if _loop[0] is not None and "loop" not in (settings or {}):
-        env["DIARY_WS_LOOP"] = _loop[0]
+    # The test's loop; for a server a module or session fixture starts (before any test's loop is set), $TEST_LOOP.
+    loop = _loop[0] or os.environ.get("TEST_LOOP")
+    if loop and "loop" not in (settings or {}):
+        env["DIARY_WS_LOOP"] = loop
     env["DIARY_WS_PORT"] = str(port)
     with tempfile.NamedTemporaryFile(prefix="diary-ws-", suffix=".log", delete=False) as log_file:
         log_path = Path(log_file.name)
