@@ -15,7 +15,17 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from tests.utils import Server, access_statuses, open_fds, raw_handshake, run_server, vm_rss_kib, wait_until
+from tests.utils import (
+    LOOPS,
+    ON_BOTH_LOOPS,
+    Server,
+    access_statuses,
+    open_fds,
+    raw_handshake,
+    run_server,
+    vm_rss_kib,
+    wait_until,
+)
 
 LOG_BOUND = 5 * 1024 * 1024  # bytes of log any attack may cost
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -90,10 +100,14 @@ def still_serves(server: Server) -> None:
     assert server.get("/api/v1/ws/status").status_code == 200
 
 
-@pytest.fixture(scope="module")
-def quick_clocks() -> Iterator[Server]:
-    """Clocks of a second, small caps: what the edge does at its bounds, quickly."""
-    with run_server({"header_timeout": "1", "body_timeout": "1.5", "max_header_bytes": "4096"}) as srv:
+@pytest.fixture(scope="module", params=LOOPS)
+def quick_clocks(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """Clocks of a second, small caps: what the edge does at its bounds, quickly; once per event loop."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
+    settings = {"header_timeout": "1", "body_timeout": "1.5", "max_header_bytes": "4096", "loop": request.param}
+    with run_server(settings) as srv:
+        assert f'loop="{request.param}"' in srv.get("/metrics").text
         yield srv
         assert_bounded_log(srv)
 
@@ -231,6 +245,7 @@ def test_a_head_split_in_many_reads_passes(quick_clocks: Server) -> None:
     assert status == 200
 
 
+@ON_BOTH_LOOPS  # servers of its own: on each event loop
 def test_a_50_mb_header_line_is_answered_with_bounded_memory() -> None:
     with run_server() as server:
         rss = vm_rss_kib(server.proc.pid)
@@ -277,6 +292,7 @@ def test_pipelined_requests_are_answered_in_order(quick_clocks: Server) -> None:
     assert statuses == [200, 404] * 50
 
 
+@ON_BOTH_LOOPS  # servers of its own: on each event loop
 def test_20_mb_of_pipelined_requests_never_read_cost_bounded_memory() -> None:
     with run_server() as server:
         rss = vm_rss_kib(server.proc.pid)
@@ -306,6 +322,7 @@ def slow_head(port: int) -> socket.socket:
     return sock
 
 
+@ON_BOTH_LOOPS  # servers of its own: on each event loop
 def test_slow_heads_past_the_cap_are_evicted_and_a_post_still_answers() -> None:
     """1,100 slow connections against an open-file limit of 512: the oldest go, nobody meets EMFILE."""
     with run_server({"header_timeout": "60"}, open_files=512) as server:
@@ -328,6 +345,7 @@ def test_slow_heads_past_the_cap_are_evicted_and_a_post_still_answers() -> None:
         assert_bounded_log(server)
 
 
+@ON_BOTH_LOOPS  # servers of its own: on each event loop
 def test_when_nobody_can_be_evicted_a_new_connection_gets_503() -> None:
     body_start = (
         b"POST /api/v1/ws/notification HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -402,6 +420,7 @@ def test_settings_past_the_open_file_limit_stop_start_up(tmp_path: object) -> No
     assert "open-file limit" in lines[0], lines
 
 
+@ON_BOTH_LOOPS  # servers of its own: on each event loop
 def test_listeners_do_not_count_as_http_connections() -> None:
     """SSE streams and upgraded WebSockets are listeners (MAX_CONNECTIONS): they leave the HTTP cap free."""
     with run_server({"max_http_connections": "4"}) as server:

@@ -1,7 +1,7 @@
 """Hostile input against a real server: every refusal is the JSON error body of docs/api.md, never a 500.
 
-All cases share one server (`shared_server`); its teardown checks that the log holds no traceback and no
-ERROR line, and the last test proves the server still delivers after all of this.
+All cases share one server (`shared_server`, once on each event loop); its teardown checks that the log holds no
+traceback and no ERROR line, and the last test proves the server still delivers after all of this.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import select
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.utils import Server
+from tests.utils import LOOPS, Server, run_server
 
 API = "/api/v1/ws"
 NOTIFY = f"{API}/notification"
@@ -30,6 +31,17 @@ TIMEOUT = 5.0
 NOBODY = "nobody-listens-here"  # a valid user id nobody connects as: a valid POST to it answers 404
 COUNTERS = frozenset({"sent_count", "total_connections", "disconnected_users"})  # the extra keys of that 404
 JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def shared_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    """One server for the module, once per event loop: every refusal here is the transport's as much as the app's."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
+    with run_server({"loop": request.param}) as srv:
+        assert f'loop="{request.param}"' in srv.get("/metrics").text
+        yield srv
+        srv.assert_clean_log()
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
