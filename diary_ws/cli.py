@@ -201,7 +201,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         backlog=ACCEPT_BATCH,  # per turn of the loop; DiaryServer sets the kernel's listen queue to 2048 again
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
         lifespan="on",
-        loop=settings.loop,  # asyncio by default: three edge bounds do not hold on uvloop yet (docs/limits.md)
+        loop=settings.loop,  # auto by default: uvloop when installed (docs/observability.md)
         log_config=None,
         log_level=settings.log_level,
         # uvicorn builds each access line's arguments before the logger drops it: off when it would be dropped.

@@ -74,7 +74,7 @@ class Settings:
     max_batch_bytes: int = 1024 * 1024
     log_level: str = "info"
     log_format: str = "text"
-    loop: str = "asyncio"
+    loop: str = "auto"
     gc_freeze: bool = True
 
     def __post_init__(self) -> None:

@@ -362,10 +362,10 @@ def test_real_workers_label_their_figures() -> None:
 
 
 @pytest.mark.parametrize(
-    ("loop", "expected"), [(None, "asyncio"), ("auto", "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")]
+    ("loop", "expected"), [(None, "uvloop"), ("auto", "uvloop"), ("asyncio", "asyncio"), ("uvloop", "uvloop")]
 )
 def test_serve_runs_on_the_loop_the_setting_names(loop: str | None, expected: str) -> None:
-    """asyncio by default (the edge's frame and body bounds are proven there); auto or uvloop opt in."""
+    """uvloop by default when installed (auto; the edge's bounds are tested on both loops); asyncio opts out."""
     pytest.importorskip("uvloop", reason="uvloop is not installed: make install brings it")
     with run_server({} if loop is None else {"loop": loop}) as server:
         [info] = [f for f in text_string_to_metric_families(server.get("/metrics").text) if f.name.endswith("info")]
