@@ -161,11 +161,21 @@ def check_notification(
     if isinstance(user_ids, (str, bytes)):  # a lone id would otherwise be taken letter by letter
         raise ValidationError("user_ids", f"must be a list of user ids, not {_json_kind(user_ids)}")
     return Notification(
-        message=_message(message, True, max_message_chars),
+        message=_text(_message(message, True, max_message_chars)),
         user_ids=_user_ids(list(user_ids)) if user_ids is not None else None,
         type=_type(type),
         data=_serialisable(_data(dict(data) if isinstance(data, Mapping) else data)) if data is not None else None,
     )
+
+
+def _text(message: str) -> str:
+    # A Python str may hold a lone surrogate, which no UTF-8 frame can carry (a POST body cannot: orjson
+    # refuses it): without this check it was a TypeError from inside the publish.
+    try:
+        message.encode()
+    except UnicodeEncodeError as exc:
+        raise ValidationError("message", f"must be valid Unicode text: a lone surrogate at {exc.start}") from None
+    return message
 
 
 def _serialisable(data: dict[str, Any]) -> dict[str, Any]:
