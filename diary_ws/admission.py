@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from diary_ws.auth import Security, client_address, direct_peer, token_from
+from diary_ws.errors import Unauthorized
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.validation import ListenQuery, check_user_id, parse_listen_query
 
@@ -55,5 +56,11 @@ async def admit_listener(scope: Scope, parse_query: Callable[[Scope], ListenQuer
     token = token_from(scope["query_string"], headers.get("authorization")) if security.jwt is not None else None
     header = None
     if security.user_header is not None and security.proxies.trusts(direct_peer(scope)):
-        header = headers.get(security.user_header)
+        found = headers.getlist(security.user_header)
+        if len(found) > 1:  # a proxy that adds the header keeps the client's copy: no telling which is whose
+            raise Unauthorized(
+                f"the {security.user_header} header was sent more than once: the proxy must overwrite it, not add one",
+                invalid=True,
+            )
+        header = found[0] if found else None
     return Admission(user_id, query, security.listener_auth(user_id, token, header))

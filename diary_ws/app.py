@@ -127,6 +127,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     backend = "redis" if settings.broker_url.startswith("redis") else "memory"
     metrics = Metrics(hub, per_worker=settings.workers > 1, backend=backend)
     app = DiaryApp(routes=routes(), lifespan=lifespan)
+    # Starlette answers `/healthz/` with a 307 to `/healthz`, built from the client's Host header (an open
+    # redirect) and with an empty body; a path that is not ours gets the JSON 404 instead.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.hub = hub
     app.state.metrics = metrics

@@ -7,6 +7,7 @@ any ROOT_PATH.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from importlib.resources import files
 from typing import Any
@@ -15,9 +16,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from diary_ws import deadline
 from diary_ws.auth import Security
 from diary_ws.broadcaster import Hub
-from diary_ws.errors import BadRequest, NotFound
+from diary_ws.errors import BadRequest, BrokerUnavailable, NotFound
 from diary_ws.loopwatch import BUCKETS
 from diary_ws.metrics import SAMPLE_PERIOD, Metrics, Sample, loop_name
 from diary_ws.settings import Settings
@@ -72,7 +74,12 @@ async def overview(request: Request) -> Response:
     limit = _limit(request.query_params.get("limit"))
     hub: Hub = request.app.state.hub
     metrics: Metrics = request.app.state.metrics
-    nodes = await hub.backend.nodes()
+    with deadline.request():  # as for the status: a broker that does not answer in time is a 503 within 3 s
+        try:
+            async with asyncio.timeout(deadline.BACKSTOP_SECONDS):
+                nodes = await hub.backend.nodes()
+        except TimeoutError:
+            raise BrokerUnavailable("broker unavailable: no answer in time; retry later") from None
     users: dict[str, int] = {}
     for node in nodes:
         for user_id, count in node.users.items():

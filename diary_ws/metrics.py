@@ -32,6 +32,7 @@ from diary_ws import __version__, gcpolicy
 from diary_ws.broadcaster import Hub
 from diary_ws.loopwatch import BUCKETS as STALL_BUCKETS
 from diary_ws.loopwatch import StallProbe
+from diary_ws.protocols import CloseCode
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes (CONTENT_TYPE_LATEST names 1.0.0)
 
@@ -50,6 +51,7 @@ HANDSHAKE_OUTCOMES = {
 }
 UNMATCHED = "unmatched"  # the route label of a request no route matched, so raw paths never become labels
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CLOSE_CODES = frozenset(CloseCode)
 
 
 class HubCollector(Collector):
@@ -286,7 +288,9 @@ class Metrics:
 
     def closed(self, code: int) -> None:
         """Count one WebSocket that ended, by the code it ended with."""
-        self._closes.labels(code=str(code), **self._labels).inc()
+        # A peer may close with any code from 3000 to 4999: those that are not ours share one label.
+        label = str(code) if code < 3000 or code in CLOSE_CODES else "other"
+        self._closes.labels(code=label, **self._labels).inc()
 
     def refused(self, status: int, transport: str = "websocket") -> None:
         """Count one handshake refused with `status` (400, 401, 403, 429, 503; 404 for an unknown socket path)."""

@@ -41,7 +41,7 @@ from diary_ws.openapi import openapi_document
 from diary_ws.protocols import Claim, CloseCode, Idempotency, PublishResult, SocketControl, StreamControl, WriteResult
 from diary_ws.ratelimit import RateLimiter
 from diary_ws.settings import Settings
-from diary_ws.sse import STREAM_EXTENSION, SseSink, until_ended
+from diary_ws.sse import HEADERS, STREAM_EXTENSION, SseSink, until_ended
 from diary_ws.validation import (
     Batch,
     ListenQuery,
@@ -529,6 +529,12 @@ class Stream:
         conn: Connection | None = None
         try:
             admission = await admit_listener(scope, stream_query)  # the WebSocket's checks: auth, origin, rate, ids
+            if scope["method"] == "HEAD":
+                # The stream's head and no session: a HEAD carries no body, so as a listener it took a slot and
+                # counted every message to its user as sent while nothing could ever reach anyone.
+                await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+                await send({"type": "http.response.body", "body": b""})
+                return
             conn = hub.session(admission.user_id, sink, admission.expires_at)
             async with conn:  # the Hub's limits (429, 503), then the stream's whole life
                 # uvicorn would wait on an open stream at shutdown (docs/operations.md, "Shutdown"): end it first

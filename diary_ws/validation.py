@@ -5,7 +5,9 @@ Sizes are checked before anything is parsed, and nothing downstream checks again
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -76,9 +78,34 @@ def parse_notification(body: bytes, max_message_chars: int) -> Notification:
 
 def _parse_json(body: bytes) -> Any:
     try:
-        return orjson.loads(body)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(_json_problem(body, exc)) from None
+    if _LONG_DIGITS.search(body):  # rare, and cheap to rule out: only then is the body read a second time
+        _refuse_wide_integers(body)
+    return doc
+
+
+# orjson reads an integer past 64 bits as a float, silently: 123456789012345678901234567890 would reach the
+# listeners as 1.2345678901234568e+29. Such an integer has at least 19 digits (-2**63 - 1 has 19).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what orjson reads, and writes, as an integer
+
+
+def _refuse_wide_integers(body: bytes) -> None:
+    def integer(literal: str) -> int:
+        # Past 20 digits it is out of range whatever they are (and int() refuses past 4,300 of them).
+        value = int(literal) if len(literal.lstrip("-")) <= 20 else _INT_MAX + 1
+        if not _INT_MIN <= value <= _INT_MAX:
+            shown = literal if len(literal) <= 40 else literal[:40] + "..."
+            raise ValidationError(
+                "body", f"holds the integer {shown}, outside the 64-bit range JSON numbers are carried in; "
+                "send it as a string",
+            )  # fmt: skip
+        return value
+
+    with contextlib.suppress(RecursionError):  # too deep for this reader: the depth check refuses it
+        json.loads(body, parse_int=integer)
 
 
 def notification_from(doc: object, max_message_chars: int, what: str = "body") -> Notification:
@@ -161,11 +188,21 @@ def check_notification(
     if isinstance(user_ids, (str, bytes)):  # a lone id would otherwise be taken letter by letter
         raise ValidationError("user_ids", f"must be a list of user ids, not {_json_kind(user_ids)}")
     return Notification(
-        message=_message(message, True, max_message_chars),
+        message=_text(_message(message, True, max_message_chars)),
         user_ids=_user_ids(list(user_ids)) if user_ids is not None else None,
         type=_type(type),
         data=_serialisable(_data(dict(data) if isinstance(data, Mapping) else data)) if data is not None else None,
     )
+
+
+def _text(message: str) -> str:
+    # A Python str may hold a lone surrogate, which no UTF-8 frame can carry (a POST body cannot: orjson
+    # refuses it): without this check it was a TypeError from inside the publish.
+    try:
+        message.encode()
+    except UnicodeEncodeError as exc:
+        raise ValidationError("message", f"must be valid Unicode text: a lone surrogate at {exc.start}") from None
+    return message
 
 
 def _serialisable(data: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,9 @@ What it does in a browser is tested in tests/test_browser.py.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from importlib.resources import files
@@ -162,6 +164,23 @@ def test_overview_over_redis_sums_users_over_nodes_and_lists_each_node() -> None
         assert second.terminate() < 10
         wait_until(lambda: len(overview(first, key=None).json()["nodes"]) == 1, 15, "the node to leave")
         first.assert_clean_log()
+
+
+def test_overview_answers_within_the_request_bound_while_redis_is_paused() -> None:
+    """Like the status it mirrors: a paused broker gets a 503 within 3 s, not a wait on the client's timeout."""
+    with redis_server() as redis, run_server({"broker_url": redis.url, "console": "1"}) as server:
+        assert overview(server, key=None).status_code == 200
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            answer = overview(server, key=None)
+            took = time.monotonic() - started
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["status"] == "error"
+        assert took < 3.5, f"the overview took {took:.1f} s"
 
 
 def test_rates_are_per_second_between_samples() -> None:

@@ -21,7 +21,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 import diary_ws
 from diary_ws.client import Client
 from tests.docs import block
-from tests.utils import START_TIMEOUT, Server, async_wait_until, free_port, next_frame, run_server, wait_until
+from tests.utils import (
+    START_TIMEOUT,
+    Server,
+    async_wait_until,
+    free_port,
+    next_frame,
+    run_server,
+    serve_in_process,
+    wait_until,
+)
 
 LIMIT = 20.0
 
@@ -176,6 +185,22 @@ async def test_notify_refuses_what_the_post_refuses_with_the_same_message(
     assert refused.value.field == field
     assert posted.status_code == 422
     assert posted.json()["message"] == refused.value.message
+
+
+@pytest.mark.anyio
+async def test_notify_refuses_a_message_utf8_cannot_carry() -> None:
+    """A lone surrogate is a Python str but not text a frame can carry: it was a TypeError from deep inside
+    the publish, not the ValidationError the docs promise (a POST body cannot hold one: orjson refuses it)."""
+    app = diary_ws.create_app()
+    async with serve_in_process(app) as where, connect(f"ws://{where}/api/v1/ws/sue") as ws:
+        await async_wait_until(lambda: len(list(app.state.hub.connections())) == 1, 5, "the listener")
+        for message in ("\ud800", "half a pair \udfff"):
+            with pytest.raises(diary_ws.ValidationError) as refused:
+                await app.state.hub.notify(message, user_ids=["sue"])
+            assert refused.value.field == "message"
+        result = await app.state.hub.notify("fine", user_ids=["sue"])
+        frame = await next_frame(ws)
+        assert (frame["message"], frame["id"]) == ("fine", str(result.id))
 
 
 @pytest.mark.anyio

@@ -19,6 +19,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as sync_connect
 
 from tests.utils import LOOPS, Server, run_server
 
@@ -202,6 +203,24 @@ def test_invalid_utf8_is_400(shared_server: Server, body: bytes) -> None:
 def test_nan_and_infinity_are_400(shared_server: Server, literal: bytes) -> None:
     body = b'{"message": "hi", "user_ids": ["%s"], "data": {"x": %s}}' % (NOBODY.encode(), literal)
     assert_error(post(shared_server, body), 400)
+
+
+@pytest.mark.parametrize(
+    "literal", [b"123456789012345678901234567890", b"18446744073709551616", b"-9223372036854775809"]
+)
+def test_an_integer_past_64_bits_is_422_not_a_silent_float(shared_server: Server, literal: bytes) -> None:
+    body = b'{"message": "hi", "user_ids": ["%s"], "data": {"n": %s}}' % (NOBODY.encode(), literal)
+    assert "64-bit" in assert_error(post(shared_server, body), 422, "body")
+
+
+def test_64_bit_integers_and_long_digit_strings_are_taken_exactly(shared_server: Server) -> None:
+    with sync_connect(shared_server.listen_url("wide-ints")) as ws:
+        body = b'{"message": "1234567890123456789012345", "user_ids": ["wide-ints"], "data": {"max": 18446744073709551615, "min": -9223372036854775808}}'  # noqa: E501
+        answer = post(shared_server, body)
+        assert answer.status_code == 200, answer.text
+        frame = orjson.loads(ws.recv(timeout=5))
+        assert frame["message"] == "1234567890123456789012345"
+        assert frame["data"] == {"max": 18446744073709551615, "min": -9223372036854775808}
 
 
 @pytest.mark.parametrize(
@@ -668,3 +687,18 @@ def test_an_upgrade_too_big_for_the_websocket_parser_is_answered_not_left_hangin
     assert got == status, body
     message = error_message(got, headers.get("content-type"), body)
     assert all(word in message for word in words), message
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/healthz/"), ("GET", "/api/v1/ws/status/"), ("POST", "/api/v1/ws/notification/"), ("GET", "/metrics/")],
+)
+def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_clients_host(
+    shared_server: Server, method: str, path: str
+) -> None:
+    answer = httpx.request(
+        method, f"{shared_server.http}{path}", headers={"Host": "evil.example", "Content-Type": "application/json"},
+        content=b'{"message": "hi"}' if method == "POST" else None, follow_redirects=False, timeout=5,
+    )  # fmt: skip
+    assert "location" not in answer.headers
+    assert_error(answer, 404, path)

@@ -385,3 +385,17 @@ def test_loop_uvloop_without_uvloop_is_a_clear_setting_error(monkeypatch: pytest
     assert from_env({"DIARY_WS_LOOP": "auto"}).loop == "auto"  # auto falls back to asyncio instead
     with pytest.raises(SettingError, match="must be one of auto, asyncio, uvloop"):
         from_env({"DIARY_WS_LOOP": "trio"})
+
+
+@pytest.mark.anyio
+async def test_a_peers_own_close_codes_share_one_label(server: Server) -> None:
+    """The peer picks its close code (3000-4999 are free for applications): one label each would let any
+    client add two thousand series to every scrape."""
+    for code in (3000, 3999, 4500, 4999):
+        async with connect(server.listen_url(f"closer{code}")) as ws:
+            await ws.close(code, "bye")
+    await async_wait_until(lambda: server.status()["total_connections"] == 0, 5, "the sockets to go")
+    samples = scrape(server)
+    codes = {dict(labels).get("code") for name, labels in samples if name == "diary_ws_websocket_closes_total"}
+    assert codes == {"other"}, codes
+    assert value(samples, "diary_ws_websocket_closes_total", code="other") == 4

@@ -213,3 +213,33 @@ async def test_node_clocks_minutes_off_change_no_answer_and_no_count(monkeypatch
         for srv in nodes:
             assert "no counts in time" not in srv.log()
             srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_handshake_refused_while_redis_is_paused_leaves_no_ghost() -> None:
+    """The handshake's presence write waits in Redis's socket while it sleeps, and runs when it wakes, after the
+    client got its 503 and the node gave up on it: the user must not stay "connected" on this node, which made
+    every POST to them a 200 "sent to 0 users" that nobody got, for as long as the node lived."""
+    with redis_server() as redis, run_server({"broker_url": redis.url}) as srv:
+        wait_until(lambda: srv.get("/readyz").status_code == 200, 10, "the node to be ready")
+        # A listener that just joined: the presence writer's next command is the refused handshake's own,
+        # not a heartbeat that would fail first and leave it unsent.
+        async with listeners(srv.listen_url("warm")):
+            with paused(redis):
+                answer = srv.get("/api/v1/sse/ghost")  # the WebSocket's handshake takes the same path
+                assert answer.status_code == 503, answer.text
+                wait_until(lambda: "presence: Redis unreachable" in srv.log(), 15, "the presence writer to give up")
+        wait_until(lambda: srv.get("/readyz").status_code == 200, 10, "Redis to be back")
+
+        def gone() -> bool:
+            presence = srv.get("/api/v1/ws/users/ghost")
+            return presence.status_code == 200 and presence.json()["connected"] is False
+
+        wait_until(gone, 10, "the refused handshake's presence to be cleared")
+        assert srv.post({"message": "anyone?", "user_ids": ["ghost"]}).status_code == 404
+        async with listeners(srv.listen_url("ghost")) as (ghost,):
+            sent = srv.post({"message": "now", "user_ids": ["ghost"]})
+            assert sent.status_code == 200, sent.text
+            assert (await next_frame(ghost))["message"] == "now"
+        srv.assert_clean_log()

@@ -216,6 +216,21 @@ async def test_user_header_from_the_trusted_proxy(proxied: Server) -> None:
     assert status == 401
 
 
+async def test_user_header_sent_twice_is_refused(proxied: Server) -> None:
+    """A proxy that adds the header instead of overwriting it leaves the client's own copy in the request, and
+    nothing tells which copy is the proxy's: the first one was believed, whoever sent it."""
+    for pair in (("alice", "bob"), ("bob", "alice"), ("alice", "alice")):
+        twice = {"additional_headers": [("X-User-Id", name) for name in pair]}
+        status, body, _ = await refusal(proxied.listen_url("alice"), **twice)
+        assert status == 401, body
+        assert "more than once" in body["message"]
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(f"{proxied.http}/api/v1/sse/alice", headers=twice["additional_headers"])
+        assert answer.status_code == 401, answer.text
+    async with connect(proxied.listen_url("alice"), **headers(X_User_Id="alice")):
+        pass
+
+
 async def test_user_header_from_anyone_else_is_ignored(proxied: Server) -> None:
     elsewhere = {"local_addr": ("127.0.0.2", 0)}  # a client that is not the proxy
     status, body, _ = await refusal(proxied.listen_url("alice"), **headers(X_User_Id="alice"), **elsewhere)

@@ -7,6 +7,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -186,6 +187,31 @@ def test_wrong_method_is_405_json(shared_server: Server) -> None:
     assert answer.status_code == 405
     assert set(answer.headers["allow"].split(", ")) == {"GET", "HEAD"}
     assert answer.json()["status"] == "error"
+
+
+def test_head_answers_the_stream_head_without_listening(server: Server) -> None:
+    """A HEAD is not a listener: it must not take a slot, count as a connection, or turn a 404 into a 200
+    for messages that a response without a body can never carry."""
+    heads = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            heads.append(sock)
+            sock.sendall(b"HEAD /api/v1/sse/holly HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                assert chunk, f"closed before the response head: {head!r}"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert b"text/event-stream" in head
+        status = server.status()
+        assert status["total_connections"] == 0, status
+        assert server.post({"message": "anyone?", "user_ids": ["holly"]}).status_code == 404
+        assert httpx.head(f"{server.http}/api/v1/sse/bad%20id", timeout=10).status_code == 400
+    finally:
+        for sock in heads:
+            sock.close()
 
 
 @pytest.mark.anyio

@@ -172,6 +172,10 @@ class PresenceMixin(RedisCore):
                         self._epoch, max(self._size, FEED_MIN), FEED_MIN]  # fmt: skip
                 accepted, others, registered, *life = await self._run(scripts.JOIN, list(self._keys), argv)
             except BaseException:
+                # The script may still run: a paused Redis runs what waits in its socket when it wakes, after
+                # this node gave up. Counting the user as indexed makes the rewrite that follows a failure
+                # clear this node's entry in `where:<user>` unless the user is here by then.
+                self._indexed.add(user_id)
                 self._joins = joins[index:] + self._joins
                 raise
             if accepted:
