@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -211,7 +212,23 @@ def _serialisable(data: dict[str, Any]) -> dict[str, Any]:
         orjson.dumps(data)
     except orjson.JSONEncodeError as exc:
         raise ValidationError("data", f"must be JSON-serialisable: {exc}") from None
+    if _holds_non_finite(data):  # orjson writes NaN and Infinity as null: a silent change, refused as the POST does
+        raise ValidationError("data", "must not hold NaN or Infinity: JSON has no such number")
     return data
+
+
+def _holds_non_finite(value: object) -> bool:
+    """Whether a float NaN or infinity is anywhere in `value`; a walk with a stack, as `_depth_over`."""
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _json_problem(body: bytes, exc: orjson.JSONDecodeError) -> str:

@@ -209,5 +209,9 @@ async def test_notify_refuses_data_json_cannot_carry() -> None:
     async with diary_ws.lifespan(app):
         with pytest.raises(diary_ws.ValidationError, match="data: must be JSON-serialisable"):
             await app.state.hub.notify("hi", data={"tags": {"a", "b"}})
+        # orjson would write these as null: the listener would get a value nobody sent.
+        for odd in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(diary_ws.ValidationError, match="data: must not hold NaN or Infinity"):
+                await app.state.hub.notify("hi", data={"deep": [{"x": odd}]})
         with pytest.raises(diary_ws.NobodyListening):  # valid, but nobody is connected: nothing stored
             await app.state.hub.notify("hi", user_ids=("alice", "bob"), type="x.y", data={"n": 1})
