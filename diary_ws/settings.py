@@ -265,7 +265,10 @@ def _host(raw: str) -> str:
 
 def _broker_url(raw: str) -> str:
     text = raw.strip()
-    rule = "must be memory:// or a redis://[:password@]host[:port][/db] (or rediss://) URL"
+    rule = (
+        "must be memory://, a redis://[:password@]host[:port][/db] (or rediss://) URL, or a Redis Cluster's "
+        "redis-cluster://[:password@]host[:port] (or rediss-cluster://)"
+    )
     if text.startswith("memory://"):
         return text
     try:
@@ -274,8 +277,12 @@ def _broker_url(raw: str) -> str:
     except ValueError:
         raise ValueError(rule) from None
     bad_path = not re.fullmatch(r"(/\d*)?", parts.path)
-    if parts.scheme not in ("redis", "rediss") or bad_path or any(c.isspace() for c in text):
+    if parts.scheme not in ("redis", "rediss", "redis-cluster", "rediss-cluster") or bad_path:
         raise ValueError(rule)
+    if any(c.isspace() for c in text):
+        raise ValueError(rule)
+    if parts.scheme.endswith("-cluster") and (parts.path.strip("/0") or not parts.hostname):
+        raise ValueError(rule + "; a Redis Cluster URL names one of its nodes, and has only database 0")
     return text
 
 
@@ -359,7 +366,7 @@ SPECS: dict[str, tuple[Parser, str]] = {
     "port": (_int_in(1, 65535), "TCP port to listen on"),
     "root_path": (_root_path, "path prefix the proxy mounts the service under (ASGI root_path)"),
     "workers": (_int_in(1, 64), "worker processes; more than 1 needs redis://"),
-    "broker_url": (_broker_url, "memory:// (one process) or redis://host:6379/0"),
+    "broker_url": (_broker_url, "memory:// (one process), redis://host:6379/0, or redis-cluster://host:port"),
     "api_key": (_optional_text, "sender API keys, a comma list (secret)"),
     "api_key_file": (_optional_text, "file holding the sender API keys"),
     "jwt_secret": (_optional_text, "HS256 secret for listener tokens (secret)"),

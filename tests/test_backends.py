@@ -1,4 +1,5 @@
-"""The backend contract, run on both backends: memory, and Redis (a real redis-server on a free port).
+"""The backend contract, run on every backend: memory, Redis (a real redis-server on a free port), and Redis
+Cluster (three real redis-servers joined as a cluster).
 
 The Node here is our own seam (protocols.Node; fakes only for our own seams), standing in for the Hub: it records
 what the backend delivers and holds a presence the test sets.
@@ -18,7 +19,7 @@ from diary_ws.errors import NobodyListening, TooManyConnections
 from diary_ws.messages import Draft, Message, MessageId
 from diary_ws.protocols import Backend, CloseCode, Counts, WriteResult
 from diary_ws.settings import Settings
-from tests.utils import RedisServer, async_wait_until, redis_server
+from tests.utils import RedisClusterServers, RedisServer, async_wait_until, redis_cluster, redis_server
 
 
 class RecordingNode:
@@ -49,10 +50,23 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with redis_cluster() as servers:
+        yield servers
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return "memory://"
+    if request.param == "redis-cluster":
+        import redis as redis_client
+
+        found: RedisClusterServers = request.getfixturevalue("cluster")
+        for node in found.servers:  # a cluster has one database: every test starts from an empty one
+            redis_client.Redis(port=node.port).flushall()
+        return found.url
     server: RedisServer = request.getfixturevalue("redis")
     # A database of its own per test, so tests share no stream or presence.
     database = (abs(hash(request.node.nodeid)) % 15) + 1

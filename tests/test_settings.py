@@ -144,6 +144,8 @@ def test_settings_are_frozen() -> None:
         ("broker_url", "memory://", "memory://"),
         ("broker_url", "redis://x", "redis://x"),
         ("broker_url", " rediss://:secret@cache:6380/1 ", "rediss://:secret@cache:6380/1"),
+        ("broker_url", "redis-cluster://cache-0:7000", "redis-cluster://cache-0:7000"),
+        ("broker_url", "rediss-cluster://:secret@cache-0:7000/0", "rediss-cluster://:secret@cache-0:7000/0"),
         ("trusted_proxies", "10.0.0.0/8, 127.0.0.1,", ("10.0.0.0/8", "127.0.0.1")),
         ("trusted_proxies", "*", ("*",)),
         ("allowed_origins", "*", ("*",)),
@@ -207,6 +209,9 @@ def test_value_is_parsed(name: str, raw: str, expected: Any) -> None:
         ("broker_url", "http://localhost"),
         ("broker_url", "redis://cache:port/0"),
         ("broker_url", "redis://cache:6379/zero"),
+        ("broker_url", "redis-cluster://cache:7000/1"),  # a Redis Cluster has database 0 only
+        ("broker_url", "redis-cluster://"),  # no node to start from
+        ("broker_url", "redis+cluster://cache:7000"),
         ("trusted_proxies", "10.0.0.1,not-an-ip"),
         ("allowed_origins", " , "),
         ("allowed_origins", "*,https://a.example"),

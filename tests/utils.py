@@ -313,6 +313,7 @@ class RedisServer:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     persistent: bool = False
+    extra: tuple[str, ...] = ()  # more redis-server arguments (a cluster node's)
 
     @property
     def url(self) -> str:
@@ -327,7 +328,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              *(("--appendonly", "yes", "--appendfsync", "always") if self.persistent else ("--appendonly", "no")),
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.extra],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()
@@ -346,6 +347,77 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of our own: `masters` redis-servers (each with `replicas` replicas) joined by
+    `redis-cli --cluster create`, every slot covered."""
+
+    servers: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """diary-ws's URL for it: any one node will do; the client finds the others."""
+        return f"redis-cluster://127.0.0.1:{self.servers[0].port}"
+
+    def ask(self, server: RedisServer, *command: str) -> str:
+        """One redis-cli command to one node, its output."""
+        cli = shutil.which("redis-cli")
+        assert cli is not None
+        done = subprocess.run([cli, "-p", str(server.port), *command], capture_output=True, text=True, timeout=10)
+        return done.stdout
+
+    def ready(self) -> bool:
+        return all("cluster_state:ok" in self.ask(server, "cluster", "info") for server in self.servers
+                   if server.proc is not None and server.proc.poll() is None)  # fmt: skip
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves `key`'s slot now."""
+        slot = int(self.ask(self.servers[0], "cluster", "keyslot", key).strip())
+        for line in self.ask(self.servers[0], "cluster", "nodes").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for part in fields[8:]:
+                low, _, high = part.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(s for s in self.servers if s.port == port)
+        raise AssertionError(f"no master serves slot {slot}")
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterServers]:
+    """A fresh Redis Cluster for a test; skips when redis-server or redis-cli is missing."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not found: install Debian's redis-tools package (.ci/run does)")
+    with tempfile.TemporaryDirectory(prefix="diary-ws-rcluster-") as top:
+        servers: list[RedisServer] = []
+        try:
+            for i in range(masters * (1 + replicas)):
+                workdir = Path(top) / str(i)
+                workdir.mkdir()
+                # The bus port is a free one of its own: the default, port + 10,000, may be an ephemeral port
+                # another test's connection holds.
+                extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "1000", "--cluster-port", str(free_port()))  # fmt: skip
+                server = RedisServer(free_port(), workdir, extra=extra)
+                servers.append(server)
+                server.start()
+            cluster = RedisClusterServers(servers)
+            cli = shutil.which("redis-cli")
+            assert cli is not None
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
+                 "--cluster-replicas", str(replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            wait_until(cluster.ready, START_TIMEOUT * 3, "the Redis Cluster to cover every slot")
+            yield cluster
+        finally:
+            for server in servers:
+                server.kill()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ def backend_for(settings: Settings) -> Backend:
         from diary_ws.backends.memory import MemoryBackend
 
         return MemoryBackend(settings.history_size, settings.history_ttl, settings.history_bytes)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis-cluster", "rediss-cluster"):
         from diary_ws.backends.redis import RedisBackend
 
         return RedisBackend(

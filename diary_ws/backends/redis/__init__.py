@@ -93,10 +93,10 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
                     users = self._indexed
                     async with self._cmd.pipeline(transaction=True) as pipe:
                         pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key,
-                                    f"{PREFIX}life:{self.node_id}")  # fmt: skip
+                                    f"{self._prefix}life:{self.node_id}")  # fmt: skip
                         pipe.srem(self._keys[0], self.node_id)
                         for user_id in users:
-                            pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                            pipe.hdel(f"{self._prefix}where:{user_id}", self.node_id)
                         await pipe.execute()
         for client in (self._cmd, self._blocking):
             if client is not None:

@@ -17,10 +17,20 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from diary_ws import deadline
 from diary_ws.backends.redis import scripts
@@ -36,7 +46,11 @@ log = logging.getLogger("diary_ws.redis")
 TRIM_EVERY = 1.0  # seconds: how often a node's reader checks HISTORY_BYTES, while entries come in
 
 
-PREFIX = "diary-ws:"
+PREFIX = "diary-ws:"  # every key's prefix on one Redis
+# On Redis Cluster every key carries one hash tag, so all of them live in one hash slot: each script may then
+# touch any of them in one atomic step, as on one Redis (docs/cluster.md, "Redis Cluster").
+CLUSTER_PREFIX = "{diary-ws}:"
+CLUSTER_SCHEMES = {"redis-cluster": "redis", "rediss-cluster": "rediss"}
 HEARTBEAT_INTERVAL = 2.0  # seconds between a node's heartbeats
 HEARTBEAT_TTL = 6.0  # a node silent this long is dead: its users leave status, publishes stop waiting for it
 PUBLISH_WAIT = 1.0  # the longest a publish waits for the other nodes' counts
@@ -54,9 +68,30 @@ BACKGROUND_BOUND = 3 * COMMAND_TIMEOUT  # the longest a script outside a request
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 
 
+def is_cluster(url: str) -> bool:
+    """Whether BROKER_URL names a Redis Cluster (`redis-cluster://`, `rediss-cluster://`)."""
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def key_prefix(url: str) -> str:
+    return CLUSTER_PREFIX if is_cluster(url) else PREFIX
+
+
 def _client(url: str, socket_timeout: float, retries: int) -> Redis:
     # A pooled connection that went stale across a Redis restart fails its next command with ConnectionError:
     # health checks catch most before use, and a short retry covers the rest.
+    scheme, _, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        # redis-py's cluster client finds every master from any one node, follows MOVED after a failover or a
+        # resharding, and sends each command to the master of its key's slot (all of ours are in one slot).
+        cluster = RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}",
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=COMMAND_TIMEOUT,
+            retry=Retry(ExponentialBackoff(cap=0.4, base=0.05), retries),
+        )
+        return cast(Redis, cluster)  # the commands we use have the same signatures on both
     return Redis.from_url(
         url,
         decode_responses=True,
@@ -128,11 +163,12 @@ class RedisCore:
         self._next_beat = 0.0
         self._up = asyncio.Event()  # set once both the reader and the presence writer have reached Redis
         self._scripts: dict[str, AsyncScript] = {}
-        self._keys = (PREFIX + "nodes", PREFIX + "feed", PREFIX + "epoch")
-        self._presence_key = f"{PREFIX}presence:{self.node_id}"
-        self._heartbeat_key = f"{PREFIX}node:{self.node_id}"
-        self._replies_key = f"{PREFIX}replies:{self.node_id}"
-        self._inbox_key = f"{PREFIX}inbox:{self.node_id}"  # what the publish script routes to this node
+        self._prefix = prefix = key_prefix(url)
+        self._keys = (prefix + "nodes", prefix + "feed", prefix + "epoch")
+        self._presence_key = f"{prefix}presence:{self.node_id}"
+        self._heartbeat_key = f"{prefix}node:{self.node_id}"
+        self._replies_key = f"{prefix}replies:{self.node_id}"
+        self._inbox_key = f"{prefix}inbox:{self.node_id}"  # what the publish script routes to this node
         self._indexed: set[str] = set()  # users this node has an entry for in their `where:<user>` index
         # user -> the oldest rejoin mark (scripts.BEAT) a socket of the user here may have joined before; a mark
         # newer than that closes the user's sockets here (FeedMixin._rejoined).
@@ -214,6 +250,8 @@ class RedisCore:
     async def _script_once(self, source: str, keys: list[str], argv: list[Any], attempt: _Attempt) -> Any:
         """Send one script on a pooled connection, noting in `attempt` when the command may have left."""
         assert self._cmd is not None
+        if isinstance(self._cmd, RedisCluster):
+            return await self._cluster_script_once(self._cmd, source, keys, argv, attempt)
         pool = self._cmd.connection_pool
         conn = await cast(Any, pool).get_connection()  # connects (and handshakes) if it must: nothing of ours sent yet
         try:
@@ -237,6 +275,50 @@ class RedisCore:
             raise
         finally:
             await pool.release(conn)
+
+    async def _cluster_script_once(
+        self, cluster: RedisCluster, source: str, keys: list[str], argv: list[Any], attempt: _Attempt
+    ) -> Any:
+        """`_script_once` on Redis Cluster: on a connection to the master of the keys' slot, as the cluster
+        client knows it. A MOVED or CLUSTERDOWN answer (a failover under way) means the script did not run:
+        the cluster client learns the new layout, and `_store` sends the script again within its deadline."""
+        await cluster.initialize()  # reads the layout if it has none (first use, or forgotten below)
+        node = cluster.get_node_from_key(keys[0])
+        if node is None:
+            raise ClusterDownError(f"no master serves the slot of {keys[0]} now")
+        conn = node.acquire_connection()
+        try:
+            await cast(Any, conn).connect()  # connects (and handshakes) if it must: nothing of ours sent yet
+            attempt.sent = True
+            script = self._scripts[source]
+            await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *argv)
+            try:
+                try:
+                    return await conn.read_response()
+                except NoScriptError:  # a master that never saw it (new, or promoted): sending the source is safe
+                    await conn.send_command("EVAL", source, len(keys), *keys, *argv)
+                    return await conn.read_response()
+            except MovedError as exc:
+                attempt.sent = False  # refused before it ran: the slot has another master now
+                await cluster.nodes_manager.move_slot(exc)
+                raise
+            except (AskError, ClusterDownError, TryAgainError):
+                attempt.sent = False  # refused before it ran (a failover or a slot migration under way)
+                raise
+            except ResponseError:
+                attempt.sent = False  # as in _script_once
+                raise
+        except (ConnectionError, OSError):
+            await conn.disconnect()
+            # The master may be gone for good (a failover): as redis-py does after a connection error, forget
+            # the layout, so the next command asks the cluster which node serves the slot now.
+            await cluster.aclose()
+            raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
 
     def _resync(self, why: str) -> None:
         """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
@@ -290,9 +372,9 @@ class RedisCore:
                 delay = min(delay * 2, RETRY_MAX)
 
 
-def _hashed(kind: str, key: str) -> str:
+def _hashed(kind: str, key: str, prefix: str = PREFIX) -> str:
     """A Redis key for an API key, address or Idempotency-Key: hashed, so no secret is ever a key name."""
-    return f"{PREFIX}{kind}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
+    return f"{prefix}{kind}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def _safe_url(url: str) -> str:

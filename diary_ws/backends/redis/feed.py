@@ -16,7 +16,6 @@ from diary_ws.backends.redis.client import (
     CLOSE_TRY_AGAIN,
     FEED_MIN,
     HEARTBEAT_TTL,
-    PREFIX,
     PUBLISH_WAIT,
     READ_BLOCK,
     READ_COUNT,
@@ -127,11 +126,11 @@ class FeedMixin(RedisCore):
         self._pending.update(zip(tokens, gathers, strict=True))
         try:
             if claim is None:
-                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+                record, print_, ttl = f"{self._prefix}pub:{token}", "", TOKEN_TTL
             else:
-                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
+                record, print_, ttl = _hashed("idem", claim.key, self._prefix), claim.fingerprint, claim.ttl
             argv: list[Any] = [
-                PREFIX,
+                self._prefix,
                 max(self._size, FEED_MIN),
                 FEED_MIN,
                 self._size,
@@ -202,11 +201,11 @@ class FeedMixin(RedisCore):
         gather = self._pending[token] = _Gather()
         try:
             feed_max, index_ttl = max(self._size, FEED_MIN), int(self._ttl * 1000) + 1000
-            head = [PREFIX, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
+            head = [self._prefix, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
             if claim is None:  # a record of this request alone: its retries after a lost answer store once
-                record, print_, ttl = f"{PREFIX}pub:{token}", "", TOKEN_TTL
+                record, print_, ttl = f"{self._prefix}pub:{token}", "", TOKEN_TTL
             else:  # the Idempotency-Key's record: a later request with the key finds the message
-                record, print_, ttl = _hashed("idem", claim.key), claim.fingerprint, claim.ttl
+                record, print_, ttl = _hashed("idem", claim.key, self._prefix), claim.fingerprint, claim.ttl
             entry = {"o": self.node_id, "r": token, **fields}
             argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
             (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
@@ -268,7 +267,7 @@ class FeedMixin(RedisCore):
             assert self._cmd is not None
             async with self._cmd.pipeline(transaction=False) as pipe:
                 for origin, body in reports:
-                    key = f"{PREFIX}replies:{origin}"
+                    key = f"{self._prefix}replies:{origin}"
                     pipe.rpush(key, body)
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()

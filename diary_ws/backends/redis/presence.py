@@ -21,7 +21,6 @@ from diary_ws.backends.redis.client import (
     FEED_MIN,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TTL,
-    PREFIX,
     RedisCore,
     log,
 )
@@ -58,10 +57,10 @@ class PresenceMixin(RedisCore):
         self._wake.set()
 
     async def connections(self, user_id: str) -> int:
-        return int(await self._run(scripts.PRESENCE, [self._keys[0]], [PREFIX, user_id]))
+        return int(await self._run(scripts.PRESENCE, [self._keys[0]], [self._prefix, user_id]))
 
     async def status(self) -> tuple[list[str], int]:
-        answer = await self._run(scripts.STATUS, [self._keys[0]], [PREFIX])
+        answer = await self._run(scripts.STATUS, [self._keys[0]], [self._prefix])
         users: set[str] = set()
         total = 0
         for pairs in answer[1::2]:
@@ -71,13 +70,13 @@ class PresenceMixin(RedisCore):
 
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes (STATUS drops those whose heartbeat expired) and when each last beat."""
-        answer = await self._run(scripts.STATUS, [self._keys[0]], [PREFIX])
+        answer = await self._run(scripts.STATUS, [self._keys[0]], [self._prefix])
         names: list[str] = answer[0::2]
         assert self._cmd is not None  # _run has checked
         try:
             async with self._cmd.pipeline(transaction=False) as pipe:
                 for name in names:
-                    pipe.get(f"{PREFIX}node:{name}")  # the heartbeat key holds the Unix time of the beat
+                    pipe.get(f"{self._prefix}node:{name}")  # the heartbeat key holds the Unix time of the beat
                 beats = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
@@ -119,7 +118,7 @@ class PresenceMixin(RedisCore):
         # The value is when this node beat (its own clock): the console shows it; nothing compares it.
         beat = str(int(time.time()))
         argv = [
-            PREFIX,
+            self._prefix,
             self.node_id,
             beat,
             ttl,
@@ -144,9 +143,9 @@ class PresenceMixin(RedisCore):
                     pipe.hset(self._presence_key, mapping=counts)  # type: ignore[arg-type]
                     pipe.pexpire(self._presence_key, ttl)
                 for user_id in gone:
-                    pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                    pipe.hdel(f"{self._prefix}where:{user_id}", self.node_id)
                 for user_id, count in counts.items():
-                    pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
+                    pipe.hset(f"{self._prefix}where:{user_id}", self.node_id, count)
                 await pipe.execute()
             self._indexed = set(counts)
             for user_id in gone:
@@ -168,8 +167,8 @@ class PresenceMixin(RedisCore):
                 continue
             mine = len(presence.get(user_id, ()))
             try:
-                argv = [PREFIX, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000), str(int(time.time())),
-                        self._epoch, max(self._size, FEED_MIN), FEED_MIN]  # fmt: skip
+                argv = [self._prefix, self.node_id, user_id, mine, limit, int(HEARTBEAT_TTL * 1000),
+                        str(int(time.time())), self._epoch, max(self._size, FEED_MIN), FEED_MIN]  # fmt: skip
                 accepted, others, registered, *life = await self._run(scripts.JOIN, list(self._keys), argv)
             except BaseException:
                 # The script may still run: a paused Redis runs what waits in its socket when it wakes, after
@@ -217,10 +216,10 @@ class PresenceMixin(RedisCore):
                     count = len(presence.get(user_id, ()))
                     if count:
                         pipe.hset(self._presence_key, user_id, count)
-                        pipe.hset(f"{PREFIX}where:{user_id}", self.node_id, count)
+                        pipe.hset(f"{self._prefix}where:{user_id}", self.node_id, count)
                     else:
                         pipe.hdel(self._presence_key, user_id)
-                        pipe.hdel(f"{PREFIX}where:{user_id}", self.node_id)
+                        pipe.hdel(f"{self._prefix}where:{user_id}", self.node_id)
                 await pipe.execute()
             self._indexed |= {user_id for user_id in users if presence.get(user_id)}
             self._indexed -= {user_id for user_id in users if not presence.get(user_id)}

@@ -6,7 +6,7 @@ import orjson
 
 from diary_ws import deadline
 from diary_ws.backends.redis import scripts
-from diary_ws.backends.redis.client import PREFIX, RedisCore
+from diary_ws.backends.redis.client import RedisCore
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 from diary_ws.protocols import Page, Replay
 
@@ -25,7 +25,7 @@ class ReplayMixin(RedisCore):
         are rendered here for this socket, one page at a time, cut at `max_bytes` (at least one message).
         The window is REPLAY's, exactly: HISTORY_SIZE messages, none past HISTORY_TTL.
         """
-        argv = [PREFIX, user_id, str(after), self._size, int(self._ttl * 1000), max(1, limit)]
+        argv = [self._prefix, user_id, str(after), self._size, int(self._ttl * 1000), max(1, limit)]
         with deadline.request():  # a resuming socket waits for the history no longer than a request would
             answer = await self._run(scripts.REPLAY_PAGE, [self._keys[1]], argv)
         seconds, micros, last, floor_id, entries, more = answer
@@ -52,7 +52,7 @@ class ReplayMixin(RedisCore):
     # --- history -------------------------------------------------------------------------------------------
 
     async def replay(self, user_id: str, since: MessageId) -> Replay:
-        argv = [PREFIX, user_id, str(since), self._size, int(self._ttl * 1000)]
+        argv = [self._prefix, user_id, str(since), self._size, int(self._ttl * 1000)]
         with deadline.request():  # a resuming handshake waits for the history no longer than a request would
             answer = await self._run(scripts.REPLAY, [self._keys[1]], argv)
         seconds, micros, last, floor_id, entries = answer

@@ -1,0 +1,156 @@
+"""Redis Cluster, end to end: real `diary-ws serve` nodes on a real Redis Cluster the test starts.
+
+`BROKER_URL=redis-cluster://host:port` names any one node of the cluster. Every key diary-ws writes carries
+the hash tag `{diary-ws}`, so all of them live in one slot, on one master (docs/cluster.md, "Redis Cluster"),
+and every script keeps the atomicity it has on one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import httpx
+import pytest
+import redis as redis_client
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.test_cluster import counts, listeners, readyz_is
+from tests.utils import RedisClusterServers, Server, async_wait_until, next_frame, redis_cluster, run_server, wait_until
+
+TAG = "{diary-ws}"
+
+
+@contextlib.contextmanager
+def nodes_on(rc: RedisClusterServers, count: int = 2, **settings: str) -> Iterator[list[Server]]:
+    """`count` diary-ws nodes on the cluster, each given another cluster node to start from."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for i in range(count):
+            start = rc.servers[(2 * i) % len(rc.servers)]
+            url = f"redis-cluster://127.0.0.1:{start.port}"
+            servers.append(stack.enter_context(run_server({"broker_url": url, **settings})))
+        for srv in servers:
+            wait_until(partial(readyz_is, srv, 200), 15, "every node to be ready")
+        yield servers
+
+
+def keys_by_master(rc: RedisClusterServers) -> dict[int, list[str]]:
+    """Every key of every live master, by port."""
+    found: dict[int, list[str]] = {}
+    for server in rc.servers:
+        if server.proc is None or server.proc.poll() is not None:
+            continue
+        client = redis_client.Redis(port=server.port, decode_responses=True)
+        if client.role()[0] == "master":
+            found[server.port] = sorted(client.scan_iter(count=1000))
+    return found
+
+
+@pytest.mark.anyio
+async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_report_as_one() -> None:
+    with redis_cluster(masters=3) as rc, nodes_on(rc, max_connections_per_user="2") as (a, b):
+        async with listeners(a.listen_url("alice"), b.listen_url("alice"), b.listen_url("bob")) as (a1, b1, bob):
+            everyone = a.post({"message": "hello"})
+            assert everyone.status_code == 200, everyone.text
+            assert counts(everyone.json()) == (3, 3, 0), "counts summed over both nodes"
+            for ws in (a1, b1, bob):
+                assert (await next_frame(ws))["id"] == everyone.json()["id"]
+
+            to_bob = b.post({"message": "just bob", "user_ids": ["bob"]})
+            assert counts(to_bob.json()) == (1, 1, 0)
+            assert (await next_frame(bob))["message"] == "just bob"
+
+            assert a.status() == {"connected_users": 2, "status": "active", "active_user_ids": ["alice", "bob"],
+                                  "total_connections": 3}  # fmt: skip
+            assert a.get("/api/v1/ws/users/alice").json()["connections"] == 2
+            with pytest.raises(InvalidStatus) as third:  # the per-user limit holds across the cluster
+                await connect(a.listen_url("alice"))
+            assert third.value.response.status_code == 429
+
+            items = [{"message": "b1", "user_ids": ["bob"]}, {"message": "b2"}]
+            url = f"{a.http}/api/v1/ws/notifications"
+            batch = (await asyncio.to_thread(httpx.post, url, json={"notifications": items}, timeout=10)).json()
+            assert [r.get("sent_count") for r in batch["results"]] == [1, 3]
+            assert [(await next_frame(bob))["message"] for _ in range(2)] == ["b1", "b2"]
+
+        # A resume on the other node reads the user's history from the cluster.
+        async with connect(a.listen_url("carol")) as ws:
+            first = a.post({"message": "seen", "user_ids": ["carol"]}).json()
+            assert (await next_frame(ws))["id"] == first["id"]
+        missed = [b.post({"message": f"m{i}"}).json().get("id") for i in range(2)]  # nobody: 404, not stored
+        assert missed == [None, None]
+        async with listeners(b.listen_url("dave")):
+            stored = [b.post({"message": f"m{i}"}).json()["id"] for i in range(2)]
+            async with connect(b.listen_url("carol", f"since={first['id']}")) as ws:
+                assert [(await next_frame(ws))["id"] for _ in range(2)] == stored
+                assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 2}
+
+                # An operator's disconnect from the other node reaches the socket.
+                url = f"{a.http}/api/v1/ws/users/carol/connections"
+                closed = await asyncio.to_thread(httpx.delete, url, timeout=10)
+                assert closed.status_code == 200, closed.text
+                assert closed.json()["closed"] == 1
+                with pytest.raises(ConnectionClosed):
+                    await next_frame(ws)
+                assert ws.close_code == 4003
+
+        # Every key is in the one slot of the tag, so all of them are on one master.
+        by_master = keys_by_master(rc)
+        holding = {port: keys for port, keys in by_master.items() if keys}
+        assert list(holding) == [rc.master_of(TAG).port], holding
+        assert all(key.startswith(TAG + ":") for key in holding[rc.master_of(TAG).port])
+        for srv in (a, b):
+            srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_the_master_of_the_slot_fails_over_and_the_nodes_carry_on() -> None:
+    """Kill the master that holds every diary-ws key: its replica takes over (cluster-node-timeout 1 s), and
+    the nodes follow it. Publishes during the failover get a 503 or 504, never a 200 for a lost message; a
+    retry with the same Idempotency-Key lands once; a listener gets it, live or by resuming with `since`."""
+    with redis_cluster(masters=3, replicas=1) as rc, nodes_on(rc) as (a, b):
+        async with connect(b.listen_url("alice")) as ws:
+            first = a.post({"message": "before", "user_ids": ["alice"]}).json()
+            assert (await next_frame(ws))["id"] == first["id"]
+            # Let the replica catch up with what was written, so the failover loses nothing acknowledged.
+            old = rc.master_of(TAG)
+            redis_client.Redis(port=old.port).wait(1, 2000)
+            old.kill()
+            killed = time.monotonic()
+
+            answers: list[int] = []
+
+            def delivered() -> bool:
+                answer = a.post({"message": "after", "user_ids": ["alice"]}, headers={"Idempotency-Key": "k-1"})
+                answers.append(answer.status_code)
+                return answer.status_code == 200
+
+            wait_until(delivered, 30, "a publish to be stored after the failover", interval=0.2)
+            took = time.monotonic() - killed
+            assert set(answers) <= {200, 503, 504, 409}, answers
+            assert rc.master_of(TAG).port != old.port
+
+            got: list[str] = []
+            try:
+                while True:
+                    got.append((await next_frame(ws, 10))["message"])
+                    if got[-1] == "after":
+                        break
+            except ConnectionClosed:
+                assert ws.close_code == 1013, (ws.close_code, ws.close_reason)  # told to resume
+                async with connect(b.listen_url("alice", f"since={first['id']}")) as again:
+                    frames = [await next_frame(again, 10) for _ in range(2)]
+                    assert [f.get("message") for f in frames[:1]] == ["after"], frames
+                    assert frames[1]["type"] == "resume", frames
+            else:
+                assert got.count("after") == 1, got
+        await async_wait_until(lambda: readyz_is(a, 200) and readyz_is(b, 200), 15, "both nodes ready again")
+        for srv in (a, b):
+            srv.assert_clean_log()
+        print(f"failover: a publish was stored again {took:.1f} s after the master was killed; answers {answers}")
