@@ -1,8 +1,8 @@
 """Redis Cluster, end to end: real `diary-ws serve` nodes on a real Redis Cluster the test starts.
 
-`BROKER_URL=redis-cluster://host:port` names any one node of the cluster. Every key diary-ws writes carries
-the hash tag `{diary-ws}`, so all of them live in one slot, on one master (docs/cluster.md, "Redis Cluster"),
-and every script keeps the atomicity it has on one Redis.
+`BROKER_URL=redis-cluster://host:port` names any one node of the cluster. The users are spread over shards,
+each a whole layout under a hash tag of its own, so each shard's keys live in one slot and its scripts keep
+the atomicity they have on one Redis; the shards' slots are spread over the masters (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import redis as redis_client
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from diary_ws.backends.redis.sharded import shard_of, shard_prefixes
 from tests.test_cluster import counts, listeners, readyz_is
 from tests.utils import RedisClusterServers, Server, async_wait_until, next_frame, redis_cluster, run_server, wait_until
 
-TAG = "{diary-ws}"
+PREFIXES = shard_prefixes()
 
 
 @contextlib.contextmanager
@@ -55,11 +56,15 @@ def keys_by_master(rc: RedisClusterServers) -> dict[int, list[str]]:
 async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_report_as_one() -> None:
     with redis_cluster(masters=3) as rc, nodes_on(rc, max_connections_per_user="2") as (a, b):
         async with listeners(a.listen_url("alice"), b.listen_url("alice"), b.listen_url("bob")) as (a1, b1, bob):
+            assert shard_of("alice") != shard_of("bob")
             everyone = a.post({"message": "hello"})
             assert everyone.status_code == 200, everyone.text
-            assert counts(everyone.json()) == (3, 3, 0), "counts summed over both nodes"
-            for ws in (a1, b1, bob):
-                assert (await next_frame(ws))["id"] == everyone.json()["id"]
+            assert counts(everyone.json()) == (3, 3, 0), "counts summed over both nodes and both shards"
+            got = [await next_frame(ws) for ws in (a1, b1, bob)]
+            assert [frame["message"] for frame in got] == ["hello"] * 3
+            # Each user gets the copy of their own shard, under its id; the answer names one of them.
+            assert got[0]["id"] == got[1]["id"]
+            assert everyone.json()["id"] in {frame["id"] for frame in got}
 
             to_bob = b.post({"message": "just bob", "user_ids": ["bob"]})
             assert counts(to_bob.json()) == (1, 1, 0)
@@ -86,8 +91,10 @@ async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_repo
         assert missed == [None, None]
         async with listeners(b.listen_url("dave")):
             stored = [b.post({"message": f"m{i}"}).json()["id"] for i in range(2)]
+            assert all(stored)
             async with connect(b.listen_url("carol", f"since={first['id']}")) as ws:
-                assert [(await next_frame(ws))["id"] for _ in range(2)] == stored
+                # Stored in carol's shard too, though nobody of it was connected: she finds them on resume.
+                assert [(await next_frame(ws))["message"] for _ in range(2)] == ["m0", "m1"]
                 assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 2}
 
                 # An operator's disconnect from the other node reaches the socket.
@@ -99,11 +106,16 @@ async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_repo
                     await next_frame(ws)
                 assert ws.close_code == 4003
 
-        # Every key is in the one slot of the tag, so all of them are on one master.
+        # Every key is in a shard's slot; a user's keys are in their shard's; the shards are on every master.
         by_master = keys_by_master(rc)
-        holding = {port: keys for port, keys in by_master.items() if keys}
-        assert list(holding) == [rc.master_of(TAG).port], holding
-        assert all(key.startswith(TAG + ":") for key in holding[rc.master_of(TAG).port])
+        every_key = [key for keys in by_master.values() for key in keys]
+        assert all(key.startswith(tuple(PREFIXES)) for key in every_key), every_key
+        for user in ("bob", "carol"):  # the two with targeted messages, in their own index
+            prefix = PREFIXES[shard_of(user)]
+            assert f"{prefix}u:{user}" in every_key
+            holder = rc.master_of(prefix.strip(":"))
+            assert f"{prefix}u:{user}" in by_master[holder.port]
+        assert all(by_master.values()), "each master holds some shards"
         for srv in (a, b):
             srv.assert_clean_log()
 
@@ -111,7 +123,7 @@ async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_repo
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_the_master_of_the_slot_fails_over_and_the_nodes_carry_on() -> None:
-    """Kill the master that holds every diary-ws key: its replica takes over (cluster-node-timeout 1 s), and
+    """Kill the master of alice's shard: its replica takes over (cluster-node-timeout 1 s), and
     the nodes follow it. Publishes during the failover get a 503 or 504, never a 200 for a lost message; a
     retry with the same Idempotency-Key lands once; a listener gets it, live or by resuming with `since`."""
     with redis_cluster(masters=3, replicas=1) as rc, nodes_on(rc) as (a, b):
@@ -119,7 +131,7 @@ async def test_the_master_of_the_slot_fails_over_and_the_nodes_carry_on() -> Non
             first = a.post({"message": "before", "user_ids": ["alice"]}).json()
             assert (await next_frame(ws))["id"] == first["id"]
             # Let the replica catch up with what was written, so the failover loses nothing acknowledged.
-            old = rc.master_of(TAG)
+            old = rc.master_of(PREFIXES[shard_of("alice")].strip(":"))  # alice's shard
             redis_client.Redis(port=old.port).wait(1, 2000)
             old.kill()
             killed = time.monotonic()
@@ -134,7 +146,7 @@ async def test_the_master_of_the_slot_fails_over_and_the_nodes_carry_on() -> Non
             wait_until(delivered, 30, "a publish to be stored after the failover", interval=0.2)
             took = time.monotonic() - killed
             assert set(answers) <= {200, 503, 504, 409}, answers
-            assert rc.master_of(TAG).port != old.port
+            assert rc.master_of(PREFIXES[shard_of("alice")].strip(":")).port != old.port
 
             got: list[str] = []
             try:

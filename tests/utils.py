@@ -369,8 +369,16 @@ class RedisClusterServers:
         return done.stdout
 
     def ready(self) -> bool:
-        return all("cluster_state:ok" in self.ask(server, "cluster", "info") for server in self.servers
-                   if server.proc is not None and server.proc.poll() is None)  # fmt: skip
+        """Every slot covered, and every replica in sync with its master (a replica that never synced cannot
+        take over when its master dies)."""
+        live = [server for server in self.servers if server.proc is not None and server.proc.poll() is None]
+        for server in live:
+            if "cluster_state:ok" not in self.ask(server, "cluster", "info"):
+                return False
+            replication = self.ask(server, "info", "replication")
+            if "role:slave" in replication and "master_link_status:up" not in replication:
+                return False
+        return True
 
     def master_of(self, key: str) -> RedisServer:
         """The node that serves `key`'s slot now."""
@@ -401,7 +409,8 @@ def redis_cluster(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterS
                 # The bus port is a free one of its own: the default, port + 10,000, may be an ephemeral port
                 # another test's connection holds.
                 extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                         "--cluster-node-timeout", "1000", "--cluster-port", str(free_port()))  # fmt: skip
+                         "--cluster-node-timeout", "1000", "--cluster-port", str(free_port()),
+                         "--repl-diskless-sync-delay", "0")  # fmt: skip
                 server = RedisServer(free_port(), workdir, extra=extra)
                 servers.append(server)
                 server.start()

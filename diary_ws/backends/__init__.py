@@ -13,7 +13,13 @@ def backend_for(settings: Settings) -> Backend:
         from diary_ws.backends.memory import MemoryBackend
 
         return MemoryBackend(settings.history_size, settings.history_ttl, settings.history_bytes)
-    if scheme in ("redis", "rediss", "redis-cluster", "rediss-cluster"):
+    if scheme in ("redis-cluster", "rediss-cluster"):
+        from diary_ws.backends.redis.sharded import ShardedRedisBackend
+
+        return ShardedRedisBackend(
+            settings.broker_url, settings.history_size, settings.history_ttl, history_bytes=settings.history_bytes
+        )
+    if scheme in ("redis", "rediss"):
         from diary_ws.backends.redis import RedisBackend
 
         return RedisBackend(

@@ -30,8 +30,6 @@ import asyncio
 import contextlib
 import time
 
-from redis.exceptions import RedisError
-
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
     COMMAND_TIMEOUT,
@@ -48,6 +46,7 @@ from diary_ws.backends.redis.client import (
     RETRY_MAX,
     _client,
     _safe_url,
+    broker_fault,
     log,
 )
 from diary_ws.backends.redis.feed import FeedMixin
@@ -71,14 +70,16 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
         self._scripts = {source: self._cmd.register_script(source) for source in scripts.ALL}
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._guarded("stream reader", self._read_once, self._reader)),
-            loop.create_task(self._guarded("presence", self._presence_once, self._presence)),
-            loop.create_task(self._guarded("count replies", self._replies_once, self._replies)),
+            loop.create_task(self._guarded(self._reader.what, self._read_once, self._reader)),
+            loop.create_task(self._guarded(self._presence.what, self._presence_once, self._presence)),
         ]
+        if self._reads_replies:
+            self._tasks.append(loop.create_task(self._guarded("count replies", self._replies_once, self._replies)))
         # Wait briefly for the first connection, so a healthy start is ready at once; a down Redis is not fatal.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._up.wait(), COMMAND_TIMEOUT)
-        log.info("node %s on %s", self.node_id, _safe_url(self._url))
+        if self._reads_replies:
+            log.info("node %s on %s", self.node_id, _safe_url(self._url))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -88,16 +89,21 @@ class RedisBackend(FeedMixin, PresenceMixin, ReplayMixin, StoreMixin):
         self._tasks = []
         if self._cmd is not None:
             # Leave at once, so status forgets this node now rather than when its heartbeat expires.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     users = self._indexed
                     async with self._cmd.pipeline(transaction=True) as pipe:
-                        pipe.delete(self._heartbeat_key, self._presence_key, self._replies_key, self._inbox_key,
-                                    f"{self._prefix}life:{self.node_id}")  # fmt: skip
+                        # One slot per transaction on Redis Cluster: the reply list is the first shard's.
+                        mine = (self._replies_key,) if self._reads_replies else ()
+                        pipe.delete(self._heartbeat_key, self._presence_key, self._inbox_key,
+                                    f"{self._prefix}life:{self.node_id}", *mine)  # fmt: skip
                         pipe.srem(self._keys[0], self.node_id)
                         for user_id in users:
                             pipe.hdel(f"{self._prefix}where:{user_id}", self.node_id)
                         await pipe.execute()
+            except Exception as exc:  # the heartbeat's expiry does the same, later
+                if not broker_fault(exc):
+                    raise
         for client in (self._cmd, self._blocking):
             if client is not None:
                 await client.aclose()

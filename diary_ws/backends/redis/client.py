@@ -138,13 +138,25 @@ class _Attempt:
 class RedisCore:
     """The state of one node of a diary-ws cluster that shares one Redis, and the plumbing every part uses."""
 
-    def __init__(self, url: str, history_size: int, history_ttl: float, history_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        url: str,
+        history_size: int,
+        history_ttl: float,
+        history_bytes: int = 64 * 1024 * 1024,
+        *,
+        shard: tuple[str, RedisCore | None] | None = None,
+    ) -> None:
+        """`shard`: this core is one shard of a node on Redis Cluster (backends/redis/sharded.py): its key prefix
+        (a hash tag of its own), and the node's first shard, whose node id it takes and whose reader of count
+        replies it shares (one reply list per node, however many shards)."""
         self._url = url
         self._size = history_size
         self._ttl = history_ttl
         self._max_bytes = history_bytes
         self._trimmed_at = 0.0  # monotonic time of the last HISTORY_BYTES trim (see ReplayMixin._trim_bytes)
-        self.node_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        first = shard[1] if shard is not None else None
+        self.node_id: str = first.node_id if first else f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._node: Node | None = None
         self._cmd: Redis | None = None  # ordinary commands
         self._blocking: Redis | None = None  # XREAD BLOCK and BLPOP
@@ -152,10 +164,11 @@ class RedisCore:
         self._stopping = False
         self._last_id = "0-0"  # the reader's position; kept across outages
         self._last_read = 0.0  # monotonic time the reader last heard from Redis
-        self._reader = _State("stream reader")
-        self._presence = _State("presence")
-        self._replies = _State("count replies")
-        self._pending: dict[str, _Gather] = {}
+        label = f" ({shard[0].strip('{}:')})" if shard is not None else ""
+        self._reader = _State(f"stream reader{label}")
+        self._presence = _State(f"presence{label}")
+        self._replies: _State = first._replies if first else _State("count replies")
+        self._pending: dict[str, _Gather] = first._pending if first else {}
         self._dirty: set[str] = set()  # users whose count here changed since the last write
         self._joins: list[tuple[str, int, asyncio.Future[None]]] = []
         self._rewrite = True  # write the whole presence hash (first beat, or Redis may have lost it)
@@ -163,11 +176,13 @@ class RedisCore:
         self._next_beat = 0.0
         self._up = asyncio.Event()  # set once both the reader and the presence writer have reached Redis
         self._scripts: dict[str, AsyncScript] = {}
-        self._prefix = prefix = key_prefix(url)
+        self._prefix = prefix = shard[0] if shard is not None else key_prefix(url)
+        self._reads_replies = first is None  # a shard other than the first leaves the count replies to it
         self._keys = (prefix + "nodes", prefix + "feed", prefix + "epoch")
         self._presence_key = f"{prefix}presence:{self.node_id}"
         self._heartbeat_key = f"{prefix}node:{self.node_id}"
-        self._replies_key = f"{prefix}replies:{self.node_id}"
+        self._replies_key: str = first._replies_key if first else f"{prefix}replies:{self.node_id}"
+        self._replies_prefix = first._prefix if first else prefix  # where the other nodes' reports go
         self._inbox_key = f"{prefix}inbox:{self.node_id}"  # what the publish script routes to this node
         self._indexed: set[str] = set()  # users this node has an entry for in their `where:<user>` index
         # user -> the oldest rejoin mark (scripts.BEAT) a socket of the user here may have joined before; a mark
@@ -209,7 +224,9 @@ class RedisCore:
             async with asyncio.timeout(budget):
                 # EVALSHA; after a Redis restart forgot the script, redis-py loads it again.
                 return await self._scripts[source](keys, argv)
-        except (RedisError, OSError) as exc:  # asyncio's TimeoutError is an OSError
+        except Exception as exc:  # asyncio's TimeoutError is an OSError
+            if not broker_fault(exc):
+                raise
             raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
 
     async def _store(self, keys: list[str], argv: list[Any], what: str, source: str = scripts.PUBLISH) -> Any:
@@ -231,7 +248,9 @@ class RedisCore:
             try:
                 async with asyncio.timeout(until - time.monotonic()):
                     return await self._script_once(source, keys, argv, attempt), sent
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                if not broker_fault(exc):
+                    raise
                 sent = sent or attempt.sent
                 failure: BaseException = exc
             if time.monotonic() + delay >= until:
@@ -354,22 +373,43 @@ class RedisCore:
                 delay = RETRY_FIRST
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, BrokerUnavailable) as exc:
-                if self._stopping:
-                    return  # redis-py turns the cancellation of a blocking read into a connection error
-                cause = exc.__cause__ if isinstance(exc, BrokerUnavailable) and exc.__cause__ else exc
-                if state is not None:
-                    state.failed(cause, RETRY_MAX)
+            except Exception as exc:
+                if isinstance(exc, BrokerUnavailable) or broker_fault(exc):
+                    if self._stopping:
+                        return  # redis-py turns the cancellation of a blocking read into a connection error
+                    cause = exc.__cause__ if isinstance(exc, BrokerUnavailable) and exc.__cause__ else exc
+                    if state is not None:
+                        state.failed(cause, RETRY_MAX)
+                    else:
+                        log.debug("%s: %r", what, cause)
                 else:
-                    log.debug("%s: %r", what, cause)
+                    log.exception("%s failed; restarting it in %.1f s", what, delay)  # a bug of ours: say so loudly
+                    if state is not None:
+                        state.up = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
-            except Exception:
-                log.exception("%s failed; restarting it in %.1f s", what, delay)  # a bug of ours: say so loudly
-                if state is not None:
-                    state.up = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
+
+
+def broker_fault(exc: BaseException) -> bool:
+    """Whether `exc` is a failure to reach Redis (the request gets 503 or 504, a background task retries),
+    rather than a bug.
+
+    redis-py's own errors and OSError (asyncio's TimeoutError among them) are. So, on Redis Cluster, is a
+    RuntimeError or AttributeError raised inside redis-py: during a failover its cluster client closes every
+    connection of a node that other tasks are still using (redis-py 8.1, `RedisCluster._execute_command` on
+    CLUSTERDOWN), and those tasks then meet a closed transport or a connection without a writer.
+    """
+    if isinstance(exc, (RedisError, OSError)):
+        return True
+    if isinstance(exc, (RuntimeError, AttributeError)):
+        tb = exc.__traceback__
+        inside = False
+        while tb is not None:  # from our call down to where it was raised
+            name = tb.tb_frame.f_code.co_filename
+            inside = inside or f"{os.sep}redis{os.sep}" in name
+            tb = tb.tb_next
+        return inside
+    return False
 
 
 def _hashed(kind: str, key: str, prefix: str = PREFIX) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -28,6 +28,16 @@ from diary_ws.backends.redis.client import (
 from diary_ws.errors import BrokerUnavailable, Conflict, NobodyListening, OutcomeUnknown, ValidationError
 from diary_ws.messages import Draft, Message, MessageId, parse_id
 from diary_ws.protocols import Claim, Counts, PublishResult
+
+
+class Record(NamedTuple):
+    """The request record a publish script keeps, in place of the one it would make (a shard's part of a
+    message on Redis Cluster, whose key and token follow from the Idempotency-Key: see sharded.py)."""
+
+    key: str
+    token: str  # a resend with the same token is the same request: the script answers what it stored
+    fingerprint: str
+    ttl: float
 
 
 class _Gather:
@@ -104,16 +114,31 @@ class FeedMixin(RedisCore):
 
     # --- publish -----------------------------------------------------------------------------------------
 
-    async def publish(self, targets: frozenset[str] | None, draft: Draft, claim: Claim | None = None) -> PublishResult:
+    async def publish(
+        self,
+        targets: frozenset[str] | None,
+        draft: Draft,
+        claim: Claim | None = None,
+        *,
+        record: Record | None = None,
+        every: bool = False,
+    ) -> PublishResult:
+        """`record` and `every` are for a shard's part of a message on Redis Cluster (sharded.py): the request's
+        record to keep, and a broadcast stored even when none of this shard's users is connected."""
         fields = _fields(targets, draft)
-        mode, named = ("all", []) if targets is None else ("users", sorted(targets))
-        msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification")
+        mode, named = ("every" if every else "all", []) if targets is None else ("users", sorted(targets))
+        msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification", record)
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
         return _published(msg_id, reports, missing)
 
     async def publish_batch(
-        self, items: list[tuple[frozenset[str] | None, Draft]], claim: Claim | None = None
+        self,
+        items: list[tuple[frozenset[str] | None, Draft]],
+        claim: Claim | None = None,
+        *,
+        record: Record | None = None,
+        every: bool = False,
     ) -> list[PublishResult | NobodyListening]:
         """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
 
@@ -125,20 +150,18 @@ class FeedMixin(RedisCore):
         gathers = [_Gather() for _ in items]
         self._pending.update(zip(tokens, gathers, strict=True))
         try:
-            if claim is None:
-                record, print_, ttl = f"{self._prefix}pub:{token}", "", TOKEN_TTL
-            else:
-                record, print_, ttl = _hashed("idem", claim.key, self._prefix), claim.fingerprint, claim.ttl
+            kept = record or self._record(token, claim)
             argv: list[Any] = [
                 self._prefix,
                 max(self._size, FEED_MIN),
                 FEED_MIN,
                 self._size,
                 int(self._ttl * 1000) + 1000,
-                token,
-                print_,
-                int(ttl * 1000),
+                kept.token,
+                kept.fingerprint,
+                int(kept.ttl * 1000),
                 self._epoch,
+                "every" if every else "all",
                 len(items),
             ]
             for (targets, draft), item_token in zip(items, tokens, strict=True):
@@ -150,7 +173,7 @@ class FeedMixin(RedisCore):
                     *(x for kv in entry.items() for x in kv),
                 ]
             (outcome, tos, *found), unknown = await self._store(
-                [*self._keys, record], argv, "the batch", scripts.PUBLISH_BATCH
+                [*self._keys, kept.key], argv, "the batch", scripts.PUBLISH_BATCH
             )
             _check_outcome(outcome, unknown, "the batch")
             marks = found[0].split(",")
@@ -186,8 +209,21 @@ class FeedMixin(RedisCore):
         _id, reports, missing = await self._gather("close", [user_id], fields, None, "the close of the connections")
         return sum(counts.sent for counts in reports), missing
 
+    def _record(self, token: str, claim: Claim | None) -> Record:
+        """The record a publish script keeps of a request: of this request alone (its retries after a lost
+        answer store once), or the Idempotency-Key's (a later request with the key finds the message)."""
+        if claim is None:
+            return Record(f"{self._prefix}pub:{token}", token, "", TOKEN_TTL)
+        return Record(_hashed("idem", claim.key, self._prefix), token, claim.fingerprint, claim.ttl)
+
     async def _gather(
-        self, mode: str, targets: list[str], fields: dict[str, str], claim: Claim | None, what: str
+        self,
+        mode: str,
+        targets: list[str],
+        fields: dict[str, str],
+        claim: Claim | None,
+        what: str,
+        record: Record | None = None,
     ) -> tuple[MessageId | None, list[Counts], int]:
         """Add an entry unless nobody it is for is connected, and gather the counts of the nodes it went to.
 
@@ -202,13 +238,11 @@ class FeedMixin(RedisCore):
         try:
             feed_max, index_ttl = max(self._size, FEED_MIN), int(self._ttl * 1000) + 1000
             head = [self._prefix, feed_max, FEED_MIN, self._size, index_ttl, mode, len(targets), *targets]
-            if claim is None:  # a record of this request alone: its retries after a lost answer store once
-                record, print_, ttl = f"{self._prefix}pub:{token}", "", TOKEN_TTL
-            else:  # the Idempotency-Key's record: a later request with the key finds the message
-                record, print_, ttl = _hashed("idem", claim.key, self._prefix), claim.fingerprint, claim.ttl
+            kept = record or self._record(token, claim)
             entry = {"o": self.node_id, "r": token, **fields}
-            argv = [*head, token, print_, int(ttl * 1000), self._epoch, *(x for kv in entry.items() for x in kv)]
-            (outcome, live, *found), unknown = await self._store([*self._keys, record], argv, what)
+            argv = [*head, kept.token, kept.fingerprint, int(kept.ttl * 1000), self._epoch,
+                    *(x for kv in entry.items() for x in kv)]  # fmt: skip
+            (outcome, live, *found), unknown = await self._store([*self._keys, kept.key], argv, what)
             _check_outcome(outcome, unknown, what)
             if outcome == "nobody":
                 return None, [], 0
@@ -267,7 +301,7 @@ class FeedMixin(RedisCore):
             assert self._cmd is not None
             async with self._cmd.pipeline(transaction=False) as pipe:
                 for origin, body in reports:
-                    key = f"{self._prefix}replies:{origin}"
+                    key = f"{self._replies_prefix}replies:{origin}"
                     pipe.rpush(key, body)
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()

@@ -12,8 +12,6 @@ import contextlib
 import time
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from diary_ws import deadline
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
@@ -22,6 +20,7 @@ from diary_ws.backends.redis.client import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TTL,
     RedisCore,
+    broker_fault,
     log,
 )
 from diary_ws.errors import BrokerUnavailable, TooManyConnections
@@ -78,7 +77,9 @@ class PresenceMixin(RedisCore):
                 for name in names:
                     pipe.get(f"{self._prefix}node:{name}")  # the heartbeat key holds the Unix time of the beat
                 beats = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            if not broker_fault(exc):
+                raise
             raise BrokerUnavailable(f"broker unavailable ({type(exc).__name__}); retry later") from exc
         found = [
             NodeInfo(name, name == self.node_id, {u: int(n) for u, n in zip(pairs[0::2], pairs[1::2], strict=True)},

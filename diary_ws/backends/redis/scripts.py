@@ -59,8 +59,8 @@ end
 _ROUTE = """
 local function route(nodes_key, prefix, mode, first, ntargets)
   local to = {}
-  if mode == 'all' then
-    local anyone = false
+  if mode == 'all' or mode == 'every' then
+    local anyone = mode == 'every'
     for _, n in ipairs(live_nodes(nodes_key, prefix)) do
       table.insert(to, n)
       if not anyone then anyone = redis.call('HLEN', prefix .. 'presence:' .. n) > 0 end
@@ -84,7 +84,7 @@ local function store(feed, prefix, limits, mode, first, ntargets, fields, to)
   if mode ~= 'close' then
     local seq = redis.call('INCR', prefix .. 'seq')
     redis.call('HSET', prefix .. 'ring', seq % (limits.size + 1), id)
-    if mode == 'all' then
+    if mode == 'all' or mode == 'every' then
       redis.pcall('XADD', prefix .. 'all', 'MAXLEN', '~', limits.size, id, 'x', '')
     else
       for i = first, first + ntargets - 1 do
@@ -105,7 +105,9 @@ end
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of targets, the
 # targets..., then the request's token, the key's fingerprint ('' without a key), the record's TTL in ms, the
 # epoch the node knows, then field, value pairs.
-# Mode `all`: a broadcast, to every live node (nobody if no one is connected anywhere); `users`: to the nodes
+# Mode `all`: a broadcast, to every live node (nobody if no one is connected anywhere); `every`: the same, stored
+# even with no one connected (on Redis Cluster, a broadcast's copy for a shard whose users are all away while
+# another shard's are not: see backends/redis/sharded.py); `users`: to the nodes
 # that hold a target, found in the per-user index (nobody if none does); `close`: a control entry to the nodes
 # that hold the one target, kept in no history index.
 # Returns {outcome, {the nodes it was written to}, id}, where outcome is
@@ -148,8 +150,9 @@ return {'added', to, id}
 
 # A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, the request's token, the key's
-# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, the number of items, then
-# per item: its number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
+# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, the broadcasts' mode (`all`
+# or `every`, as in PUBLISH), the number of items, then per item: its number of targets (0: everyone), the
+# targets, its number of fields, the field, value pairs.
 # Returns {outcome, {nodes per item, joined by commas}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy',
 # 'other'; never 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id,
 # or '-' when none of its targets is connected (each item routed and stored as PUBLISH does). The record is
@@ -162,8 +165,8 @@ PUBLISH_BATCH = (
     + """
 local prefix = ARGV[1]
 local limits = {feed = ARGV[2], inbox = ARGV[3], size = tonumber(ARGV[4]), ttl = ARGV[5]}
-local token, fp, recttl, epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local nitems = tonumber(ARGV[10])
+local token, fp, recttl, epoch, everyone_mode = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local nitems = tonumber(ARGV[11])
 if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', {}} end
 local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids', 'tos')
 if seen[3] then
@@ -177,15 +180,15 @@ if seen[3] then
 end
 local everyone = nil  -- the broadcast route, found once per batch
 local marks, tos, first_id = {}, {}, nil
-local i = 11
+local i = 12
 for _ = 1, nitems do
   local ntargets = tonumber(ARGV[i])
   local nfields = tonumber(ARGV[i + 1 + ntargets])
   local first = i + 2 + ntargets
   local mode, to = 'users', nil
   if ntargets == 0 then
-    mode = 'all'
-    everyone = everyone or route(KEYS[1], prefix, 'all', 0, 0)
+    mode = everyone_mode
+    everyone = everyone or route(KEYS[1], prefix, mode, 0, 0)
     to = everyone
   else
     to = route(KEYS[1], prefix, 'users', i + 1, ntargets)
@@ -491,6 +494,23 @@ for _ in string.gmatch(to, '[^,]+') do went = went + 1 end
 return {'stale', e[2], went}
 """
 
+# On Redis Cluster, the Idempotency-Key's record of a message stored in several shards (or in a shard other
+# than the key's own), written after them (backends/redis/sharded.py). KEYS: the key's record. ARGV: the
+# request's token, the fingerprint, the first stored id, the nodes it went to (a comma list), the record's TTL
+# in ms, then for a batch its marks (comma list, as PUBLISH_BATCH's) and each item's nodes ('n1,n2;...;'), or
+# two empty strings. Only the first request to store a message under the key records it. Returns 1 if written.
+IDEM_RECORD = """
+if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 'fp', ARGV[2], 'id', ARGV[3])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'ids', 'batch:' .. ARGV[6], 'tos', ARGV[7])
+else
+  redis.call('HSET', KEYS[1], 'to', ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
 IDEM_FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
@@ -563,6 +583,7 @@ ALL = (
     TRIM_BYTES,
     RATE,
     IDEM_BEGIN,
+    IDEM_RECORD,
     IDEM_FINISH,
     IDEM_ABANDON,
 )

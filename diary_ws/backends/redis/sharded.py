@@ -1,0 +1,369 @@
+"""Redis Cluster (`BROKER_URL=redis-cluster://host:port`): each node's users spread over SHARDS shards.
+
+A shard is the whole one-Redis layout of docs/cluster.md (feed, history window, per-user and broadcast
+indexes, presence, heartbeats, inboxes) under a key prefix with a hash tag of its own, so all its keys live in
+one hash slot and every script stays one atomic step on one master. A user belongs to one shard (CRC-32 of
+the user id), so everything about a user (presence, targeted messages, history, the order of what they get)
+is decided in one place, as on one Redis; the shards' slots are spread over the masters. Each node runs one
+`RedisBackend` per shard (its own reader and presence writer; the count replies are read once, by the
+first shard's), and this class routes by user.
+
+- **Targeted messages** go to the shards of their users: one script for a user, one per shard otherwise.
+- **Broadcasts** are written to every shard: each user gets the copy of their own shard, in that shard's id
+  order with their targeted messages, and resumes from it. A shard where none of its users is connected
+  stores its copy only when another shard's users got theirs (a second step, mode `every`), so a user away
+  at the time finds it on resume; nobody connected anywhere is a 404 with nothing stored, as on one Redis.
+  The copies have one id per shard; the answer names the first shard's.
+- **Idempotency-Key**: the key's record lives in its own shard (the "home"). A message for the home shard
+  alone is recorded by the script that stores it, as on one Redis. Any other is stored in each shard with a
+  record whose token follows from the key, so a retry (a new request with the same key) is, for every shard,
+  a resend of the same request and stores nothing twice; the home record is written after the parts.
+- **Status, presence and the console** gather every shard's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import zlib
+from collections.abc import Awaitable, Iterator, Mapping, Sized
+from dataclasses import replace
+from typing import Self, TypeVar
+
+from redis.crc import key_slot
+
+from diary_ws.backends.redis import RedisBackend, scripts
+from diary_ws.backends.redis.client import _hashed
+from diary_ws.backends.redis.feed import Record
+from diary_ws.errors import NobodyListening, OutcomeUnknown
+from diary_ws.messages import Draft, Message, MessageId
+from diary_ws.protocols import Claim, Counts, Node, NodeInfo, Page, PublishResult, Replay
+
+SHARDS = 8  # the most masters a deployment's load spreads over; changing it starts every history afresh
+REDIS_SLOTS = 16384
+
+_T = TypeVar("_T")
+Targets = frozenset[str] | None
+
+
+def shard_prefixes(count: int = SHARDS) -> list[str]:
+    """Each shard's key prefix: a hash tag whose slot lies in the shard's own 1/count of the slots, so a
+    cluster whose masters hold equal runs of slots (as `redis-cli --cluster create` makes them) gets an even
+    share of the shards on each. The count is in the tag, so a build with another count shares no key."""
+    prefixes = []
+    for i in range(count):
+        low, high = i * REDIS_SLOTS // count, (i + 1) * REDIS_SLOTS // count
+        n = 0
+        while not low <= key_slot(f"diary-ws.{count}.{i}.{n}".encode()) < high:
+            n += 1
+        prefixes.append(f"{{diary-ws.{count}.{i}.{n}}}:")
+    return prefixes
+
+
+def shard_of(user_id: str, count: int = SHARDS) -> int:
+    """The shard of a user (or of an Idempotency-Key, a rate-limit bucket): the same on every node."""
+    return zlib.crc32(user_id.encode()) % count
+
+
+class ShardNode:
+    """The Node one shard sees: this process's sockets of the shard's users, and nobody else's."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        # The shard's users here, or a few more: `join` adds a user before the shard hears of them, `left`
+        # removes one with no socket left here. A broadcast's copy is for these users only.
+        self.users: set[str] = set()
+
+    async def deliver(self, message: Message, want_users: bool) -> Counts:
+        if message.targets is None:  # this shard's copy of a broadcast
+            if not self.users:
+                return Counts(0, 0, 0, 0, [] if want_users else None)
+            message = replace(message, targets=frozenset(self.users))
+        return await self.node.deliver(message, want_users)
+
+    def presence(self) -> Mapping[str, Sized]:
+        here = self.node.presence()
+        return {user: here[user] for user in self.users if user in here}
+
+    def close_local(self, user_id: str, code: int, reason: str) -> int:
+        return self.node.close_local(user_id, code, reason)
+
+
+class ShardedRedisBackend:
+    """One node of a diary-ws cluster on Redis Cluster: SHARDS `RedisBackend`s, one per shard, routed by user."""
+
+    replay_covers_live = RedisBackend.replay_covers_live
+
+    def __init__(self, url: str, history_size: int, history_ttl: float, history_bytes: int = 64 * 1024 * 1024):
+        prefixes = shard_prefixes()
+        share = max(1, history_bytes // len(prefixes))  # HISTORY_BYTES is the node's, over all its shards
+        first = RedisBackend(url, history_size, history_ttl, share, shard=(prefixes[0], None))
+        self._shards = [first] + [
+            RedisBackend(url, history_size, history_ttl, share, shard=(prefix, first)) for prefix in prefixes[1:]
+        ]
+        self._views: list[ShardNode] = []
+        self.node_id = first.node_id
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, node: Node) -> None:
+        self._views = [ShardNode(node) for _ in self._shards]
+        await asyncio.gather(*(shard.start(view) for shard, view in zip(self._shards, self._views, strict=True)))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(shard.stop() for shard in self._shards))
+
+    def ready(self) -> bool:
+        return all(shard.ready() for shard in self._shards)
+
+    @property
+    def reader_up(self) -> bool:
+        return all(shard.reader_up for shard in self._shards)
+
+    # --- one user: their shard ----------------------------------------------------------------------------
+
+    def _of(self, user_id: str) -> RedisBackend:
+        return self._shards[shard_of(user_id, len(self._shards))]
+
+    async def join(self, user_id: str, limit: int) -> None:
+        index = shard_of(user_id, len(self._shards))
+        self._views[index].users.add(user_id)
+        await self._shards[index].join(user_id, limit)
+
+    def left(self, user_id: str) -> None:
+        index = shard_of(user_id, len(self._shards))
+        view = self._views[index]
+        if user_id not in view.node.presence():
+            view.users.discard(user_id)
+        self._shards[index].left(user_id)
+
+    async def connections(self, user_id: str) -> int:
+        return await self._of(user_id).connections(user_id)
+
+    async def close_user(self, user_id: str, code: int, reason: str) -> tuple[int, int]:
+        return await self._of(user_id).close_user(user_id, code, reason)
+
+    async def replay_page(self, user_id: str, after: MessageId, limit: int, max_bytes: int) -> Page:
+        return await self._of(user_id).replay_page(user_id, after, limit, max_bytes)
+
+    async def replay(self, user_id: str, since: MessageId) -> Replay:
+        return await self._of(user_id).replay(user_id, since)
+
+    # --- everyone: every shard ----------------------------------------------------------------------------
+
+    async def status(self) -> tuple[list[str], int]:
+        found = await _every(shard.status() for shard in self._shards)
+        return sorted(user for ids, _total in found for user in ids), sum(total for _ids, total in found)
+
+    async def nodes(self) -> list[NodeInfo]:
+        merged: dict[str, NodeInfo] = {}
+        for listing in await _every(shard.nodes() for shard in self._shards):
+            for info in listing:
+                seen = merged.get(info.node_id)
+                if seen is None:
+                    merged[info.node_id] = NodeInfo(info.node_id, info.here, dict(info.users), info.heartbeat)
+                else:
+                    seen.users.update(info.users)
+                    if info.heartbeat is not None and (seen.heartbeat is None or info.heartbeat > seen.heartbeat):
+                        merged[info.node_id] = seen._replace(heartbeat=info.heartbeat)
+        return sorted(merged.values(), key=lambda node: (not node.here, node.node_id))
+
+    # --- the shared store: each key in its own shard --------------------------------------------------------
+
+    def shared(self) -> Self:
+        return self
+
+    def _home(self, key: str) -> RedisBackend:
+        return self._shards[shard_of(key, len(self._shards))]
+
+    async def take_token(self, bucket: str, burst: int, per_second: float, cost: int = 1) -> tuple[bool, float]:
+        return await self._home(bucket).take_token(bucket, burst, per_second, cost)
+
+    async def idem_begin(self, key: str, print_: str, busy_ttl: float) -> tuple[str, int, str]:
+        return await self._home(key).idem_begin(key, print_, busy_ttl)
+
+    async def idem_finish(self, key: str, status: int, body: str, ttl: float) -> None:
+        await self._home(key).idem_finish(key, status, body, ttl)
+
+    async def idem_abandon(self, key: str) -> None:
+        await self._home(key).idem_abandon(key)
+
+    # --- publish ------------------------------------------------------------------------------------------
+
+    def _groups(self, targets: frozenset[str]) -> dict[int, frozenset[str]]:
+        groups: dict[int, set[str]] = {}
+        for user in targets:
+            groups.setdefault(shard_of(user, len(self._shards)), set()).add(user)
+        return {index: frozenset(users) for index, users in sorted(groups.items())}
+
+    def _record(self, index: int, claim: Claim | None, every: bool) -> Record | None:
+        """A shard's record of a keyed request's part: its token follows from the key and the notification,
+        so every request with the key is the same request to the shard. None: the shard's own record."""
+        if claim is None:
+            return None
+        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}\0{every}".encode()).hexdigest()[:32]
+        prefix = self._shards[index]._prefix
+        return Record(f"{prefix}pub:{token}", token, claim.fingerprint, claim.ttl)
+
+    async def publish(self, targets: Targets, draft: Draft, claim: Claim | None = None) -> PublishResult:
+        count = len(self._shards)
+        groups: dict[int, Targets] = dict(self._groups(targets)) if targets is not None else dict.fromkeys(range(count))
+        if len(groups) == 1:
+            [(index, users)] = groups.items()
+            if claim is None or index == shard_of(claim.key, count):  # as on one Redis, record and all
+                return await self._shards[index].publish(users, draft, claim)
+
+        async def part(index: int, users: Targets, every: bool) -> PublishResult:
+            record = self._record(index, claim, every)
+            return await self._shards[index].publish(users, draft, record=record, every=every)
+
+        done = await _parts({index: part(index, users, False) for index, users in groups.items()})
+        results = _stored(done)  # the copies somebody got first: the answer names the first of them
+        away = [index for index, answer in done.items() if isinstance(answer, NobodyListening)]
+        if targets is None and away and results:
+            results += _stored(await _parts({index: part(index, None, True) for index in away}), any_stored=True)
+        if not results:
+            raise NobodyListening(targeted=targets is not None)
+        first = results[0]
+        if claim is not None:
+            await self._record_home(claim, str(first.id), "", "")
+        return PublishResult(
+            first.id,
+            sum(r.sent_count for r in results),
+            sum(r.total_connections for r in results),
+            sum(r.disconnected_users for r in results),
+            sum(r.users_reached for r in results),  # each user is in one shard: no one counted twice
+            max(r.nodes_missing for r in results),
+        )
+
+    async def publish_batch(
+        self, items: list[tuple[Targets, Draft]], claim: Claim | None = None
+    ) -> list[PublishResult | NobodyListening]:
+        """Each shard's items in one script (one round trip per shard, all at once); each item's answer sums
+        its shards'. A shard's items stay in the batch's order; the batch as a whole is not one atomic step."""
+        count = len(self._shards)
+        rows: dict[int, list[tuple[int, Targets]]] = {}
+        for number, (targets, _draft) in enumerate(items):
+            groups: dict[int, Targets] = (
+                dict(self._groups(targets)) if targets is not None else dict.fromkeys(range(count))
+            )
+            for index, users in groups.items():
+                rows.setdefault(index, []).append((number, users))
+        if len(rows) == 1 and (claim is None or next(iter(rows)) == shard_of(claim.key, count)):
+            [(index, mine)] = rows.items()
+            return await self._shards[index].publish_batch([(users, items[n][1]) for n, users in mine], claim)
+
+        async def part(
+            index: int, mine: list[tuple[int, Targets]], every: bool
+        ) -> list[PublishResult | NobodyListening]:
+            record = self._record(index, claim, every)
+            batch = [(users, items[n][1]) for n, users in mine]
+            return await self._shards[index].publish_batch(batch, record=record, every=every)
+
+        per_item: list[list[PublishResult]] = [[] for _ in items]
+        away: dict[int, list[int]] = {}
+
+        def take(
+            done: dict[int, list[PublishResult | NobodyListening] | BaseException],
+            asked: dict[int, list[tuple[int, Targets]]],
+        ) -> None:
+            for index, answers in done.items():
+                assert not isinstance(answers, BaseException)
+                for (number, users), answer in zip(asked[index], answers, strict=True):
+                    if isinstance(answer, PublishResult):
+                        per_item[number].append(answer)
+                    elif users is None:
+                        away.setdefault(number, []).append(index)
+
+        done = await _parts({index: part(index, mine, False) for index, mine in rows.items()})
+        _raise_failure(done, any_stored=_batch_stored(done))
+        take(done, rows)
+        again: dict[int, list[tuple[int, Targets]]] = {}
+        for number, shards in away.items():
+            if per_item[number]:  # a broadcast some shard's users got: every shard keeps it
+                for index in shards:
+                    again.setdefault(index, []).append((number, None))
+        if again:
+            done = await _parts({index: part(index, mine, True) for index, mine in again.items()})
+            _raise_failure(done, any_stored=True)
+            take(done, again)
+        answers: list[PublishResult | NobodyListening] = []
+        for (targets, _draft), results in zip(items, per_item, strict=True):
+            if not results:
+                answers.append(NobodyListening(targeted=targets is not None))
+                continue
+            first = results[0]
+            answers.append(
+                PublishResult(
+                    first.id,
+                    sum(r.sent_count for r in results),
+                    sum(r.total_connections for r in results),
+                    sum(r.disconnected_users for r in results),
+                    sum(r.users_reached for r in results),
+                    max(r.nodes_missing for r in results),
+                )
+            )
+        if claim is not None and any(isinstance(a, PublishResult) for a in answers):
+            marks = ",".join(str(a.id) if isinstance(a, PublishResult) else "-" for a in answers)
+            first_id = next(str(a.id) for a in answers if isinstance(a, PublishResult))
+            await self._record_home(claim, first_id, marks, ";" * len(answers))
+        return answers
+
+    async def _record_home(self, claim: Claim, first_id: str, marks: str, tos: str) -> None:
+        """The Idempotency-Key's record in its home shard, after the parts were stored (scripts.IDEM_RECORD).
+        If it cannot be written, the request says 504: a retry stores nothing twice (the parts' records)."""
+        home = self._home(claim.key)
+        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}".encode()).hexdigest()[:32]
+        keys = [_hashed("idem", claim.key, home._prefix)]
+        argv = [token, claim.fingerprint, first_id, int(claim.ttl * 1000), marks, tos]
+        try:
+            await home._run(scripts.IDEM_RECORD, keys, argv)
+        except Exception as exc:
+            raise OutcomeUnknown(
+                "the broker did not record the Idempotency-Key: the notification was sent; a retry with the same "
+                "Idempotency-Key is safe and sends nothing twice"
+            ) from exc
+
+
+async def _every(calls: Iterator[Awaitable[_T]]) -> list[_T]:
+    return list(await asyncio.gather(*calls))
+
+
+async def _parts(calls: dict[int, Awaitable[_T]]) -> dict[int, _T | BaseException]:
+    """Run one awaitable per shard at once; each one's result or exception, by shard."""
+    done = await asyncio.gather(*calls.values(), return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # a cancellation is not an answer
+    return dict(zip(calls, done, strict=True))
+
+
+def _stored(done: dict[int, PublishResult | BaseException], any_stored: bool = False) -> list[PublishResult]:
+    """The shards' PublishResults in shard order, after raising what the failures mean for the request
+    (`any_stored`: an earlier step stored some of it already)."""
+    results = [answer for _index, answer in sorted(done.items()) if isinstance(answer, PublishResult)]
+    _raise_failure(done, any_stored=any_stored or bool(results))
+    return results
+
+
+def _raise_failure(done: Mapping[int, object], any_stored: bool) -> None:
+    """A shard that failed while another stored its part: the message reached some users and not others, so
+    the request's outcome is unknown to its sender (504; a retry with the key completes it, storing nothing
+    twice). With nothing stored, the first failure is the answer (503, 504, 409 or 422)."""
+    failures = [
+        answer for answer in done.values() if isinstance(answer, Exception) and not isinstance(answer, NobodyListening)
+    ]
+    if not failures:
+        return
+    if any_stored:
+        raise OutcomeUnknown(
+            "the broker stored the notification for some users and failed for others: a retry with the same "
+            "Idempotency-Key is safe and completes it (without one, a retry may send it twice to some)"
+        ) from failures[0]
+    raise failures[0]
+
+
+def _batch_stored(done: Mapping[int, object]) -> bool:
+    return any(
+        isinstance(answers, list) and any(isinstance(a, PublishResult) for a in answers) for answers in done.values()
+    )
