@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
 import redis as redis_client
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from diary_ws.backends.redis.sharded import shard_of, shard_prefixes
 from tests.test_cluster import counts, listeners, readyz_is
-from tests.utils import RedisClusterServers, Server, async_wait_until, next_frame, redis_cluster, run_server, wait_until
+from tests.utils import (
+    RedisClusterServers,
+    RedisServer,
+    Server,
+    async_wait_until,
+    next_frame,
+    redis_cluster,
+    run_server,
+    wait_until,
+)
 
 PREFIXES = shard_prefixes()
 
@@ -87,6 +98,12 @@ async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_repo
         async with connect(a.listen_url("carol")) as ws:
             first = a.post({"message": "seen", "user_ids": ["carol"]}).json()
             assert (await next_frame(ws))["id"] == first["id"]
+        assert shard_of("carol") != shard_of("dave")
+        async with listeners(a.listen_url("dave")) as (dave,):
+            # To dave (here) and carol (away, in another shard): kept for carol too, as one Redis keeps it.
+            both = a.post({"message": "for both", "user_ids": ["carol", "dave"]})
+            assert counts(both.json()) == (1, 1, 0)
+            assert (await next_frame(dave))["message"] == "for both"
         missed = [b.post({"message": f"m{i}"}).json().get("id") for i in range(2)]  # nobody: 404, not stored
         assert missed == [None, None]
         async with listeners(b.listen_url("dave")):
@@ -94,8 +111,8 @@ async def test_two_nodes_on_a_three_master_cluster_deliver_count_resume_and_repo
             assert all(stored)
             async with connect(b.listen_url("carol", f"since={first['id']}")) as ws:
                 # Stored in carol's shard too, though nobody of it was connected: she finds them on resume.
-                assert [(await next_frame(ws))["message"] for _ in range(2)] == ["m0", "m1"]
-                assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 2}
+                assert [(await next_frame(ws))["message"] for _ in range(3)] == ["for both", "m0", "m1"]
+                assert await next_frame(ws) == {"type": "resume", "recovered": True, "replayed": 3}
 
                 # An operator's disconnect from the other node reaches the socket.
                 url = f"{a.http}/api/v1/ws/users/carol/connections"
@@ -166,3 +183,102 @@ async def test_the_master_of_the_slot_fails_over_and_the_nodes_carry_on() -> Non
         for srv in (a, b):
             srv.assert_clean_log()
         print(f"failover: a publish was stored again {took:.1f} s after the master was killed; answers {answers}")
+
+
+def batch(srv: Server, items: list[Any], **headers: str) -> httpx.Response:
+    return httpx.post(f"{srv.http}/api/v1/ws/notifications", json={"notifications": items}, headers=headers, timeout=10)
+
+
+async def drain_until(ws: ClientConnection, last: str, limit: float = 10) -> list[str]:
+    """The messages a listener gets up to and including `last`."""
+    got: list[str] = []
+    while not got or got[-1] != last:
+        got.append((await next_frame(ws, limit))["message"])
+    return got
+
+
+def key_off(rc: RedisClusterServers, down: RedisServer) -> str:
+    """An Idempotency-Key whose own shard (where its record lives) is on another master than `down`."""
+    return next(f"k-{n}" for n in range(1000) if rc.master_of(PREFIXES[shard_of(f"k-{n}")].strip(":")) != down)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["paused", "killed"])
+async def test_a_keyed_message_across_shards_reaches_everybody_once_after_a_shard_failed(fault: str) -> None:
+    """alice and bob are in shards on two masters, and bob's fails while a POST to both is stored: paused
+    (SIGSTOP: the script waits in its socket and runs when the master wakes) or killed (it comes back empty).
+    The POST is a 504 when alice's part was stored and bob's is unknown, a 503 when nothing was; never a 200.
+    The retries with the same Idempotency-Key, once the master is back, end in a 200, and each of them got
+    the message exactly once."""
+    with redis_cluster(masters=3, full_coverage=False) as rc, nodes_on(rc) as (a, b):
+        alices = rc.master_of(PREFIXES[shard_of("alice")].strip(":"))
+        bobs = rc.master_of(PREFIXES[shard_of("bob")].strip(":"))
+        assert alices.port != bobs.port
+        key = {"Idempotency-Key": key_off(rc, bobs)}
+        body = {"message": "to both", "user_ids": ["alice", "bob"]}
+        async with listeners(a.listen_url("alice"), b.listen_url("bob")) as (alice, bob):
+            first = a.post({"message": "hi", "user_ids": ["bob"]}).json()
+            assert (await next_frame(bob))["id"] == first["id"]
+            assert bobs.proc is not None
+            if fault == "paused":
+                bobs.proc.send_signal(signal.SIGSTOP)
+            else:
+                bobs.kill()
+            answer = await asyncio.to_thread(a.post, body, headers=key)
+            assert answer.status_code in (503, 504), answer.text
+            if fault == "paused":
+                assert answer.status_code == 504, answer.text  # alice's part was stored, bob's is not known
+                assert "Idempotency-Key" in answer.json()["message"]
+                bobs.proc.send_signal(signal.SIGCONT)
+            else:
+                bobs.start()  # back, empty (no persistence), as the master of the same slots
+            wait_until(rc.ready, 30, "the cluster to cover every slot again")
+            await async_wait_until(lambda: readyz_is(a, 200) and readyz_is(b, 200), 20, "both nodes ready")
+
+            def retried() -> httpx.Response | None:
+                again = a.post(body, headers=key)
+                assert again.status_code in (200, 409, 503, 504), again.text
+                return again if again.status_code == 200 else None
+
+            again = await async_wait_until(retried, 20, "a retry to be answered 200")
+            assert a.post(body, headers=key).json() == again.json()  # the answer is kept for the key
+            a.post({"message": "end", "user_ids": ["alice", "bob"]})
+            assert (await drain_until(alice, "end")).count("to both") == 1
+            if fault == "paused":
+                assert (await drain_until(bob, "end")).count("to both") == 1
+        if fault == "killed":
+            # bob's socket was closed when his shard lost its data; on resume he hears of the loss, then
+            # gets what was stored since: the message once.
+            async with connect(b.listen_url("bob", f"since={first['id']}")) as bob:
+                got = [await next_frame(bob) for _ in range(3)]
+                assert [f.get("message") for f in got[:2]] == ["to both", "end"], got
+                assert got[2] == {"type": "resume", "recovered": False, "replayed": 2}, got
+        for srv in (a, b):
+            srv.assert_clean_log()
+
+
+@pytest.mark.anyio
+async def test_a_keyed_batch_across_shards_is_answered_and_delivered_once() -> None:
+    with redis_cluster(masters=3) as rc, nodes_on(rc) as (a, b):
+        async with listeners(a.listen_url("alice"), b.listen_url("bob")) as (alice, bob):
+            items = [
+                {"message": "1", "user_ids": ["alice"]},
+                {"message": "2", "user_ids": ["alice", "bob"]},
+                {"message": "3"},
+                {"message": "4", "user_ids": ["nobody-here"]},
+            ]
+            first = await asyncio.to_thread(batch, a, items, **{"Idempotency-Key": "b-1"})
+            assert first.status_code == 200, first.text
+            results = first.json()["results"]
+            assert [r.get("sent_count") for r in results] == [1, 2, 2, None]
+            assert results[3]["code"] == 404
+            assert [(await next_frame(alice))["message"] for _ in range(3)] == ["1", "2", "3"]
+            assert [(await next_frame(bob))["message"] for _ in range(2)] == ["2", "3"]
+            again = await asyncio.to_thread(batch, b, items, **{"Idempotency-Key": "b-1"})
+            assert again.json() == first.json()  # the first answer, from the other node too
+            other = await asyncio.to_thread(batch, b, items[:1], **{"Idempotency-Key": "b-1"})
+            assert other.status_code == 422
+            last = a.post({"message": "last"}).json()
+            assert (await next_frame(alice))["message"] == "last"
+            assert (await next_frame(bob))["message"] == "last"
+            assert last["sent_count"] == 2

@@ -396,8 +396,9 @@ class RedisClusterServers:
 
 
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterServers]:
-    """A fresh Redis Cluster for a test; skips when redis-server or redis-cli is missing."""
+def redis_cluster(masters: int = 3, replicas: int = 0, full_coverage: bool = True) -> Iterator[RedisClusterServers]:
+    """A fresh Redis Cluster for a test; skips when redis-server or redis-cli is missing. Without
+    `full_coverage`, the masters left serve their slots while another is down."""
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli not found: install Debian's redis-tools package (.ci/run does)")
     with tempfile.TemporaryDirectory(prefix="diary-ws-rcluster-") as top:
@@ -410,7 +411,8 @@ def redis_cluster(masters: int = 3, replicas: int = 0) -> Iterator[RedisClusterS
                 # another test's connection holds.
                 extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                          "--cluster-node-timeout", "1000", "--cluster-port", str(free_port()),
-                         "--repl-diskless-sync-delay", "0")  # fmt: skip
+                         "--repl-diskless-sync-delay", "0",
+                         "--cluster-require-full-coverage", "yes" if full_coverage else "no")  # fmt: skip
                 server = RedisServer(free_port(), workdir, extra=extra)
                 servers.append(server)
                 server.start()

@@ -222,6 +222,10 @@ class RedisCore:
             raise BrokerUnavailable("broker unavailable: no time was left for it; retry later")
         try:
             async with asyncio.timeout(budget):
+                if isinstance(self._cmd, RedisCluster):
+                    # Not redis-py's Script: after NOSCRIPT it loads the script on every master, and one master
+                    # down then fails a script that only needs another.
+                    return await self._cluster_script_once(self._cmd, source, keys, argv, _Attempt())
                 # EVALSHA; after a Redis restart forgot the script, redis-py loads it again.
                 return await self._scripts[source](keys, argv)
         except Exception as exc:  # asyncio's TimeoutError is an OSError

@@ -121,12 +121,15 @@ class FeedMixin(RedisCore):
         claim: Claim | None = None,
         *,
         record: Record | None = None,
-        every: bool = False,
+        keep: bool = False,
     ) -> PublishResult:
-        """`record` and `every` are for a shard's part of a message on Redis Cluster (sharded.py): the request's
-        record to keep, and a broadcast stored even when none of this shard's users is connected."""
+        """`record` and `keep` are for a shard's part of a message on Redis Cluster (sharded.py): the request's
+        record to keep, and a message stored even when none of this shard's users it is for is connected."""
         fields = _fields(targets, draft)
-        mode, named = ("every" if every else "all", []) if targets is None else ("users", sorted(targets))
+        if targets is None:
+            mode, named = ("every" if keep else "all"), []
+        else:
+            mode, named = ("keep" if keep else "users"), sorted(targets)
         msg_id, reports, missing = await self._gather(mode, named, fields, claim, "the notification", record)
         if msg_id is None:
             raise NobodyListening(targeted=targets is not None)
@@ -138,7 +141,7 @@ class FeedMixin(RedisCore):
         claim: Claim | None = None,
         *,
         record: Record | None = None,
-        every: bool = False,
+        keep: bool = False,
     ) -> list[PublishResult | NobodyListening]:
         """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
 
@@ -161,7 +164,7 @@ class FeedMixin(RedisCore):
                 kept.fingerprint,
                 int(kept.ttl * 1000),
                 self._epoch,
-                "every" if every else "all",
+                "keep" if keep else "",
                 len(items),
             ]
             for (targets, draft), item_token in zip(items, tokens, strict=True):

@@ -58,6 +58,11 @@ class PresenceMixin(RedisCore):
     async def connections(self, user_id: str) -> int:
         return int(await self._run(scripts.PRESENCE, [self._keys[0]], [self._prefix, user_id]))
 
+    async def connected(self, users: list[str]) -> tuple[bool, set[str]]:
+        """Whether anybody is connected on a live node, and which of `users` are (for a batch over shards)."""
+        answer = await self._run(scripts.CONNECTED, [self._keys[0]], [self._prefix, *users])
+        return bool(answer[0]), {user for user, there in zip(users, answer[1:], strict=True) if there}
+
     async def status(self) -> tuple[list[str], int]:
         answer = await self._run(scripts.STATUS, [self._keys[0]], [self._prefix])
         users: set[str] = set()

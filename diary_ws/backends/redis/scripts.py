@@ -105,11 +105,11 @@ end
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, mode, number of targets, the
 # targets..., then the request's token, the key's fingerprint ('' without a key), the record's TTL in ms, the
 # epoch the node knows, then field, value pairs.
-# Mode `all`: a broadcast, to every live node (nobody if no one is connected anywhere); `every`: the same, stored
-# even with no one connected (on Redis Cluster, a broadcast's copy for a shard whose users are all away while
-# another shard's are not: see backends/redis/sharded.py); `users`: to the nodes
+# Mode `all`: a broadcast, to every live node (nobody if no one is connected anywhere); `users`: to the nodes
 # that hold a target, found in the per-user index (nobody if none does); `close`: a control entry to the nodes
-# that hold the one target, kept in no history index.
+# that hold the one target, kept in no history index. `every` and `keep` are `all` and `users` stored even when
+# nobody is there: on Redis Cluster, a shard's part of a message that another shard's users got (so its own
+# users find it when they resume; backends/redis/sharded.py).
 # Returns {outcome, {the nodes it was written to}, id}, where outcome is
 # - 'added' (id: the entry's): stored now, or by an earlier attempt of this same request (its token, and the
 #   nodes it went to then), so a request may send this script again after a lost answer and store it once;
@@ -138,7 +138,7 @@ if seen[3] then
   return {'busy', {}}
 end
 local to = route(KEYS[1], prefix, mode, 8, ntargets)
-if #to == 0 then return {'nobody', {}} end
+if #to == 0 and mode ~= 'keep' then return {'nobody', {}} end
 local fields = {}
 for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
 local id = store(KEYS[2], prefix, limits, mode, 8, ntargets, fields, to)
@@ -150,9 +150,9 @@ return {'added', to, id}
 
 # A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, the request's token, the key's
-# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, the broadcasts' mode (`all`
-# or `every`, as in PUBLISH), the number of items, then per item: its number of targets (0: everyone), the
-# targets, its number of fields, the field, value pairs.
+# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, `keep` to store every item
+# even when nobody is there (PUBLISH's modes `every` and `keep`) or '', the number of items, then per item: its
+# number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
 # Returns {outcome, {nodes per item, joined by commas}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy',
 # 'other'; never 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id,
 # or '-' when none of its targets is connected (each item routed and stored as PUBLISH does). The record is
@@ -165,7 +165,9 @@ PUBLISH_BATCH = (
     + """
 local prefix = ARGV[1]
 local limits = {feed = ARGV[2], inbox = ARGV[3], size = tonumber(ARGV[4]), ttl = ARGV[5]}
-local token, fp, recttl, epoch, everyone_mode = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local token, fp, recttl, epoch, keep = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == 'keep'
+local everyone_mode, users_mode = 'all', 'users'
+if keep then everyone_mode, users_mode = 'every', 'keep' end
 local nitems = tonumber(ARGV[11])
 if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', {}} end
 local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids', 'tos')
@@ -185,15 +187,15 @@ for _ = 1, nitems do
   local ntargets = tonumber(ARGV[i])
   local nfields = tonumber(ARGV[i + 1 + ntargets])
   local first = i + 2 + ntargets
-  local mode, to = 'users', nil
+  local mode, to = users_mode, nil
   if ntargets == 0 then
     mode = everyone_mode
     everyone = everyone or route(KEYS[1], prefix, mode, 0, 0)
     to = everyone
   else
-    to = route(KEYS[1], prefix, 'users', i + 1, ntargets)
+    to = route(KEYS[1], prefix, mode, i + 1, ntargets)
   end
-  if #to > 0 then
+  if #to > 0 or keep then
     local fields = {}
     for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
     local id = store(KEYS[2], prefix, limits, mode, i + 1, ntargets, fields, to)
@@ -325,6 +327,27 @@ PRESENCE = (
 local total = 0
 for _, h in ipairs(holders(ARGV[1], ARGV[2])) do total = total + h[2] end
 return total
+"""
+)
+
+# On Redis Cluster, before a batch spread over shards (backends/redis/sharded.py): whether anyone is connected
+# to this shard's users, and whether each given user is. KEYS: nodes. ARGV: prefix, the users. Returns {anyone
+# 0/1, then 0/1 per user}.
+CONNECTED = (
+    _LIVE
+    + """
+local prefix = ARGV[1]
+local out = {0}
+for _, n in ipairs(live_nodes(KEYS[1], prefix)) do
+  if redis.call('HLEN', prefix .. 'presence:' .. n) > 0 then
+    out[1] = 1
+    break
+  end
+end
+for i = 2, #ARGV do
+  if #holders(prefix, ARGV[i]) > 0 then table.insert(out, 1) else table.insert(out, 0) end
+end
+return out
 """
 )
 
@@ -496,18 +519,15 @@ return {'stale', e[2], went}
 
 # On Redis Cluster, the Idempotency-Key's record of a message stored in several shards (or in a shard other
 # than the key's own), written after them (backends/redis/sharded.py). KEYS: the key's record. ARGV: the
-# request's token, the fingerprint, the first stored id, the nodes it went to (a comma list), the record's TTL
-# in ms, then for a batch its marks (comma list, as PUBLISH_BATCH's) and each item's nodes ('n1,n2;...;'), or
-# two empty strings. Only the first request to store a message under the key records it. Returns 1 if written.
+# request's token, the fingerprint, the first stored id, the record's TTL in ms, then for a batch its marks
+# (a comma list, as PUBLISH_BATCH's) and its items' nodes (';' per item), or two empty strings. It names no
+# nodes, so a retry that finds it without an answer counts every live node missing (IDEM_BEGIN). Only the
+# first request to store a message under the key records it. Returns 1 if written.
 IDEM_RECORD = """
 if redis.call('HEXISTS', KEYS[1], 'id') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'r', ARGV[1], 'fp', ARGV[2], 'id', ARGV[3])
-if ARGV[6] ~= '' then
-  redis.call('HSET', KEYS[1], 'ids', 'batch:' .. ARGV[6], 'tos', ARGV[7])
-else
-  redis.call('HSET', KEYS[1], 'to', ARGV[4])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'ids', 'batch:' .. ARGV[5], 'tos', ARGV[6]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
@@ -577,6 +597,7 @@ ALL = (
     BEAT,
     STATUS,
     PRESENCE,
+    CONNECTED,
     REPAIR,
     REPLAY,
     REPLAY_PAGE,

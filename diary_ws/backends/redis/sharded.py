@@ -196,12 +196,12 @@ class ShardedRedisBackend:
             groups.setdefault(shard_of(user, len(self._shards)), set()).add(user)
         return {index: frozenset(users) for index, users in sorted(groups.items())}
 
-    def _record(self, index: int, claim: Claim | None, every: bool) -> Record | None:
+    def _record(self, index: int, claim: Claim | None, keep: bool = True) -> Record | None:
         """A shard's record of a keyed request's part: its token follows from the key and the notification,
         so every request with the key is the same request to the shard. None: the shard's own record."""
         if claim is None:
             return None
-        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}\0{every}".encode()).hexdigest()[:32]
+        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}\0{keep}".encode()).hexdigest()[:32]
         prefix = self._shards[index]._prefix
         return Record(f"{prefix}pub:{token}", token, claim.fingerprint, claim.ttl)
 
@@ -213,34 +213,33 @@ class ShardedRedisBackend:
             if claim is None or index == shard_of(claim.key, count):  # as on one Redis, record and all
                 return await self._shards[index].publish(users, draft, claim)
 
-        async def part(index: int, users: Targets, every: bool) -> PublishResult:
-            record = self._record(index, claim, every)
-            return await self._shards[index].publish(users, draft, record=record, every=every)
+        async def part(index: int, users: Targets, keep: bool) -> PublishResult:
+            record = self._record(index, claim, keep)
+            return await self._shards[index].publish(users, draft, record=record, keep=keep)
 
         done = await _parts({index: part(index, users, False) for index, users in groups.items()})
         results = _stored(done)  # the copies somebody got first: the answer names the first of them
         away = [index for index, answer in done.items() if isinstance(answer, NobodyListening)]
-        if targets is None and away and results:
-            results += _stored(await _parts({index: part(index, None, True) for index in away}), any_stored=True)
+        if away and results:  # kept for those away too, as one Redis keeps it for every target
+            kept = await _parts({index: part(index, groups[index], True) for index in away})
+            results += _stored(kept, any_stored=True)
         if not results:
             raise NobodyListening(targeted=targets is not None)
-        first = results[0]
         if claim is not None:
-            await self._record_home(claim, str(first.id), "", "")
-        return PublishResult(
-            first.id,
-            sum(r.sent_count for r in results),
-            sum(r.total_connections for r in results),
-            sum(r.disconnected_users for r in results),
-            sum(r.users_reached for r in results),  # each user is in one shard: no one counted twice
-            max(r.nodes_missing for r in results),
-        )
+            await self._record_home(claim, str(results[0].id), "", "")
+        return _summed(results)
 
     async def publish_batch(
         self, items: list[tuple[Targets, Draft]], claim: Claim | None = None
     ) -> list[PublishResult | NobodyListening]:
-        """Each shard's items in one script (one round trip per shard, all at once); each item's answer sums
-        its shards'. A shard's items stay in the batch's order; the batch as a whole is not one atomic step."""
+        """Each shard's items in one script, all shards at once; each item's answer sums its shards'.
+
+        One Redis decides every item's 404 in the step that stores it. Over shards, one round trip first asks
+        each shard who of the batch's users is connected (scripts.CONNECTED); an item somebody is there for is
+        then stored in every shard of its users (or every shard, for a broadcast), there for those away too,
+        so each shard keeps the batch's order for each user. Who connects or leaves between the two steps
+        counts as a moment earlier or later, as for any publish. The batch as a whole is not one atomic step:
+        a shard that fails leaves a 504, which a retry with the Idempotency-Key completes."""
         count = len(self._shards)
         rows: dict[int, list[tuple[int, Targets]]] = {}
         for number, (targets, _draft) in enumerate(items):
@@ -250,60 +249,38 @@ class ShardedRedisBackend:
             for index, users in groups.items():
                 rows.setdefault(index, []).append((number, users))
         if len(rows) == 1 and (claim is None or next(iter(rows)) == shard_of(claim.key, count)):
-            [(index, mine)] = rows.items()
+            [(index, mine)] = rows.items()  # one shard: its script decides and stores, as on one Redis
             return await self._shards[index].publish_batch([(users, items[n][1]) for n, users in mine], claim)
 
-        async def part(
-            index: int, mine: list[tuple[int, Targets]], every: bool
-        ) -> list[PublishResult | NobodyListening]:
-            record = self._record(index, claim, every)
+        asked = {index: sorted({u for _n, users in mine for u in users or ()}) for index, mine in rows.items()}
+        found = await _parts({index: self._shards[index].connected(users) for index, users in asked.items()})
+        _raise_failure(found, any_stored=False)
+        anyone = any(seen[0] for seen in found.values() if isinstance(seen, tuple))
+        here: set[str] = set()
+        for seen in found.values():
+            if isinstance(seen, tuple):
+                here |= seen[1]
+        wanted = [anyone if targets is None else not here.isdisjoint(targets) for targets, _draft in items]
+
+        async def part(index: int, mine: list[tuple[int, Targets]]) -> list[PublishResult | NobodyListening]:
             batch = [(users, items[n][1]) for n, users in mine]
-            return await self._shards[index].publish_batch(batch, record=record, every=every)
+            return await self._shards[index].publish_batch(batch, record=self._record(index, claim), keep=True)
 
+        chosen = {index: [row for row in mine if wanted[row[0]]] for index, mine in rows.items()}
+        done = await _parts({index: part(index, mine) for index, mine in chosen.items() if mine})
         per_item: list[list[PublishResult]] = [[] for _ in items]
-        away: dict[int, list[int]] = {}
-
-        def take(
-            done: dict[int, list[PublishResult | NobodyListening] | BaseException],
-            asked: dict[int, list[tuple[int, Targets]]],
-        ) -> None:
-            for index, answers in done.items():
-                assert not isinstance(answers, BaseException)
-                for (number, users), answer in zip(asked[index], answers, strict=True):
-                    if isinstance(answer, PublishResult):
-                        per_item[number].append(answer)
-                    elif users is None:
-                        away.setdefault(number, []).append(index)
-
-        done = await _parts({index: part(index, mine, False) for index, mine in rows.items()})
-        _raise_failure(done, any_stored=_batch_stored(done))
-        take(done, rows)
-        again: dict[int, list[tuple[int, Targets]]] = {}
-        for number, shards in away.items():
-            if per_item[number]:  # a broadcast some shard's users got: every shard keeps it
-                for index in shards:
-                    again.setdefault(index, []).append((number, None))
-        if again:
-            done = await _parts({index: part(index, mine, True) for index, mine in again.items()})
-            _raise_failure(done, any_stored=True)
-            take(done, again)
-        answers: list[PublishResult | NobodyListening] = []
-        for (targets, _draft), results in zip(items, per_item, strict=True):
-            if not results:
-                answers.append(NobodyListening(targeted=targets is not None))
+        for index, stored in done.items():
+            if isinstance(stored, BaseException):
                 continue
-            first = results[0]
-            answers.append(
-                PublishResult(
-                    first.id,
-                    sum(r.sent_count for r in results),
-                    sum(r.total_connections for r in results),
-                    sum(r.disconnected_users for r in results),
-                    sum(r.users_reached for r in results),
-                    max(r.nodes_missing for r in results),
-                )
-            )
-        if claim is not None and any(isinstance(a, PublishResult) for a in answers):
+            for (number, _users), answer in zip(chosen[index], stored, strict=True):
+                if isinstance(answer, PublishResult):
+                    per_item[number].append(answer)
+        _raise_failure(done, any_stored=any(per_item))
+        answers: list[PublishResult | NobodyListening] = [
+            _summed(results) if results else NobodyListening(targeted=targets is not None)
+            for (targets, _draft), results in zip(items, per_item, strict=True)
+        ]
+        if claim is not None and any(per_item):
             marks = ",".join(str(a.id) if isinstance(a, PublishResult) else "-" for a in answers)
             first_id = next(str(a.id) for a in answers if isinstance(a, PublishResult))
             await self._record_home(claim, first_id, marks, ";" * len(answers))
@@ -346,6 +323,18 @@ def _stored(done: dict[int, PublishResult | BaseException], any_stored: bool = F
     return results
 
 
+def _summed(results: list[PublishResult]) -> PublishResult:
+    """One message's answer from its shards' parts: the first part's id, the counts summed."""
+    return PublishResult(
+        results[0].id,
+        sum(r.sent_count for r in results),
+        sum(r.total_connections for r in results),
+        sum(r.disconnected_users for r in results),
+        sum(r.users_reached for r in results),  # each user is in one shard: nobody is counted twice
+        max(r.nodes_missing for r in results),  # the same node is often missing from several shards
+    )
+
+
 def _raise_failure(done: Mapping[int, object], any_stored: bool) -> None:
     """A shard that failed while another stored its part: the message reached some users and not others, so
     the request's outcome is unknown to its sender (504; a retry with the key completes it, storing nothing
@@ -361,9 +350,3 @@ def _raise_failure(done: Mapping[int, object], any_stored: bool) -> None:
             "Idempotency-Key is safe and completes it (without one, a retry may send it twice to some)"
         ) from failures[0]
     raise failures[0]
-
-
-def _batch_stored(done: Mapping[int, object]) -> bool:
-    return any(
-        isinstance(answers, list) and any(isinstance(a, PublishResult) for a in answers) for answers in done.values()
-    )
