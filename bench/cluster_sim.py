@@ -22,6 +22,12 @@ nodes share one event loop), but the Redis CPU columns are Redis's alone.
     .venv-bench/bin/python -m bench.cluster_sim --nodes 1 10 --targeted 200
     make bench BENCH_ARGS=--cluster
     .venv-bench/bin/python -m bench.cluster_sim --ramp --nodes 10 50   # the rate where publish p99 passes 50 ms
+    .venv-bench/bin/python -m bench.cluster_sim --redis-cluster 3      # the same on a three-master Redis Cluster
+
+With `--redis-cluster M` the nodes run on a Redis Cluster of M masters the simulator starts (the backend of a
+`redis-cluster://` BROKER_URL: users spread over shards, each in one hash slot), every user joins through the
+backend as a socket would, and Redis's CPU and commands are summed over the masters; the table adds the
+busiest master's share of the CPU, which says how evenly the shards spread the work.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sized
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +49,11 @@ import orjson
 from redis.asyncio import Redis
 
 from diary_ws.backends.redis import RedisBackend
+from diary_ws.backends.redis.sharded import ShardedRedisBackend
 from diary_ws.errors import DiaryWSError
 from diary_ws.messages import Draft, Message, MessageId
 from diary_ws.protocols import Counts
-from tests.utils import async_wait_until, redis_server, wait_until
+from tests.utils import async_wait_until, redis_cluster, redis_server, wait_until
 
 RESULTS = Path(__file__).parent / "results"
 REDIS_CORE, SIM_CORE = 0, 1
@@ -58,15 +65,16 @@ class SimNode:
     def __init__(self, name: str, users: int) -> None:
         self.users = {f"{name}-u{j}": (0,) for j in range(users)}
         self.deliveries = 0
-        self.received: list[MessageId] = []
-        self.wrong = 0  # deliveries out of id order
+        self.last: dict[str, MessageId] = {}  # user -> the newest id delivered to them
+        self.wrong = 0  # deliveries out of id order for a user
 
     async def deliver(self, message: Message, want_users: bool) -> Counts:
-        if self.received and message.id <= self.received[-1]:
-            self.wrong += 1
-        self.received.append(message.id)
         targets = self.users if message.targets is None else message.targets
         reached = [u for u in targets if u in self.users]
+        for user in reached:
+            if user in self.last and message.id <= self.last[user]:
+                self.wrong += 1
+            self.last[user] = message.id
         self.deliveries += len(reached)
         return Counts(len(reached), len(reached), 0, len(reached), reached if want_users else None)
 
@@ -98,20 +106,57 @@ class Row:
     resume_found_avg: float = 0.0
     resume_p50_ms: float = 0.0
     resume_p99_ms: float = 0.0
+    busiest_share: float = 1.0  # targeted: the busiest Redis's share of the CPU spent (1.0 on one Redis)
     errors: list[str] = field(default_factory=list)
 
 
 class Meter:
-    """Redis's CPU seconds and command counts, read from INFO."""
+    """Redis's CPU seconds and command counts, read from INFO, summed over every server (the masters of a
+    Redis Cluster); `each` keeps each server's CPU of the last read."""
 
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
+    def __init__(self, servers: list[Redis]) -> None:
+        self.servers = servers
+        self.each: list[float] = []
 
     async def read(self) -> tuple[float, int]:
-        cpu = await self.redis.info("cpu")
-        stats = await self.redis.info("commandstats")
-        calls = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
-        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), calls
+        self.each, total_calls = [], 0
+        for redis in self.servers:
+            cpu = await redis.info("cpu")
+            stats = await redis.info("commandstats")
+            total_calls += sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+            self.each.append(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+        return sum(self.each), total_calls - 2 * (len(self.servers) - 1)  # 2 INFO calls per server, 1 counted
+
+
+class Deployment:
+    """Where the simulated nodes keep their state: one redis-server, or a Redis Cluster's masters."""
+
+    def __init__(self, url: str, ports: list[int]) -> None:
+        self.url = url
+        self.admins = [Redis(port=port, decode_responses=True) for port in ports]
+
+    def backend(self, history: int) -> Any:
+        if self.url.startswith("redis-cluster://"):
+            return ShardedRedisBackend(self.url, history_size=history, history_ttl=3600.0)
+        return RedisBackend(self.url, history_size=history, history_ttl=3600.0)
+
+    async def reset(self) -> Meter:
+        for admin in self.admins:
+            await admin.flushall()
+        return Meter(self.admins)
+
+    async def close(self) -> None:
+        for admin in self.admins:
+            await admin.aclose()
+
+
+async def join_all(backends: list[Any], nodes: list[SimNode], sharded: bool) -> None:
+    """On Redis Cluster every user joins through the backend, as a socket does (a shard hears of its users so);
+    on one Redis the first heartbeat writes each node's whole presence."""
+    if not sharded:
+        return
+    for backend, node in zip(backends, nodes, strict=True):
+        await asyncio.gather(*(backend.join(user, 16) for user in node.users))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -148,13 +193,11 @@ async def open_loop(rate: float, count: int, one: Any) -> list[float]:
     return latencies
 
 
-async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
+async def run_k(where: Deployment, k: int, args: argparse.Namespace) -> Row:
     row = Row(k, args.users)
-    admin = Redis.from_url(url, decode_responses=True)
-    await admin.flushall()
-    meter = Meter(admin)
+    meter = await where.reset()
     nodes = [SimNode(f"n{i}", args.users) for i in range(k)]
-    backends = [RedisBackend(url, history_size=args.history, history_ttl=3600.0) for _ in range(k)]
+    backends = [where.backend(args.history) for _ in range(k)]
     rng = random.Random(k)
     try:
         for backend, node in zip(backends, nodes, strict=True):
@@ -162,6 +205,7 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
         await asyncio.to_thread(
             wait_until, lambda: all(b.ready() for b in backends), 30.0, f"{k} simulated nodes to be ready"
         )
+        await join_all(backends, nodes, args.redis_cluster > 0)
 
         # Idle cost per second (heartbeats, blocked reads returning empty), subtracted from every phase.
         cpu0, calls0 = await meter.read()
@@ -169,13 +213,18 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
         cpu1, calls1 = await meter.read()
         idle_cpu, idle_calls = (cpu1 - cpu0) / args.idle, (calls1 - calls0 - 2) / args.idle
 
+        shares: list[float] = []  # per phase, the busiest Redis's share of the CPU spent
+
         async def phase(run: Any, count: int) -> tuple[float, float, list[float]]:
             cpu_a, calls_a = await meter.read()
             start = time.perf_counter()
             latencies = await run()
             await settled()
             elapsed = time.perf_counter() - start
+            each_a = meter.each
             cpu_b, calls_b = await meter.read()
+            spent = [b - a for a, b in zip(each_a, meter.each, strict=True)]
+            shares.append(max(spent) / max(sum(spent), 1e-9))
             cpu = max(0.0, cpu_b - cpu_a - idle_cpu * elapsed)
             calls = max(0.0, calls_b - calls_a - 2 - idle_calls * elapsed)
             return cpu / count * 1e6, calls / count, latencies
@@ -227,6 +276,7 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
         row.targeted_sent, row.targeted_rate = args.targeted, args.rate
         cpu, cmds, lat = await phase(lambda: open_loop(args.rate, args.targeted, targeted_one), args.targeted)
         row.targeted_cpu_us, row.targeted_cmds = cpu, cmds
+        row.busiest_share = shares[-1]
         row.targeted_p50_ms, row.targeted_p99_ms = pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
 
         row.broadcast_sent = args.broadcasts
@@ -261,7 +311,6 @@ async def run_k(url: str, k: int, args: argparse.Namespace) -> Row:
     finally:
         for backend in backends:
             await backend.stop()
-        await admin.aclose()
     return row
 
 
@@ -278,14 +327,12 @@ class Step:
     errors: int
 
 
-async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
+async def ramp_k(where: Deployment, k: int, args: argparse.Namespace) -> list[Step]:
     """Targeted messages at doubling rates, `--ramp-seconds` each, until publish p99 passes `--ramp-p99` ms
     (twice at one rate). Redis's CPU here is all of it, heartbeats and blocked reads included."""
-    admin = Redis.from_url(url, decode_responses=True)
-    await admin.flushall()
-    meter = Meter(admin)
+    meter = await where.reset()
     nodes = [SimNode(f"n{i}", args.users) for i in range(k)]
-    backends = [RedisBackend(url, history_size=args.history, history_ttl=3600.0) for _ in range(k)]
+    backends = [where.backend(args.history) for _ in range(k)]
     rng = random.Random(k)
     all_users = [u for node in nodes for u in node.users]
     steps: list[Step] = []
@@ -295,6 +342,7 @@ async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
         await asyncio.to_thread(
             wait_until, lambda: all(b.ready() for b in backends), 30.0, f"{k} simulated nodes to be ready"
         )
+        await join_all(backends, nodes, args.redis_cluster > 0)
         errors = 0
 
         async def targeted_one() -> None:
@@ -336,7 +384,6 @@ async def ramp_k(url: str, k: int, args: argparse.Namespace) -> list[Step]:
     finally:
         for backend in backends:
             await backend.stop()
-        await admin.aclose()
     return steps
 
 
@@ -353,6 +400,7 @@ def table(rows: list[Row]) -> str:
         ("resume cpu us", "resume_cpu_us", "{:.0f}"),
         ("resume cmds", "resume_cmds", "{:.1f}"),
         ("found/resume", "resume_found_avg", "{:.1f}"),
+        ("busiest Redis", "busiest_share", "{:.0%}"),
     ]
     head = "| " + " | ".join(c[0] for c in cols) + " |"
     sep = "|" + "|".join("---:" for _ in cols) + "|"
@@ -365,22 +413,42 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def run(args: argparse.Namespace) -> tuple[list[Row], list[Step]]:
-    rows: list[Row] = []
-    steps: list[Step] = []
+@contextlib.contextmanager
+def deployment(args: argparse.Namespace) -> Iterator[Deployment]:
+    """A redis-server of its own, or a Redis Cluster of `--redis-cluster` masters; with --pin, Redis on core 0
+    and the simulator on core 1."""
+    cores = os.cpu_count() or 1
+    if args.redis_cluster:
+        with redis_cluster(masters=args.redis_cluster) as cluster:
+            if args.pin:
+                for server in cluster.servers:
+                    assert server.proc is not None
+                    os.sched_setaffinity(server.proc.pid, {REDIS_CORE % cores})
+                os.sched_setaffinity(0, {SIM_CORE % cores})
+            yield Deployment(cluster.url, [server.port for server in cluster.servers])
+        return
     with redis_server() as redis:
         assert redis.proc is not None
         if args.pin:
-            cores = os.cpu_count() or 1
             os.sched_setaffinity(redis.proc.pid, {REDIS_CORE % cores})
             os.sched_setaffinity(0, {SIM_CORE % cores})
-        if args.ramp:
+        yield Deployment(redis.url, [redis.port])
+
+
+async def run(args: argparse.Namespace) -> tuple[list[Row], list[Step]]:
+    rows: list[Row] = []
+    steps: list[Step] = []
+    with deployment(args) as where:
+        try:
+            if args.ramp:
+                for k in args.nodes:
+                    steps += await ramp_k(where, k, args)
+                return rows, steps
             for k in args.nodes:
-                steps += await ramp_k(redis.url, k, args)
-            return rows, steps
-        for k in args.nodes:
-            rows.append(await run_k(redis.url, k, args))
-            print(table(rows[-1:]), flush=True)
+                rows.append(await run_k(where, k, args))
+                print(table(rows[-1:]), flush=True)
+        finally:
+            await where.close()
     return rows, steps
 
 
@@ -404,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-seconds", type=float, default=4.0, help="seconds per rate")
     parser.add_argument("--ramp-p99", type=float, default=50.0, help="the publish p99 (ms) where the ramp stops")
     parser.add_argument("--pin", action="store_true", help="Redis on core 0, the simulator on core 1")
+    parser.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
+                        help="on a Redis Cluster of this many masters (redis-cluster://), not one Redis")  # fmt: skip
     parser.add_argument("--label", default="", help="a name for the results file")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

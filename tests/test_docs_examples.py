@@ -25,7 +25,7 @@ from websockets.sync.client import connect
 from tests.docs import block
 from tests.install import INSTALL_WAIT, Checkout, copy_checkout, user_env
 from tests.test_node_client import MODULES, NODE_MISSING
-from tests.utils import ROOT, Server, free_port, redis_server, run_server, wait_until
+from tests.utils import ROOT, Server, free_port, redis_cluster, redis_server, run_server, wait_until
 
 WAIT = 30.0  # a block may start `make run`, which checks the install first
 CURL = shutil.which("curl")
@@ -296,6 +296,22 @@ def test_scaling_four_workers_act_as_one(tmp_path: Path) -> None:
 
             wait_until(lambda: len(started()) == 4, WAIT, "all four workers to start")
         assert len(started()) == 4, shell.output()
+
+
+def test_the_redis_cluster_line_serves_on_a_cluster(tmp_path: Path) -> None:
+    with redis_cluster(masters=3) as cluster:
+        port = free_port()
+        script = block("redis-cluster-serve").replace("redis-cluster://10.0.0.5:7000", cluster.url)
+        assert script != block("redis-cluster-serve")
+        with bash(script, tmp_path, clean_env(DIARY_WS_PORT=str(port))) as shell:
+            try:
+                wait_until(lambda: _ready(port), WAIT, "the node to be ready", interval=0.1)
+            except AssertionError:
+                raise AssertionError(shell.output()) from None
+            with connect(f"ws://127.0.0.1:{port}/api/v1/ws/alice") as alice:
+                answer = httpx.post(f"http://127.0.0.1:{port}/api/v1/ws/notification", json={"message": "hi"})
+                assert answer.json()["sent_count"] == 1, answer.text
+                assert json.loads(alice.recv(timeout=5))["message"] == "hi"
 
 
 def _ready(port: int) -> bool:
