@@ -9,6 +9,7 @@ import time
 from typing import Any, NamedTuple, cast
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from diary_ws import deadline
 from diary_ws.backends.redis import scripts
@@ -279,7 +280,7 @@ class FeedMixin(RedisCore):
         block = 1 if first else int(READ_BLOCK * 1000)
         # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
-            Any, await self._blocking.xread({self._inbox_key: self._last_id}, count=READ_COUNT, block=block)
+            Any, await self._read_inbox(self._blocking, block)
         )
         self._last_read = time.monotonic()
         if first:
@@ -308,6 +309,16 @@ class FeedMixin(RedisCore):
                     pipe.rpush(key, body)
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()
+
+    async def _read_inbox(self, client: Any, block: int) -> Any:
+        """XREAD BLOCK on this node's inbox. On Redis Cluster, sent to the master of the inbox's slot by name:
+        redis-py cannot find XREAD's key without asking the server (COMMAND GETKEYS, twice a read)."""
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # reads the layout if it has none (first use, or after a failure)
+            node = client.get_node_from_key(self._inbox_key)
+            args = ("XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS", self._inbox_key, self._last_id)
+            return await client.execute_command(*args, target_nodes=node)
+        return await client.xread({self._inbox_key: self._last_id}, count=READ_COUNT, block=block)
 
     async def _repair(self) -> None:
         """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
