@@ -282,3 +282,38 @@ async def test_a_keyed_batch_across_shards_is_answered_and_delivered_once() -> N
             assert (await next_frame(alice))["message"] == "last"
             assert (await next_frame(bob))["message"] == "last"
             assert last["sent_count"] == 2
+
+
+@pytest.mark.anyio
+async def test_a_retry_that_finds_a_target_back_stores_nothing_twice() -> None:
+    """A keyed message to alice (here) and bob (away, in another shard) is kept in bob's shard by the second
+    step. If its request never recorded the key (its home shard failed after the parts were stored: here the
+    record is deleted), the retry finds bob connected, and his shard's part must still count as stored."""
+    from diary_ws.backends.redis.client import _hashed
+    from diary_ws.backends.redis.sharded import ShardedRedisBackend
+    from diary_ws.messages import Draft, MessageId
+    from diary_ws.protocols import Claim
+    from tests.test_backends import RecordingNode, join
+
+    with redis_cluster(masters=3) as rc:
+        node = RecordingNode()
+        backend = ShardedRedisBackend(rc.url, 100, 300.0)
+        await backend.start(node)
+        try:
+            await async_wait_until(backend.ready, 10, "the backend to be ready")
+            await join(backend, node, "alice")
+            claim = Claim("retry-1", "f" * 64, 60.0)
+            first = await backend.publish(frozenset({"alice", "bob"}), Draft("n", "once", None), claim)
+            assert first.sent_count == 1
+            home = PREFIXES[shard_of("retry-1")]
+            record = _hashed("idem", "retry-1", home)
+            assert redis_client.Redis(port=rc.master_of(home.strip(":")).port).delete(record) == 1
+            await join(backend, node, "bob")
+            again = await backend.publish(frozenset({"alice", "bob"}), Draft("n", "once", None), claim)
+            replay = await backend.replay("bob", MessageId(0, 0))
+            assert [m.text.count('"once"') for m in replay.messages] == [1], replay
+            # The answer names one of the message's copies (one id per shard): alice's, or bob's.
+            assert again.id in {first.id, replay.messages[0].id}
+            assert [m.text.count('"once"') for m in (await backend.replay("alice", MessageId(0, 0))).messages] == [1]
+        finally:
+            await backend.stop()

@@ -7,6 +7,7 @@ presence queue); the feed, presence, replay and store mixins of `RedisBackend` e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -333,9 +334,11 @@ class RedisCore:
                 raise
         except (ConnectionError, OSError):
             await conn.disconnect()
-            # The master may be gone for good (a failover): as redis-py does after a connection error, forget
-            # the layout, so the next command asks the cluster which node serves the slot now.
-            await cluster.aclose()
+            # The master may be gone for good (a failover): read the layout again, so the next attempt asks the
+            # node that serves the slot now. Not `aclose()`, which would close the connections other requests
+            # are using; a failure here is the same broker fault, and the next one tries again.
+            with contextlib.suppress(RedisError, OSError):
+                await cluster.nodes_manager.initialize()
             raise
         except BaseException:
             await conn.disconnect()

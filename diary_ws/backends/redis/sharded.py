@@ -196,12 +196,14 @@ class ShardedRedisBackend:
             groups.setdefault(shard_of(user, len(self._shards)), set()).add(user)
         return {index: frozenset(users) for index, users in sorted(groups.items())}
 
-    def _record(self, index: int, claim: Claim | None, keep: bool = True) -> Record | None:
+    def _record(self, index: int, claim: Claim | None) -> Record | None:
         """A shard's record of a keyed request's part: its token follows from the key and the notification,
-        so every request with the key is the same request to the shard. None: the shard's own record."""
+        so every request with the key is the same request to the shard, whichever step stored the part (a
+        retry may find somebody connected where the first attempt kept the message for those away).
+        None: the shard's own record."""
         if claim is None:
             return None
-        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}\0{keep}".encode()).hexdigest()[:32]
+        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}".encode()).hexdigest()[:32]
         prefix = self._shards[index]._prefix
         return Record(f"{prefix}pub:{token}", token, claim.fingerprint, claim.ttl)
 
@@ -214,7 +216,7 @@ class ShardedRedisBackend:
                 return await self._shards[index].publish(users, draft, claim)
 
         async def part(index: int, users: Targets, keep: bool) -> PublishResult:
-            record = self._record(index, claim, keep)
+            record = self._record(index, claim)
             return await self._shards[index].publish(users, draft, record=record, keep=keep)
 
         done = await _parts({index: part(index, users, False) for index, users in groups.items()})
