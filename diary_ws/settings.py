@@ -263,6 +263,17 @@ def _host(raw: str) -> str:
     return text
 
 
+# The query options a Redis URL may carry (TLS, for rediss://), with their values where redis-py takes only some
+# (empty: a path). Any other would reach redis-py's client unchecked and stop the server after start-up.
+_URL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ssl_cert_reqs": ("none", "optional", "required"),
+    "ssl_ca_certs": (),
+    "ssl_certfile": (),
+    "ssl_keyfile": (),
+    "ssl_check_hostname": ("true", "false", "yes", "no", "1", "0"),
+}
+
+
 def _broker_url(raw: str) -> str:
     text = raw.strip()
     rule = (
@@ -279,11 +290,15 @@ def _broker_url(raw: str) -> str:
     bad_path = not re.fullmatch(r"(/\d*)?", parts.path)
     if parts.scheme not in ("redis", "rediss", "redis-cluster", "rediss-cluster") or bad_path:
         raise ValueError(rule)
-    if any(c.isspace() for c in text):
+    if any(c.isspace() for c in text) or parts.fragment:
         raise ValueError(rule)
     if parts.scheme.endswith("-cluster") and (parts.path.strip("/0") or not parts.hostname):
         raise ValueError(rule + "; a Redis Cluster URL names one of its nodes, and has only database 0")
-    return text
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        allowed = _URL_OPTIONS.get(name)
+        if allowed is None or (allowed and value.lower() not in allowed):
+            raise ValueError(f"{rule}; of query options it takes only {', '.join(_URL_OPTIONS)} ({name!r}={value!r})")
+    return parts.scheme + text[len(parts.scheme) :]  # the scheme in lower case, as the backends look it up
 
 
 def _proxies(raw: str) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from tests.utils import (
     RedisServer,
     Server,
     async_wait_until,
+    free_port,
     next_frame,
     redis_cluster,
     run_server,
@@ -317,3 +318,15 @@ async def test_a_retry_that_finds_a_target_back_stores_nothing_twice() -> None:
             assert [m.text.count('"once"') for m in (await backend.replay("alice", MessageId(0, 0))).messages] == [1]
         finally:
             await backend.stop()
+
+
+def test_an_unreachable_cluster_is_a_503_with_a_clean_log() -> None:
+    """Nothing listens where BROKER_URL points: redis-py's cluster client raises RedisClusterException (not a
+    RedisError) there, which must read as the broker being down, as with one Redis (found by an attack)."""
+    with run_server({"broker_url": f"redis-cluster://127.0.0.1:{free_port()}"}) as srv:
+        wait_until(lambda: "Redis unreachable" in srv.log(), 10, "the node to say Redis is unreachable")
+        answers = {path: srv.get(path).status_code for path in ("/api/v1/ws/status", "/api/v1/ws/users/alice")}
+        answers["post"] = srv.post({"message": "x"}).status_code
+        answers["readyz"] = srv.get("/readyz").status_code
+        assert set(answers.values()) == {503}, answers
+        srv.assert_clean_log()

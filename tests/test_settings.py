@@ -146,6 +146,8 @@ def test_settings_are_frozen() -> None:
         ("broker_url", " rediss://:secret@cache:6380/1 ", "rediss://:secret@cache:6380/1"),
         ("broker_url", "redis-cluster://cache-0:7000", "redis-cluster://cache-0:7000"),
         ("broker_url", "rediss-cluster://:secret@cache-0:7000/0", "rediss-cluster://:secret@cache-0:7000/0"),
+        ("broker_url", "REDIS-CLUSTER://cache-0:7000", "redis-cluster://cache-0:7000"),
+        ("broker_url", "rediss://c:6380/0?ssl_cert_reqs=none", "rediss://c:6380/0?ssl_cert_reqs=none"),
         ("trusted_proxies", "10.0.0.0/8, 127.0.0.1,", ("10.0.0.0/8", "127.0.0.1")),
         ("trusted_proxies", "*", ("*",)),
         ("allowed_origins", "*", ("*",)),
@@ -212,6 +214,11 @@ def test_value_is_parsed(name: str, raw: str, expected: Any) -> None:
         ("broker_url", "redis-cluster://cache:7000/1"),  # a Redis Cluster has database 0 only
         ("broker_url", "redis-cluster://"),  # no node to start from
         ("broker_url", "redis+cluster://cache:7000"),
+        ("broker_url", "redis-cluster://cache:7000?foo=bar"),  # would reach redis-py unchecked
+        ("broker_url", "redis-cluster://cache:7000?socket_timeout=abc"),
+        ("broker_url", "redis-cluster://cache:7000/0?db=2"),
+        ("broker_url", "rediss://cache:6380/0?ssl_cert_reqs=maybe"),
+        ("broker_url", "redis://cache:6379/0#x"),
         ("trusted_proxies", "10.0.0.1,not-an-ip"),
         ("allowed_origins", " , "),
         ("allowed_origins", "*,https://a.example"),

@@ -28,6 +28,7 @@ from redis.exceptions import (
     ConnectionError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -337,7 +338,7 @@ class RedisCore:
             # The master may be gone for good (a failover): read the layout again, so the next attempt asks the
             # node that serves the slot now. Not `aclose()`, which would close the connections other requests
             # are using; a failure here is the same broker fault, and the next one tries again.
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):
                 await cluster.nodes_manager.initialize()
             raise
         except BaseException:
@@ -401,12 +402,13 @@ def broker_fault(exc: BaseException) -> bool:
     """Whether `exc` is a failure to reach Redis (the request gets 503 or 504, a background task retries),
     rather than a bug.
 
-    redis-py's own errors and OSError (asyncio's TimeoutError among them) are. So, on Redis Cluster, is a
+    redis-py's own errors and OSError (asyncio's TimeoutError among them) are, and RedisClusterException (not a
+    RedisError: the cluster client's "no node answers" or "slots not covered"). So, on Redis Cluster, is a
     RuntimeError or AttributeError raised inside redis-py: during a failover its cluster client closes every
     connection of a node that other tasks are still using (redis-py 8.1, `RedisCluster._execute_command` on
     CLUSTERDOWN), and those tasks then meet a closed transport or a connection without a writer.
     """
-    if isinstance(exc, (RedisError, OSError)):
+    if isinstance(exc, (RedisError, OSError, RedisClusterException)):  # the last: no node of the cluster answers
         return True
     if isinstance(exc, (RuntimeError, AttributeError)):
         tb = exc.__traceback__
