@@ -192,6 +192,8 @@ class RedisCore:
         self._joined: dict[str, MessageId] = {}
         self._joining: dict[str, int] = {}  # user -> sockets here whose JOIN has not answered yet
         self._last_mark = MessageId(0, 0)  # the newest rejoin mark the reader has met
+        # The newest id a publish of this node was answered for: the heartbeat checks Redis still has it (BEAT).
+        self._stored = MessageId(0, 0)
         self._epoch = ""  # the name of Redis's data this node's reader last repaired or found (scripts.REPAIR)
         self._clock: tuple[float, float] | None = None  # (Redis's TIME in ms, monotonic s) at the last heartbeat
 

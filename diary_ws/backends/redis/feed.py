@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import orjson
@@ -142,7 +143,7 @@ class FeedMixin(RedisCore):
         claim: Claim | None = None,
         *,
         record: Record | None = None,
-        keep: bool = False,
+        keep: Sequence[bool] = (),
     ) -> list[PublishResult | NobodyListening]:
         """Every item's 404 decision and XADD in one script, one round trip; then one bounded wait for the counts.
 
@@ -165,7 +166,7 @@ class FeedMixin(RedisCore):
                 kept.fingerprint,
                 int(kept.ttl * 1000),
                 self._epoch,
-                "keep" if keep else "",
+                "".join("1" if flag else "0" for flag in keep),
                 len(items),
             ]
             for (targets, draft), item_token in zip(items, tokens, strict=True):
@@ -181,6 +182,7 @@ class FeedMixin(RedisCore):
             )
             _check_outcome(outcome, unknown, "the batch")
             marks = found[0].split(",")
+            self._stored = max([self._stored, *(m for m in map(parse_id, marks) if m is not None)])
             stored = [gather for gather, mark in zip(gathers, marks, strict=True) if mark != "-"]
             for gather, mark, to in zip(gathers, marks, tos, strict=True):
                 if mark != "-":
@@ -252,6 +254,7 @@ class FeedMixin(RedisCore):
                 return None, [], 0
             msg_id = parse_id(found[0])
             assert msg_id is not None, found
+            self._stored = max(self._stored, msg_id)
             gather.expect(set(live))
             if not gather.done.is_set():
                 # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, on every publish.

@@ -132,11 +132,16 @@ class PresenceMixin(RedisCore):
             max(self._size, FEED_MIN),
             FEED_MIN,
             int(self._presence.ever),
+            str(max(self._stored, parse_id(self._last_id) or MessageId(0, 0))),
         ]
         asked = time.monotonic()
-        previous, seconds, micros, _epoch, _mark = await self._run(
+        previous, seconds, micros, _epoch, _mark, lost = await self._run(
             scripts.BEAT, [*self._keys, self._heartbeat_key], argv
         )
+        if lost:
+            log.warning("Redis no longer holds messages this node knew were stored, up to %s (a failover to a "
+                        "replica that had not got them?): a resume from before them says recovered: false",
+                        argv[-1])  # fmt: skip
         # Redis's clock, for the ages of entries (`_redis_ms`); taken half way through the round trip.
         self._clock = (int(seconds) * 1000 + int(micros) / 1000, (asked + time.monotonic()) / 2)
         if previous is None or self._rewrite:

@@ -137,6 +137,7 @@ if seen[3] then
   if seen[2] ~= fp then return {'other', {}} end
   return {'busy', {}}
 end
+if seen[2] and seen[2] ~= fp then return {'other', {}} end  -- reserved for another notification (IDEM_RESERVE)
 local to = route(KEYS[1], prefix, mode, 8, ntargets)
 if #to == 0 and mode ~= 'keep' then return {'nobody', {}} end
 local fields = {}
@@ -150,9 +151,10 @@ return {'added', to, id}
 
 # A whole batch in one step, recorded like PUBLISH. KEYS: nodes, feed, epoch, the request's record.
 # ARGV: prefix, feed maxlen, inbox maxlen, history size, index TTL in ms, the request's token, the key's
-# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, `keep` to store every item
-# even when nobody is there (PUBLISH's modes `every` and `keep`) or '', the number of items, then per item: its
-# number of targets (0: everyone), the targets, its number of fields, the field, value pairs.
+# fingerprint ('' without a key), the record's TTL in ms, the epoch the node knows, a '1' or '0' per item ('' for
+# all '0'): '1' stores the item even when nobody is there (PUBLISH's modes `every` and `keep`), the number of
+# items, then per item: its number of targets (0: everyone), the targets, its number of fields, the field, value
+# pairs.
 # Returns {outcome, {nodes per item, joined by commas}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy',
 # 'other'; never 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id,
 # or '-' when none of its targets is connected (each item routed and stored as PUBLISH does). The record is
@@ -165,9 +167,7 @@ PUBLISH_BATCH = (
     + """
 local prefix = ARGV[1]
 local limits = {feed = ARGV[2], inbox = ARGV[3], size = tonumber(ARGV[4]), ttl = ARGV[5]}
-local token, fp, recttl, epoch, keep = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10] == 'keep'
-local everyone_mode, users_mode = 'all', 'users'
-if keep then everyone_mode, users_mode = 'every', 'keep' end
+local token, fp, recttl, epoch, keeps = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local nitems = tonumber(ARGV[11])
 if redis.call('GET', KEYS[3]) ~= epoch then return {'epoch', {}} end
 local seen = redis.call('HMGET', KEYS[4], 'r', 'fp', 'id', 'ids', 'tos')
@@ -180,19 +180,22 @@ if seen[3] then
   if seen[2] ~= fp then return {'other', {}} end
   return {'busy', {}}
 end
-local everyone = nil  -- the broadcast route, found once per batch
+if seen[2] and seen[2] ~= fp then return {'other', {}} end  -- reserved for another notification (IDEM_RESERVE)
+local everyone = {}  -- the broadcast route of each mode, found once per batch
 local marks, tos, first_id = {}, {}, nil
 local i = 12
-for _ = 1, nitems do
+for n = 1, nitems do
+  local keep = string.sub(keeps, n, n) == '1'
   local ntargets = tonumber(ARGV[i])
   local nfields = tonumber(ARGV[i + 1 + ntargets])
   local first = i + 2 + ntargets
-  local mode, to = users_mode, nil
+  local mode, to = 'users', nil
   if ntargets == 0 then
-    mode = everyone_mode
-    everyone = everyone or route(KEYS[1], prefix, mode, 0, 0)
-    to = everyone
+    mode = keep and 'every' or 'all'
+    everyone[mode] = everyone[mode] or route(KEYS[1], prefix, mode, 0, 0)
+    to = everyone[mode]
   else
+    if keep then mode = 'keep' end
     to = route(KEYS[1], prefix, mode, i + 1, ntargets)
   end
   if #to > 0 or keep then
@@ -277,20 +280,6 @@ return {1, others, registered, life}
 """
 )
 
-# This node's heartbeat (see _BEAT). KEYS: nodes, feed, epoch, this node's heartbeat. ARGV: prefix, this node,
-# the heartbeat's value, its TTL in ms, the epoch the node knows, the feed's maxlen, the inbox's maxlen, 1 if
-# this process has beaten before, else 0. Returns {the heartbeat's previous value (nil: it had expired, or the
-# node is new), seconds, microseconds (Redis's TIME), the epoch, the id of the rejoin mark written now, or nil}.
-BEAT = (
-    _BEAT
-    + """
-local previous, epoch, mark = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                                   ARGV[5], {feed = ARGV[6], inbox = ARGV[7]}, ARGV[8])
-local t = redis.call('TIME')
-return {previous, t[1], t[2], epoch, mark}
-"""
-)
-
 # KEYS: nodes. ARGV: prefix. Returns {node, {user, count, ...}, node, ...} over the live nodes.
 STATUS = (
     _LIVE
@@ -364,6 +353,41 @@ local function last_and_deleted(stream)
   return last, deleted
 end
 """
+
+# This node's heartbeat (see _BEAT). KEYS: nodes, feed, epoch, this node's heartbeat. ARGV: prefix, this node,
+# the heartbeat's value, its TTL in ms, the epoch the node knows, the feed's maxlen, the inbox's maxlen, 1 if
+# this process has beaten before, else 0, and the newest id this node knows was stored (one it published and
+# got an answer for, or one its reader delivered; '0-0' if none). Returns {the heartbeat's previous value (nil:
+# it had expired, or the node is new), seconds, microseconds (Redis's TIME), the epoch, the id of the rejoin
+# mark written now, or nil, 1 if the feed has lost entries this node knew were stored, else 0}.
+# That loss is a failover to a replica that had not got the newest writes (replication is asynchronous): the
+# epoch survives it, so REPAIR cannot tell. The id is gone from the feed though nothing trimmed it (a trim
+# takes the oldest first): the feed is marked "deleted up to that id", so a `since` from before it resumes with
+# `recovered: false` instead of silently missing what was lost, and new ids follow it.
+BEAT = (
+    _INFO
+    + _IDS
+    + _BEAT
+    + """
+local previous, epoch, mark = beat(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                                   ARGV[5], {feed = ARGV[6], inbox = ARGV[7]}, ARGV[8])
+local lost = 0
+local known = ARGV[9]
+if epoch and epoch == ARGV[5] and known ~= '0-0' then
+  local last, deleted = last_and_deleted(KEYS[2])
+  -- Gone, and not by a trim (that takes the oldest first) nor already marked: lost.
+  if #redis.call('XRANGE', KEYS[2], known, known) == 0 and later(known, deleted) ~= deleted then
+    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    if #first == 0 or later(known, first[1][1]) == known then
+      redis.call('XSETID', KEYS[2], later(known, last), 'MAXDELETEDID', known)
+      lost = 1
+    end
+  end
+end
+local t = redis.call('TIME')
+return {previous, t[1], t[2], epoch, mark, lost}
+"""
+)
 
 # KEYS: feed, epoch, this node's inbox. ARGV: the last id this reader saw ("0-0" if none). Run by every reader
 # when it (re)connects. Returns {1 if the data was lost, the feed's last id, epoch, the newest id deleted from
@@ -531,6 +555,25 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+# On Redis Cluster, before a keyed message is stored in a shard other than its key's own or in several: the
+# key is taken for this notification first, so two notifications under one key never both go out (the parts'
+# records cannot see each other). KEYS: the key's record. ARGV: the fingerprint, this request's token, the busy
+# window in ms, the record's TTL in ms. Returns 'ok' (the key is this request's: new, or taken by a request
+# with the same notification that went quiet for longer than the busy window), 'other' (another notification
+# holds it: 422) or 'busy' (a request with the same notification took it less than the busy window ago, or
+# has stored it since this one asked IDEM_BEGIN: 409, as IDEM_BEGIN says on one Redis).
+IDEM_RESERVE = """
+local e = redis.call('HMGET', KEYS[1], 'fp', 'id', 'r', 'at')
+if e[1] and e[1] ~= ARGV[1] then return 'other' end
+if e[2] then return 'busy' end  -- stored by a request that began as this one did: IDEM_BEGIN answers a retry
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if e[3] and e[3] ~= ARGV[2] and now - tonumber(e[4] or '0') < tonumber(ARGV[3]) then return 'busy' end
+redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'r', ARGV[2], 'at', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 'ok'
+"""
+
 # FINISH ARGV: status, body, TTL in ms. Only a key still waiting for its answer takes one.
 IDEM_FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'status') == 0 then
@@ -604,6 +647,7 @@ ALL = (
     TRIM_BYTES,
     RATE,
     IDEM_BEGIN,
+    IDEM_RESERVE,
     IDEM_RECORD,
     IDEM_FINISH,
     IDEM_ABANDON,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import zlib
 from collections.abc import Awaitable, Iterator, Mapping, Sized
 from dataclasses import replace
@@ -34,11 +35,13 @@ from redis.crc import key_slot
 
 from diary_ws.backends.redis import RedisBackend, scripts
 from diary_ws.backends.redis.client import _hashed
-from diary_ws.backends.redis.feed import Record
+from diary_ws.backends.redis.feed import Record, _check_outcome
+from diary_ws.deadline import REQUEST_SECONDS
 from diary_ws.errors import NobodyListening, OutcomeUnknown
 from diary_ws.messages import Draft, Message, MessageId
 from diary_ws.protocols import Claim, Counts, Node, NodeInfo, Page, PublishResult, Replay
 
+BUSY_WINDOW = REQUEST_SECONDS + 1.0  # as idempotency.BUSY_WINDOW: how long a taken key makes a duplicate wait
 SHARDS = 8  # the most masters a deployment's load spreads over; changing it starts every history afresh
 REDIS_SLOTS = 16384
 
@@ -196,14 +199,15 @@ class ShardedRedisBackend:
             groups.setdefault(shard_of(user, len(self._shards)), set()).add(user)
         return {index: frozenset(users) for index, users in sorted(groups.items())}
 
-    def _record(self, index: int, claim: Claim | None) -> Record | None:
+    def _record(self, index: int, claim: Claim | None, item: int | None = None) -> Record | None:
         """A shard's record of a keyed request's part: its token follows from the key and the notification,
         so every request with the key is the same request to the shard, whichever step stored the part (a
         retry may find somebody connected where the first attempt kept the message for those away).
         None: the shard's own record."""
         if claim is None:
             return None
-        token = hashlib.sha256(f"{claim.key}\0{claim.fingerprint}".encode()).hexdigest()[:32]
+        name = f"{claim.key}\0{claim.fingerprint}" + ("" if item is None else f"\0{item}")  # `item`: one of a batch
+        token = hashlib.sha256(name.encode()).hexdigest()[:32]
         prefix = self._shards[index]._prefix
         return Record(f"{prefix}pub:{token}", token, claim.fingerprint, claim.ttl)
 
@@ -218,6 +222,9 @@ class ShardedRedisBackend:
         async def part(index: int, users: Targets, keep: bool) -> PublishResult:
             record = self._record(index, claim)
             return await self._shards[index].publish(users, draft, record=record, keep=keep)
+
+        if claim is not None:
+            await self._reserve(claim)
 
         done = await _parts({index: part(index, users, False) for index, users in groups.items()})
         results = _stored(done)  # the copies somebody got first: the answer names the first of them
@@ -254,6 +261,8 @@ class ShardedRedisBackend:
             [(index, mine)] = rows.items()  # one shard: its script decides and stores, as on one Redis
             return await self._shards[index].publish_batch([(users, items[n][1]) for n, users in mine], claim)
 
+        if claim is not None:
+            await self._reserve(claim)
         asked = {index: sorted({u for _n, users in mine for u in users or ()}) for index, mine in rows.items()}
         found = await _parts({index: self._shards[index].connected(users) for index, users in asked.items()})
         _raise_failure(found, any_stored=False)
@@ -264,20 +273,40 @@ class ShardedRedisBackend:
                 here |= seen[1]
         wanted = [anyone if targets is None else not here.isdisjoint(targets) for targets, _draft in items]
 
+        # Every shard gets all of its rows each time (a retry's shard finds the rows its record answers for),
+        # the wanted ones kept for those away.
         async def part(index: int, mine: list[tuple[int, Targets]]) -> list[PublishResult | NobodyListening]:
             batch = [(users, items[n][1]) for n, users in mine]
-            return await self._shards[index].publish_batch(batch, record=self._record(index, claim), keep=True)
+            keep = [wanted[n] for n, _users in mine]
+            return await self._shards[index].publish_batch(batch, record=self._record(index, claim), keep=keep)
 
-        chosen = {index: [row for row in mine if wanted[row[0]]] for index, mine in rows.items()}
-        done = await _parts({index: part(index, mine) for index, mine in chosen.items() if mine})
+        done = await _parts({index: part(index, mine) for index, mine in rows.items()})
         per_item: list[list[PublishResult]] = [[] for _ in items]
+        away: dict[int, list[tuple[int, Targets]]] = {}  # item -> its parts nobody was there for
         for index, stored in done.items():
             if isinstance(stored, BaseException):
                 continue
-            for (number, _users), answer in zip(chosen[index], stored, strict=True):
+            for (number, users), answer in zip(rows[index], stored, strict=True):
                 if isinstance(answer, PublishResult):
                     per_item[number].append(answer)
+                else:
+                    away.setdefault(number, []).append((index, users))
         _raise_failure(done, any_stored=any(per_item))
+        # An item nobody was there for when asked, whose user connected in one shard before it was stored
+        # there: kept in its other shards too, one by one (a rare race; its order is its own).
+        late = [(number, index, users) for number, parts in away.items() if per_item[number] for index, users in parts]
+        if late:
+
+            async def keep_one(number: int, index: int, users: Targets) -> PublishResult:
+                record = self._record(index, claim, item=number)
+                return await self._shards[index].publish(users, items[number][1], record=record, keep=True)
+
+            again = await _parts({i: keep_one(*row) for i, row in enumerate(late)})
+            _raise_failure(again, any_stored=True)
+            for i, (number, _index, _users) in enumerate(late):
+                kept = again[i]
+                if isinstance(kept, PublishResult):
+                    per_item[number].append(kept)
         answers: list[PublishResult | NobodyListening] = [
             _summed(results) if results else NobodyListening(targeted=targets is not None)
             for (targets, _draft), results in zip(items, per_item, strict=True)
@@ -287,6 +316,14 @@ class ShardedRedisBackend:
             first_id = next(str(a.id) for a in answers if isinstance(a, PublishResult))
             await self._record_home(claim, first_id, marks, ";" * len(answers))
         return answers
+
+    async def _reserve(self, claim: Claim) -> None:
+        """Take the key in its home shard for this notification before any part is stored (IDEM_RESERVE):
+        422 if another notification holds it, 409 if a request with this one took it a moment ago."""
+        home = self._home(claim.key)
+        keys = [_hashed("idem", claim.key, home._prefix)]
+        argv = [claim.fingerprint, secrets.token_hex(8), int(BUSY_WINDOW * 1000), int(claim.ttl * 1000)]
+        _check_outcome(await home._run(scripts.IDEM_RESERVE, keys, argv), False, "the notification")
 
     async def _record_home(self, claim: Claim, first_id: str, marks: str, tos: str) -> None:
         """The Idempotency-Key's record in its home shard, after the parts were stored (scripts.IDEM_RECORD).
