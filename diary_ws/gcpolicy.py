@@ -96,14 +96,18 @@ class Valve:
 
     def thaw(self) -> None:
         """Hand the frozen objects back, collect everything once, and freeze what is left."""
-        self.pending = False
         if not freezing:
+            self.pending = False
             return
         frozen = gc.get_freeze_count()
         gc.unfreeze()
-        found = gc.collect()  # timed by the callback like any other full collection
+        # Timed by the callback like any other full collection. `pending` stays set until the new baseline is
+        # known: the callback, which freezes the survivors, would otherwise find them over the old bound when
+        # they are alive (sockets opening, not leaked cycles) and schedule a second full collection at once.
+        found = gc.collect()
         gc.freeze()
         self.baseline = gc.get_freeze_count()
+        self.pending = False
         self.thaws += 1
         self.freed += found
         log.info(
