@@ -11,11 +11,14 @@ A frozen object is still freed by reference counting when the last reference goe
 never frees any more is a frozen object in a reference cycle. So the edge breaks each connection's cycles
 when it is lost (edge/http.py, edge/websocket.py) and a closed socket leaves no cyclic garbage. Cycles left
 elsewhere (a library's, or a path nobody has measured yet) would pile up in the frozen generation for good,
-so it has a bound: once it has grown to twice its size after the last thaw (and by at least THAW_FLOOR
-objects), the next turn of the event loop thaws it, runs one full collection and freezes again. That is one
-full-collection stall, as often as the frozen generation doubles (twice during a ramp to 18,500 sockets, then
-only if something leaks cycles), instead of one every few thousand connects; memory stays within twice what
-is alive. Measured figures: docs/performance.md.
+so it has a bound: once it has grown to twice its size after the last thaw and by at least THAW_FLOOR
+objects (more than 19,000 open sockets hold), the next turn of the event loop thaws it, runs one full
+collection and freezes again. The floor is that high because a thaw's collection is the longest pause there
+is (about 0.6 µs an object: 0.7 s at 18,500 sockets), and with a lower one the sockets' own objects set it
+off as they open, while nothing leaks: at 300,000, 600,000 and 1.2 million objects, the last one in the
+steady state at 18,500 sockets. So a thaw means cycles leak, and memory stays within what is alive plus
+THAW_FLOOR objects of leaked cycles (or twice what is alive, if that is more). Measured:
+docs/performance.md.
 
 `diary-ws serve` also times every collection (`diary_ws_gc_pause_seconds`), freezing or not. Only
 `diary-ws serve` applies either, after start-up: the collector is the whole process's, so an app embedded
@@ -35,7 +38,7 @@ from diary_ws.loopwatch import BUCKETS
 
 MIDDLE = 1  # the generation whose survivors would otherwise pile up in the oldest one
 THAW_GROWTH = 2.0  # the frozen generation may grow to this many times its size after the last thaw ...
-THAW_FLOOR = 250_000  # ... and by at least this many objects (about 4,000 sockets' worth) before one
+THAW_FLOOR = 1_500_000  # ... and by at least this many objects (about 25,000 sockets' worth) before one
 
 log = logging.getLogger("diary_ws.gc")
 
