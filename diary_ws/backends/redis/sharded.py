@@ -10,14 +10,17 @@ first shard's), and this class routes by user.
 
 - **Targeted messages** go to the shards of their users: one script for a user, one per shard otherwise.
 - **Broadcasts** are written to every shard: each user gets the copy of their own shard, in that shard's id
-  order with their targeted messages, and resumes from it. A shard where none of its users is connected
-  stores its copy only when another shard's users got theirs (a second step, mode `every`), so a user away
-  at the time finds it on resume; nobody connected anywhere is a 404 with nothing stored, as on one Redis.
-  The copies have one id per shard; the answer names the first shard's.
+  order with their targeted messages, and resumes from it. The copies have one id per shard; the answer
+  names the first copy somebody got.
+- **Those away**: a shard where none of a message's users is connected keeps it anyway when another shard's
+  users got it (a second step, modes `every` and `keep`), as one Redis keeps a message for every target;
+  nobody connected anywhere is a 404 with nothing stored. A batch asks every shard who is connected first,
+  then stores each wanted item in all of its shards, in the batch's order (`publish_batch`).
 - **Idempotency-Key**: the key's record lives in its own shard (the "home"). A message for the home shard
-  alone is recorded by the script that stores it, as on one Redis. Any other is stored in each shard with a
-  record whose token follows from the key, so a retry (a new request with the same key) is, for every shard,
-  a resend of the same request and stores nothing twice; the home record is written after the parts.
+  alone is recorded by the script that stores it, as on one Redis. Any other first takes the key there for its
+  notification (IDEM_RESERVE: 422 for another one, 409 for a duplicate under way), then is stored in each
+  shard with a record whose token follows from the key and the notification, so a retry is, for every shard,
+  a resend of the same request and stores nothing twice; the home record gets the id after the parts.
 - **Status, presence and the console** gather every shard's answer.
 """
 
