@@ -196,7 +196,10 @@ class ShardedRedisBackend:
 
     # --- publish ------------------------------------------------------------------------------------------
 
-    def _groups(self, targets: frozenset[str]) -> dict[int, frozenset[str]]:
+    def _groups(self, targets: Targets) -> dict[int, Targets]:
+        """The shards a message goes to, each with its users there (None: a broadcast, every shard)."""
+        if targets is None:
+            return dict.fromkeys(range(len(self._shards)))
         groups: dict[int, set[str]] = {}
         for user in targets:
             groups.setdefault(shard_of(user, len(self._shards)), set()).add(user)
@@ -216,7 +219,7 @@ class ShardedRedisBackend:
 
     async def publish(self, targets: Targets, draft: Draft, claim: Claim | None = None) -> PublishResult:
         count = len(self._shards)
-        groups: dict[int, Targets] = dict(self._groups(targets)) if targets is not None else dict.fromkeys(range(count))
+        groups = self._groups(targets)
         if len(groups) == 1:
             [(index, users)] = groups.items()
             if claim is None or index == shard_of(claim.key, count):  # as on one Redis, record and all
@@ -255,10 +258,7 @@ class ShardedRedisBackend:
         count = len(self._shards)
         rows: dict[int, list[tuple[int, Targets]]] = {}
         for number, (targets, _draft) in enumerate(items):
-            groups: dict[int, Targets] = (
-                dict(self._groups(targets)) if targets is not None else dict.fromkeys(range(count))
-            )
-            for index, users in groups.items():
+            for index, users in self._groups(targets).items():
                 rows.setdefault(index, []).append((number, users))
         if len(rows) == 1 and (claim is None or next(iter(rows)) == shard_of(claim.key, count)):
             [(index, mine)] = rows.items()  # one shard: its script decides and stores, as on one Redis
