@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -66,6 +66,9 @@ RETRY_FIRST, RETRY_MAX = 0.1, HEARTBEAT_INTERVAL
 COMMAND_TIMEOUT = 2.0  # socket timeout of ordinary commands
 TOKEN_TTL = 30.0  # seconds a publish's own record lives: longer than any of its retries can take to run
 CLOSE_TRY_AGAIN = CloseCode.TRY_AGAIN_LATER  # the close code of a socket that must resume
+REDIRECTS = 5  # MOVED or ASK answers one script follows before it counts as failed (Redis Cluster)
+TRYAGAIN_PAUSE, TRYAGAIN_PAUSE_MAX = 0.05, 0.2  # seconds before a script is sent again after TRYAGAIN
+NON_LOCAL = "non local key"  # Redis Cluster's refusal of a key, inside a script, that has moved to another master
 BACKGROUND_BOUND = 3 * COMMAND_TIMEOUT  # the longest a script outside a request may take, retries included
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
 
@@ -307,34 +310,79 @@ class RedisCore:
         self, cluster: RedisCluster, source: str, keys: list[str], argv: list[Any], attempt: _Attempt
     ) -> Any:
         """`_script_once` on Redis Cluster: on a connection to the master of the keys' slot, as the cluster
-        client knows it. A MOVED or CLUSTERDOWN answer (a failover under way) means the script did not run:
-        the cluster client learns the new layout, and `_store` sends the script again within its deadline."""
+        client knows it. A slot that moved (MOVED: the client learns where) or is moving (ASK: the keys are
+        already there, asked with ASKING) is followed here, a few times; a slot half moved (TRYAGAIN: its
+        keys on both sides for the moment) is waited out, within the caller's deadline. None of those
+        answers ran the script, and a heartbeat or a publish must not fail for a rebalance. CLUSTERDOWN (a
+        failover under way) is raised: `_store` and the background tasks send the script again after a pause."""
         await cluster.initialize()  # reads the layout if it has none (first use, or forgotten below)
-        node = cluster.get_node_from_key(keys[0])
-        if node is None:
-            raise ClusterDownError(f"no master serves the slot of {keys[0]} now")
+        asked: ClusterNode | None = None
+        redirects, pause = 0, TRYAGAIN_PAUSE
+        while True:  # every caller bounds it with its deadline (`_run`, `_store`)
+            node = asked or cluster.get_node_from_key(keys[0])
+            if node is None:
+                raise ClusterDownError(f"no master serves the slot of {keys[0]} now")
+            try:
+                return await self._script_on(cluster, node, source, keys, argv, attempt, asking=asked is not None)
+            except (MovedError, AskError) as exc:
+                redirects += 1
+                if redirects > REDIRECTS:  # the masters disagree (a layout still settling): a fault for now
+                    raise
+                if isinstance(exc, MovedError):
+                    await cluster.nodes_manager.move_slot(exc)
+                    asked = None
+                else:
+                    asked = cluster.get_node(host=exc.host, port=exc.port)
+                    if asked is None:
+                        raise ClusterDownError(f"{keys[0]}: its slot moves to unknown {exc.host}:{exc.port}") from exc
+            except TryAgainError:
+                # A slot half moved, for as long as the operator's migration of its keys takes: wait it out.
+                asked = None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, TRYAGAIN_PAUSE_MAX)
+
+    async def _script_on(
+        self,
+        cluster: RedisCluster,
+        node: ClusterNode,
+        source: str,
+        keys: list[str],
+        argv: list[Any],
+        attempt: _Attempt,
+        asking: bool,
+    ) -> Any:
+        """One try of `_cluster_script_once` on `node` (after ASKING, which holds for the next command on the
+        same connection only)."""
         conn = node.acquire_connection()
         try:
             await cast(Any, conn).connect()  # connects (and handshakes) if it must: nothing of ours sent yet
+            if asking:
+                await conn.send_command("ASKING")
+                await conn.read_response()
             attempt.sent = True
             script = self._scripts[source]
             await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *argv)
             try:
                 try:
-                    return await conn.read_response()
+                    answer = await conn.read_response()
                 except NoScriptError:  # a master that never saw it (new, or promoted): sending the source is safe
+                    if asking:
+                        await conn.send_command("ASKING")
+                        await conn.read_response()
                     await conn.send_command("EVAL", source, len(keys), *keys, *argv)
-                    return await conn.read_response()
-            except MovedError as exc:
-                attempt.sent = False  # refused before it ran: the slot has another master now
-                await cluster.nodes_manager.move_slot(exc)
+                    answer = await conn.read_response()
+            except ResponseError as exc:
+                # MOVED, ASK, TRYAGAIN and CLUSTERDOWN are refusals before the script ran, as in _script_once.
+                attempt.sent = False
+                if NON_LOCAL in str(exc):
+                    # A key of a slot being moved was already on the other master, found before PUBLISH's writes
+                    # (scripts.py, `here`); a heartbeat's may come after some, which its next beat writes again.
+                    raise TryAgainError(str(exc)) from exc
                 raise
-            except (AskError, ClusterDownError, TryAgainError):
-                attempt.sent = False  # refused before it ran (a failover or a slot migration under way)
-                raise
-            except ResponseError:
-                attempt.sent = False  # as in _script_once
-                raise
+            if isinstance(answer, list) and answer and answer[0] == "moving":  # scripts.py, `here`: nothing written
+                attempt.sent = False
+                raise TryAgainError(f"the slot of {keys[0]} is being moved: a key is on the other master now")
+            return answer
         except (ConnectionError, OSError):
             await conn.disconnect()
             # The master may be gone for good (a failover): read the layout again, so the next attempt asks the
@@ -348,6 +396,37 @@ class RedisCore:
             raise
         finally:
             node.release(conn)
+
+    async def _blocking_read(self, key: str, *args: Any) -> Any:
+        """A blocking read (XREAD BLOCK, BLPOP on `key`) on the blocking client; None after its timeout.
+
+        On Redis Cluster, sent to the master of `key`'s slot by us rather than redis-py, which follows a MOVED
+        by sending the read again inside the same call: through a slot migration one read then blocked on the
+        old master and again on the new one, longer than READ_BLOCK + READ_GRACE, and the node read as stalled
+        (not ready: its POSTs got 503) with nothing wrong. Here a MOVED is a read of nothing that teaches the
+        client the slot's new master; an ASK (the key has moved ahead of its slot) reads there once."""
+        client = self._blocking
+        assert client is not None
+        if not isinstance(client, RedisCluster):
+            return await cast(Any, client).execute_command(*args)
+        await client.initialize()  # reads the layout if it has none (first use, or forgotten below)
+        node = client.get_node_from_key(key)
+        if node is None:
+            raise ClusterDownError(f"no master serves the slot of {key} now")
+        try:
+            return await _read_on(node, args)
+        except MovedError as exc:
+            await client.nodes_manager.move_slot(exc)
+            return None
+        except AskError as exc:
+            target = client.get_node(host=exc.host, port=exc.port)
+            if target is None:
+                raise ClusterDownError(f"the slot of {key} is moving to {exc.host}:{exc.port}, not known yet") from exc
+            return await _read_on(target, args, asking=True)
+        except (ConnectionError, OSError):
+            with contextlib.suppress(RedisError, OSError, RedisClusterException):  # as in _cluster_script_once
+                await client.nodes_manager.initialize()
+            raise
 
     def _resync(self, why: str) -> None:
         """Close every socket here with 1013, so each resumes with `since` and hears of any gap."""
@@ -398,6 +477,25 @@ class RedisCore:
                         state.up = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
+
+
+async def _read_on(node: ClusterNode, args: tuple[Any, ...], asking: bool = False) -> Any:
+    """Send `args` on one connection of `node` (after ASKING, which holds for the next command on that
+    connection only) and read the answer, parsed as redis-py parses it; a connection that failed or was
+    interrupted mid-read is closed, so no late answer reaches its next user."""
+    conn = node.acquire_connection()
+    try:
+        await cast(Any, conn).connect()
+        if asking:
+            await conn.send_command("ASKING")
+            await conn.read_response()
+        await conn.send_command(*args)
+        return await node.parse_response(conn, str(args[0]))
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        node.release(conn)
 
 
 def broker_fault(exc: BaseException) -> bool:

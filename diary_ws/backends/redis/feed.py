@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
 
 from diary_ws import deadline
 from diary_ws.backends.redis import scripts
@@ -282,9 +281,7 @@ class FeedMixin(RedisCore):
         first = not self._reader.up
         block = 1 if first else int(READ_BLOCK * 1000)
         # redis-py's default (RESP2) form: [[stream, [(id, {field: value}), ...]]], or None after the block timeout.
-        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
-            Any, await self._read_inbox(self._blocking, block)
-        )
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(Any, await self._read_inbox(block))
         self._last_read = time.monotonic()
         if first:
             self._reader.ok()
@@ -313,15 +310,11 @@ class FeedMixin(RedisCore):
                     pipe.pexpire(key, int(HEARTBEAT_TTL * 1000))
                 await pipe.execute()
 
-    async def _read_inbox(self, client: Any, block: int) -> Any:
-        """XREAD BLOCK on this node's inbox. On Redis Cluster, sent to the master of the inbox's slot by name:
-        redis-py cannot find XREAD's key without asking the server (COMMAND GETKEYS, twice a read)."""
-        if isinstance(client, RedisCluster):
-            await client.initialize()  # reads the layout if it has none (first use, or after a failure)
-            node = client.get_node_from_key(self._inbox_key)
-            args = ("XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS", self._inbox_key, self._last_id)
-            return await client.execute_command(*args, target_nodes=node)
-        return await client.xread({self._inbox_key: self._last_id}, count=READ_COUNT, block=block)
+    async def _read_inbox(self, block: int) -> Any:
+        """XREAD BLOCK on this node's inbox, by name: on Redis Cluster redis-py cannot find XREAD's key without
+        asking the server (COMMAND GETKEYS, twice a read)."""
+        args = ("XREAD", "COUNT", READ_COUNT, "BLOCK", block, "STREAMS", self._inbox_key, self._last_id)
+        return await self._blocking_read(self._inbox_key, *args)
 
     async def _repair(self) -> None:
         """On (re)connecting: repair the stream if Redis lost its data, and find out whether this node missed
@@ -389,7 +382,7 @@ class FeedMixin(RedisCore):
     async def _replies_once(self) -> None:
         assert self._blocking is not None
         first = not self._replies.up  # as for the stream reader: up once a command has come back
-        popped = await self._blocking.blpop([self._replies_key], timeout=0.01 if first else READ_BLOCK)
+        popped = await self._blocking_read(self._replies_key, "BLPOP", self._replies_key, 0.01 if first else READ_BLOCK)
         if first:
             self._replies.ok()
         if popped is None:

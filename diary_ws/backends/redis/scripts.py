@@ -79,6 +79,29 @@ local function route(nodes_key, prefix, mode, first, ntargets)
   end
   return to
 end
+-- Whether every key `store` will write is in this Redis, before it writes any. Only on Redis Cluster (its
+-- prefixes open a hash tag), where a slot being moved to another master holds some of its keys here and some
+-- there: a command on one already there fails inside the script, after the writes before it, and `pcall`
+-- would skip it in silence. The caller answers {'moving'}, nothing written, and the node sends it again.
+local function here(prefix, mode, first, ntargets, to)
+  if string.sub(prefix, 1, 1) ~= '{' then return true end
+  local keys = {}
+  for _, n in ipairs(to) do table.insert(keys, prefix .. 'inbox:' .. n) end
+  if mode ~= 'close' then
+    table.insert(keys, prefix .. 'seq')
+    table.insert(keys, prefix .. 'ring')
+    if mode == 'all' or mode == 'every' then
+      table.insert(keys, prefix .. 'all')
+    else
+      for i = first, first + ntargets - 1 do table.insert(keys, prefix .. 'u:' .. ARGV[i]) end
+    end
+  end
+  for _, key in ipairs(keys) do
+    local found = redis.pcall('EXISTS', key)
+    if type(found) == 'table' and found.err then return false end
+  end
+  return true
+end
 local function store(feed, prefix, limits, mode, first, ntargets, fields, to)
   local id = redis.call('XADD', feed, 'MAXLEN', '~', limits.feed, '*', unpack(fields))
   if mode ~= 'close' then
@@ -116,7 +139,9 @@ end
 # - 'nobody': no target is connected, nothing stored (the 404 decision and the XADD in one step);
 # - 'epoch': Redis is not the one the node knows (it lost its data and no reader has repaired the stream
 #   yet), nothing stored;
-# - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one.
+# - 'busy' / 'other': another request holds the Idempotency-Key, with the same notification or another one;
+# - 'moving': on Redis Cluster, a key it would write is on another master (its slot is being moved), nothing
+#   stored: the node sends it again (client.py, `_script_on`).
 PUBLISH = (
     _LIVE
     + _ROUTE
@@ -140,6 +165,7 @@ end
 if seen[2] and seen[2] ~= fp then return {'other', {}} end  -- reserved for another notification (IDEM_RESERVE)
 local to = route(KEYS[1], prefix, mode, 8, ntargets)
 if #to == 0 and mode ~= 'keep' then return {'nobody', {}} end
+if not here(prefix, mode, 8, ntargets, to) then return {'moving', {}} end
 local fields = {}
 for i = base + 5, #ARGV do table.insert(fields, ARGV[i]) end
 local id = store(KEYS[2], prefix, limits, mode, 8, ntargets, fields, to)
@@ -156,7 +182,8 @@ return {'added', to, id}
 # items, then per item: its number of targets (0: everyone), the targets, its number of fields, the field, value
 # pairs.
 # Returns {outcome, {nodes per item, joined by commas}, marks}: outcome as PUBLISH's ('added', 'epoch', 'busy',
-# 'other'; never 'nobody': that is per item), marks one per item, in order, joined by commas: the entry's id,
+# 'other', 'moving'; never 'nobody': that is per item),
+# marks one per item, in order, joined by commas: the entry's id,
 # or '-' when none of its targets is connected (each item routed and stored as PUBLISH does). The record is
 # written only when some item was stored; its 'id' is the first stored id (what IDEM_BEGIN dates it by), its
 # 'ids' the marks after 'batch:' (what IDEM_BEGIN hands on for a batch that never answered), its 'tos' the
@@ -182,7 +209,7 @@ if seen[3] then
 end
 if seen[2] and seen[2] ~= fp then return {'other', {}} end  -- reserved for another notification (IDEM_RESERVE)
 local everyone = {}  -- the broadcast route of each mode, found once per batch
-local marks, tos, first_id = {}, {}, nil
+local items = {}  -- every item routed, and its keys found here, before the first is stored
 local i = 12
 for n = 1, nitems do
   local keep = string.sub(keeps, n, n) == '1'
@@ -198,17 +225,24 @@ for n = 1, nitems do
     if keep then mode = 'keep' end
     to = route(KEYS[1], prefix, mode, i + 1, ntargets)
   end
-  if #to > 0 or keep then
+  local wanted = #to > 0 or keep
+  if wanted and not here(prefix, mode, i + 1, ntargets, to) then return {'moving', {}} end
+  table.insert(items, {wanted, mode, i + 1, ntargets, first, nfields, to})
+  i = first + 2 * nfields
+end
+local marks, tos, first_id = {}, {}, nil
+for _, item in ipairs(items) do
+  local wanted, mode, at, ntargets, first, nfields, to = unpack(item)
+  if wanted then
     local fields = {}
     for j = first, first + 2 * nfields - 1 do table.insert(fields, ARGV[j]) end
-    local id = store(KEYS[2], prefix, limits, mode, i + 1, ntargets, fields, to)
+    local id = store(KEYS[2], prefix, limits, mode, at, ntargets, fields, to)
     first_id = first_id or id
     table.insert(marks, id)
   else
     table.insert(marks, '-')
   end
   table.insert(tos, table.concat(to, ','))
-  i = first + 2 * nfields
 end
 local joined = table.concat(marks, ',')
 if first_id then
