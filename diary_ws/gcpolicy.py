@@ -17,7 +17,8 @@ collection and freezes again. The floor is that high because a thaw's collection
 is (about 0.6 µs an object: 0.7 s at 18,500 sockets), and with a lower one the sockets' own objects set it
 off as they open, while nothing leaks: at 300,000, 600,000 and 1.2 million objects, the last one in the
 steady state at 18,500 sockets. So a thaw means cycles leak, and memory stays within what is alive plus
-THAW_FLOOR objects of leaked cycles (or twice what is alive, if that is more). Measured:
+THAW_FLOOR objects of leaked cycles (or twice what is alive, if that is more). Its size is estimated,
+not counted: a count walks the whole list with the loop stopped (`Valve.estimate`). Measured:
 docs/performance.md.
 
 `diary-ws serve` also times every collection (`diary_ws_gc_pause_seconds`), freezing or not. Only
@@ -31,6 +32,7 @@ import asyncio
 import bisect
 import gc
 import logging
+import sys
 import time
 from typing import Any
 
@@ -81,12 +83,11 @@ class Pauses:
         self.record(generation, time.thread_time() - self._started)
         if freezing and generation >= MIDDLE:
             # What this freeze moves: the survivors, a few thousand objects. `gc.get_freeze_count()` would walk
-            # the whole frozen list instead (tens of ms at a million objects): it runs only when this count,
-            # which never falls as frozen objects die, passes the bound.
+            # the whole frozen list instead, and it runs only when the estimate passes the bound.
             VALVE.frozen += sum(len(gc.get_objects(g)) for g in range(3))
             gc.freeze()
-            if VALVE.frozen > VALVE.limit():
-                VALVE.frozen = gc.get_freeze_count()
+            if VALVE.estimate() > VALVE.limit() and VALVE.due():
+                VALVE.recount()
                 if VALVE.frozen > VALVE.limit():
                     VALVE.schedule()  # not here: a collection cannot start from inside the collector's callback
 
@@ -94,11 +95,14 @@ class Pauses:
 class Valve:
     """The frozen generation's bound: a thaw, one full collection and a freeze once it has doubled."""
 
-    __slots__ = ("baseline", "frozen", "thaws", "freed", "loop", "pending")
+    __slots__ = ("baseline", "frozen", "counted", "blocks", "recounts", "thaws", "freed", "loop", "pending")
 
     def __init__(self) -> None:
         self.baseline = 0  # frozen objects right after the last freeze that followed a full collection
-        self.frozen = 0  # at least the frozen objects now: the baseline plus all frozen since (some may have died)
+        self.frozen = 0  # the last count plus all frozen since, some of which died: never below the real count
+        self.counted = 0  # the frozen objects at the last count (a walk of the list)
+        self.blocks = 0  # the interpreter's allocated memory blocks then
+        self.recounts = 0  # counts outside a thaw: each walked the whole frozen list
         self.thaws = 0
         self.freed = 0  # unreachable objects the thaws' collections found (cycles that froze)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +110,30 @@ class Valve:
 
     def limit(self) -> float:
         return max(self.baseline * THAW_GROWTH, self.baseline + THAW_FLOOR)
+
+    def estimate(self) -> int:
+        """The frozen objects now or a few more, never fewer, without a walk of the frozen list
+        (`gc.get_freeze_count()`: 130 to 170 ms at 1.1 million objects in a server at 18,500 sockets, its
+        objects spread over 280 MB).
+
+        `frozen` alone counts every object ever frozen since the last count, and most die soon after (a
+        reconnecting socket's, a timer re-armed every PING_INTERVAL): at 18,500 sockets under 100 reconnects
+        a second it passed the bound every 30 s or so with nothing grown. The frozen list cannot grow by more
+        than the process's memory blocks grew since (`sys.getallocatedblocks()`, one counter: each object the
+        collector tracks takes one block of its own, except the rare one over 512 bytes)."""
+        return min(self.frozen, self.counted + max(0, sys.getallocatedblocks() - self.blocks))
+
+    def due(self) -> bool:
+        """Whether memory grew enough since the last count for another: a quarter of the frozen objects then,
+        or of THAW_FLOOR, at least, so a list of live objects growing near the bound (sockets opening) is not
+        walked at every collection; and none while a thaw is on its way (it counts them)."""
+        return not self.pending and sys.getallocatedblocks() - self.blocks >= max(self.counted, THAW_FLOOR) / 4
+
+    def recount(self) -> None:
+        """Walk the frozen list once: the exact count, and the memory it is measured against from now on."""
+        self.frozen = self.counted = gc.get_freeze_count()
+        self.blocks = sys.getallocatedblocks()
+        self.recounts += 1
 
     def schedule(self) -> None:
         if self.pending or self.loop is None or self.loop.is_closed():
@@ -125,7 +153,8 @@ class Valve:
         # they are alive (sockets opening, not leaked cycles) and schedule a second full collection at once.
         found = gc.collect()
         gc.freeze()
-        self.baseline = self.frozen = gc.get_freeze_count()
+        self.recount()
+        self.baseline = self.frozen
         self.pending = False
         self.thaws += 1
         self.freed += found
@@ -175,7 +204,9 @@ def install(freeze: bool) -> None:
     if freeze:
         gc.collect()
         gc.freeze()
-        VALVE.baseline = VALVE.frozen = gc.get_freeze_count()
+        VALVE.recount()
+        VALVE.baseline = VALVE.frozen
+        VALVE.recounts = 0
         try:
             VALVE.loop = asyncio.get_running_loop()
         except RuntimeError:  # installed outside a loop (tests): the bound is then checked by calling thaw()

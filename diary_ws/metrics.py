@@ -146,10 +146,11 @@ class GcCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         frozen = GaugeMetricFamily(
             "diary_ws_gc_frozen_objects",
-            "objects in the garbage collector's permanent generation, which no collection walks (GC_FREEZE)",
+            "objects in the garbage collector's permanent generation, which no collection walks (GC_FREEZE); "
+            "estimated without walking it (never below the real count)",
             labels=self._names,
         )
-        frozen.add_metric(self._values, gc.get_freeze_count())
+        frozen.add_metric(self._values, gcpolicy.VALVE.estimate() if gcpolicy.freezing else gc.get_freeze_count())
         yield frozen
         runs = CounterMetricFamily(
             "diary_ws_gc_collections", "garbage collections, by generation (2: full)",
