@@ -6,14 +6,17 @@ import asyncio
 import os
 import socket
 import struct
+from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from diary_ws import cli
 from diary_ws.app import create_app
-from diary_ws.edge import DiaryWebSocketProtocol, ReceiveQueue, WritableGate
-from tests.utils import ON_BOTH_LOOPS, Server, async_wait_until, raw_handshake, serve_in_process
+from diary_ws.edge import DiaryServer, DiaryWebSocketProtocol, ReceiveQueue, WritableGate
+from diary_ws.settings import from_env
+from tests.utils import ON_BOTH_LOOPS, Server, async_wait_until, free_port, raw_handshake, serve_in_process
 
 pytestmark = ON_BOTH_LOOPS  # the transport hooks run on both event loops
 
@@ -128,3 +131,49 @@ async def test_writable_gate_holds_writers_until_set() -> None:
     assert not any(w.done() for w in waiters)
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True, True]
+
+
+@pytest.mark.anyio
+async def test_an_idle_socket_awaits_through_four_coroutines() -> None:
+    """A socket's await chain lives as long as the socket, and each coroutine in it keeps a frame (a few
+    hundred bytes and objects the collector tracks) at every idle socket. It was nine: Starlette's app and
+    router, uvicorn's run_asgi and ours over it, Listen, read_and_discard, and three for the receive (ours,
+    uvicorn's, the queue's get). Now the app, the router and the receive hand on the coroutine or await a
+    bare future, and the queue and the writable gate hold no list while idle."""
+    port = free_port()
+    settings = from_env({"DIARY_WS_PORT": str(port), "DIARY_WS_LOG_LEVEL": "warning"})
+    app = create_app(settings)
+    server = DiaryServer(cli.uvicorn_config(settings, app), on_signal=lambda: None, drain_seconds=0)
+    serving = asyncio.create_task(server.serve())  # as `diary-ws serve` runs it, without TRUSTED_PROXIES
+    await async_wait_until(lambda: server.started, 10, "the server to start")
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/api/v1/ws/chain", compression=None):
+            await chain_of_an_idle_socket(app)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
+async def chain_of_an_idle_socket(app: Any) -> None:
+    """The coroutines an idle socket's task awaits through, and what its queue and gate hold."""
+    hub = app.state.hub
+    await async_wait_until(lambda: list(hub.connections()), 5, "the socket to register")
+    (conn,) = hub.connections()
+    protocol = conn.sink._control._protocol  # white-box on purpose, as above
+    (task,) = protocol.tasks
+    names: list[str] = []
+    awaited: object = task.get_coro()
+    while hasattr(awaited, "cr_code"):
+        names.append(awaited.cr_code.co_qualname)  # type: ignore[attr-defined]
+        awaited = awaited.cr_await  # type: ignore[attr-defined]
+    assert names == [
+        "WebSocketsSansIOProtocol.run_asgi",
+        "Listen.__call__",
+        "read_and_discard",
+        "DiaryWebSocketProtocol.receive",
+    ]
+    # The receive waits on the queue's future itself: what a future's __await__ hands on.
+    assert type(awaited) is type(asyncio.get_running_loop().create_future().__await__())
+    assert protocol.queue.empty()
+    assert protocol.queue._items is None
+    assert protocol.writable._waiters is None

@@ -91,50 +91,65 @@ class ReceiveQueue:
     """The part of `asyncio.Queue` uvicorn uses for a socket's ASGI events, for the one reader there is.
 
     An `asyncio.Queue` is three deques and an Event with a fourth, about 3 KiB per idle socket before
-    anything is queued; this is a list and, only while the app waits, one future.
+    anything is queued; this is, while something is queued, a list and, only while the app waits, one future.
     """
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: list[Any] = []
+        self._items: list[Any] | None = None  # no list for an idle socket's empty queue
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future done at the next item: awaited as it is, with no coroutine of its own alive meanwhile."""
+        self._waiter = waiter = loop.create_future()
+        return waiter
+
+    def pop(self) -> Any:
+        items = self._items
+        assert items  # the caller checked empty()
+        item = items.pop(0)
+        if not items:
+            self._items = None
+        return item
 
     async def get(self) -> Any:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.pop(0)
+        while self.empty():
+            await self.waiter(asyncio.get_running_loop())
+        return self.pop()
 
     def empty(self) -> bool:
         return not self._items
 
 
 class WritableGate:
-    """The part of `asyncio.Event` uvicorn uses for "the transport takes bytes", without an idle deque."""
+    """The part of `asyncio.Event` uvicorn uses for "the transport takes bytes", with no list until a writer
+    waits."""
 
     __slots__ = ("_open", "_waiters")
 
     def __init__(self) -> None:
         self._open = True
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
         return self._open
 
     def set(self) -> None:
         self._open = True
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -144,7 +159,10 @@ class WritableGate:
     async def wait(self) -> bool:
         if not self._open:
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
             await waiter
         return True
 
@@ -161,7 +179,7 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stall = StallWatch("a WebSocket whose peer", self._hard_abort)
-        self.queue = ReceiveQueue()  # type: ignore[assignment]
+        self.queue: ReceiveQueue = ReceiveQueue()  # type: ignore[assignment]
         self.writable = WritableGate()  # type: ignore[assignment]
         self._tokens = self.policy.max_rate
         self._refilled = 0.0
@@ -274,14 +292,26 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_timer.cancel()
         self.close_timer = self.loop.call_later(CLOSE_GRACE, self._hard_abort)
 
-    async def run_asgi(self) -> None:
-        self.scope["extensions"][SOCKET_EXTENSION] = SocketHooks(self)  # type: ignore[assignment]
-        await super().run_asgi()
+    # Each of these methods replaces uvicorn's rather than wrapping it: a coroutine that awaits another stays
+    # alive, with its frame, for as long as the socket is open (run_asgi and receive, at every idle socket).
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # uvicorn makes it here, and starts the app on the next loop turn
+        if scope is not None:
+            scope["extensions"][SOCKET_EXTENSION] = SocketHooks(self)
 
     async def receive(self) -> ASGIReceiveEvent:
-        message = await super().receive()
+        # uvicorn's, with the queue's wait as a bare future rather than a coroutine of its own.
+        queue = self.queue
+        while queue.empty():
+            await queue.waiter(self.loop)
+        message: ASGIReceiveEvent = queue.pop()
         if self._violated:
             self._stop_reading()  # uvicorn resumes once the app has drained the queue: not after a violation
+        elif self.read_paused and queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
         return message
 
     def _stop_reading(self) -> None:
