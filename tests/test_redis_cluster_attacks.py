@@ -927,7 +927,22 @@ def test_a_publish_into_a_half_moved_slot_writes_nothing() -> None:
 
             before = keys_in_slot()
             keys = [f"{prefix}nodes", f"{prefix}feed", f"{prefix}epoch", record]
-            argv = [prefix, 1000, 100, 100, 60000, "users", 1, "alice", "tok", "f", 60000, "e1", "m", "x"]
+            argv: list[str | int] = [
+                prefix,
+                1000,
+                100,
+                100,
+                60000,
+                "users",
+                1,
+                "alice",
+                "tok",
+                "f",
+                60000,
+                "e1",
+                "m",
+                "x",
+            ]
             answer = r.eval(scripts.PUBLISH, len(keys), *keys, *argv)
             assert answer == ["moving", []], answer
             assert r.xlen(f"{prefix}feed") == 1  # nothing stored: not the feed,
@@ -935,9 +950,9 @@ def test_a_publish_into_a_half_moved_slot_writes_nothing() -> None:
             assert r.hget(record, "id") is None  # nor the record,
             assert keys_in_slot() == before  # nor any new key (a user's index) on either side
             # A broadcast checks the same keys, and a batch checks all of its items' before the first is stored.
-            argv_all = [prefix, 1000, 100, 100, 60000, "all", 0, "tok", "f", 60000, "e1", "m", "x"]
+            argv_all: list[str | int] = [prefix, 1000, 100, 100, 60000, "all", 0, "tok", "f", 60000, "e1", "m", "x"]
             assert r.eval(scripts.PUBLISH, len(keys), *keys, *argv_all) == ["moving", []]
-            batch = [prefix, 1000, 100, 100, 60000, "tok", "f", 60000, "e1", "", 2,
+            batch: list[str | int] = [prefix, 1000, 100, 100, 60000, "tok", "f", 60000, "e1", "", 2,
                      0, 1, "m", "x", 1, "alice", 1, "m", "y"]  # fmt: skip
             assert r.eval(scripts.PUBLISH_BATCH, len(keys), *keys, *batch) == ["moving", []]
             assert r.xlen(f"{prefix}feed") == 1

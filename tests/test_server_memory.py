@@ -98,6 +98,7 @@ async def test_an_open_socket_keeps_no_handshake() -> None:
         assert isinstance(protocol, DiaryWebSocketProtocol)
         assert protocol.request is None
         assert protocol.response is None
+        assert not protocol.scope["headers"]  # read to admit the socket, before the accept; never after
         assert isinstance(protocol.queue, ReceiveQueue)
         assert isinstance(protocol.writable, WritableGate)
         async with httpx.AsyncClient() as http:
@@ -162,10 +163,10 @@ async def chain_of_an_idle_socket(app: Any) -> None:
     protocol = conn.sink._control._protocol  # white-box on purpose, as above
     (task,) = protocol.tasks
     names: list[str] = []
-    awaited: object = task.get_coro()
+    awaited: Any = task.get_coro()
     while hasattr(awaited, "cr_code"):
-        names.append(awaited.cr_code.co_qualname)  # type: ignore[attr-defined]
-        awaited = awaited.cr_await  # type: ignore[attr-defined]
+        names.append(awaited.cr_code.co_qualname)
+        awaited = awaited.cr_await
     assert names == [
         "WebSocketsSansIOProtocol.run_asgi",
         "Listen.__call__",

@@ -426,15 +426,20 @@ class DiaryWebSocketProtocol(WebSocketsSansIOProtocol):
         hard_abort(self.transport)
 
     def _forget_handshake(self) -> None:
-        """Drop the handshake's request and response (about 4 KiB) that an open socket never reads again.
+        """Drop the handshake's request and response (about 4 KiB), and the scope's headers, that an open
+        socket never reads again.
 
         uvicorn keeps the 101 response on the protocol, and websockets' parser generator keeps the parsed
         request in its frame for the life of the socket. A fresh frame parser is the same state as the old
         one once the handshake is done, as long as no frame bytes are buffered yet (they rarely are; if
         some are, the old parser stays).
+
+        The scope's headers go too (about 1.5 KiB: a list of tuples of bytes, at every idle socket): the app
+        reads them to admit the socket, before it accepts, and never after (`admission.admit_listener`).
         """
         self.request = None  # type: ignore[assignment]
         self.response = None  # type: ignore[assignment]
+        self.scope["headers"] = ()
         conn = self.conn
         if conn.state is OPEN and not conn.reader.buffer and conn.parser_exc is None:
             conn.parser = Protocol.parse(conn)
