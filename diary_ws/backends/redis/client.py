@@ -68,6 +68,7 @@ TOKEN_TTL = 30.0  # seconds a publish's own record lives: longer than any of its
 CLOSE_TRY_AGAIN = CloseCode.TRY_AGAIN_LATER  # the close code of a socket that must resume
 REDIRECTS = 5  # MOVED or ASK answers one script follows before it counts as failed (Redis Cluster)
 TRYAGAIN_PAUSE, TRYAGAIN_PAUSE_MAX = 0.05, 0.2  # seconds before a script is sent again after TRYAGAIN
+MOVING_SCRIPTS = frozenset((scripts.PUBLISH, scripts.PUBLISH_BATCH))  # the scripts that may answer 'moving'
 NON_LOCAL = "non local key"  # Redis Cluster's refusal of a key, inside a script, that has moved to another master
 BACKGROUND_BOUND = 3 * COMMAND_TIMEOUT  # the longest a script outside a request may take, retries included
 FEED_MIN = 1000  # the stream keeps at least this many entries, so a reader can catch up after a short outage
@@ -379,7 +380,8 @@ class RedisCore:
                     # (scripts.py, `here`); a heartbeat's may come after some, which its next beat writes again.
                     raise TryAgainError(str(exc)) from exc
                 raise
-            if isinstance(answer, list) and answer and answer[0] == "moving":  # scripts.py, `here`: nothing written
+            if source in MOVING_SCRIPTS and answer[0] == "moving":  # scripts.py, `here`: nothing written
+                # Only theirs: another script's answer may open with a user id, and "moving" is one.
                 attempt.sent = False
                 raise TryAgainError(f"the slot of {keys[0]} is being moved: a key is on the other master now")
             return answer
