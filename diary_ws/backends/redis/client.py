@@ -333,9 +333,7 @@ class RedisCore:
                     await cluster.nodes_manager.move_slot(exc)
                     asked = None
                 else:
-                    asked = cluster.get_node(host=exc.host, port=exc.port)
-                    if asked is None:
-                        raise ClusterDownError(f"{keys[0]}: its slot moves to unknown {exc.host}:{exc.port}") from exc
+                    asked = _ask_target(cluster, exc, keys[0])
             except TryAgainError:
                 # A slot half moved, for as long as the operator's migration of its keys takes: wait it out.
                 asked = None
@@ -358,8 +356,7 @@ class RedisCore:
         try:
             await cast(Any, conn).connect()  # connects (and handshakes) if it must: nothing of ours sent yet
             if asking:
-                await conn.send_command("ASKING")
-                await conn.read_response()
+                await _asking(conn)
             attempt.sent = True
             script = self._scripts[source]
             await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *argv)
@@ -368,8 +365,7 @@ class RedisCore:
                     answer = await conn.read_response()
                 except NoScriptError:  # a master that never saw it (new, or promoted): sending the source is safe
                     if asking:
-                        await conn.send_command("ASKING")
-                        await conn.read_response()
+                        await _asking(conn)
                     await conn.send_command("EVAL", source, len(keys), *keys, *argv)
                     answer = await conn.read_response()
             except ResponseError as exc:
@@ -421,10 +417,7 @@ class RedisCore:
             await client.nodes_manager.move_slot(exc)
             return None
         except AskError as exc:
-            target = client.get_node(host=exc.host, port=exc.port)
-            if target is None:
-                raise ClusterDownError(f"the slot of {key} is moving to {exc.host}:{exc.port}, not known yet") from exc
-            return await _read_on(target, args, asking=True)
+            return await _read_on(_ask_target(client, exc, key), args, asking=True)
         except (ConnectionError, OSError):
             with contextlib.suppress(RedisError, OSError, RedisClusterException):  # as in _cluster_script_once
                 await client.nodes_manager.initialize()
@@ -481,6 +474,20 @@ class RedisCore:
                 delay = min(delay * 2, RETRY_MAX)
 
 
+def _ask_target(cluster: RedisCluster, exc: AskError, key: str) -> ClusterNode:
+    """The master an ASK points to: the one `key` has already moved to, ahead of its slot."""
+    target = cluster.get_node(host=exc.host, port=exc.port)
+    if target is None:
+        raise ClusterDownError(f"{key}: its slot moves to {exc.host}:{exc.port}, not known yet") from exc
+    return target
+
+
+async def _asking(conn: Any) -> None:
+    """ASKING on `conn`: it lets the next command on this connection alone reach a slot still being imported."""
+    await conn.send_command("ASKING")
+    await conn.read_response()
+
+
 async def _read_on(node: ClusterNode, args: tuple[Any, ...], asking: bool = False) -> Any:
     """Send `args` on one connection of `node` (after ASKING, which holds for the next command on that
     connection only) and read the answer, parsed as redis-py parses it; a connection that failed or was
@@ -489,8 +496,7 @@ async def _read_on(node: ClusterNode, args: tuple[Any, ...], asking: bool = Fals
     try:
         await cast(Any, conn).connect()
         if asking:
-            await conn.send_command("ASKING")
-            await conn.read_response()
+            await _asking(conn)
         await conn.send_command(*args)
         return await node.parse_response(conn, str(args[0]))
     except BaseException:
