@@ -10,6 +10,7 @@ it reads nothing (see `Sink.abort`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
@@ -395,6 +396,10 @@ class Hub:
         self.backend = backend
         self.limits = limits
         self._users: dict[str, set[Connection]] = {}
+        # The same users' ids in sorted order, kept as they come and go (a binary search and a move of
+        # pointers), so `GET /api/v1/ws/status?limit=10` reads ten of them: a monitor polling it every 10 ms
+        # at 18,500 users spent a fifth of the process's CPU picking ten out of a dict.
+        self._ids: list[str] = []
         # One fan-out at a time, first come first served (asyncio.Lock is FIFO): a chunked fan-out yields
         # to the event loop, and the next message must not overtake it on any socket.
         self._delivering = asyncio.Lock()
@@ -456,7 +461,10 @@ class Hub:
                 )
             if self._count >= self.limits.max_connections:
                 raise ServerFull("server is full: too many open connections (MAX_CONNECTIONS); retry later")
-            self._users.setdefault(user_id, set()).add(conn)
+            if conns is None:
+                self._users[user_id] = conns = set()
+                bisect.insort(self._ids, user_id)
+            conns.add(conn)
             self._count += 1
             conn._move(State.ATTACHED)
             await self.backend.join(user_id, self.limits.max_connections_per_user)
@@ -481,6 +489,7 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self._users[conn.user_id]
+                del self._ids[bisect.bisect_left(self._ids, conn.user_id)]
         self._count -= 1
         self.backend.left(conn.user_id)
 
@@ -641,12 +650,16 @@ class Hub:
         """(distinct users, sockets) on this node, without sorting anything: for the metrics gauges."""
         return len(self._users), self._count
 
+    def user_ids(self, limit: int | None = None) -> list[str]:
+        """The first `limit` user ids on this node in sorted order, all of them with None."""
+        return self._ids[:limit]
+
     async def status(self, limit: int | None = None) -> dict[str, Any]:
         """The guide's status fields plus `total_connections`, over every live node."""
-        ids, total = await self.backend.status()
+        ids, users, total = await self.backend.status(limit)
         return {
-            "connected_users": len(ids),
+            "connected_users": users,
             "status": "active",
-            "active_user_ids": ids if limit is None else ids[:limit],
+            "active_user_ids": ids,
             "total_connections": total,
         }

@@ -17,9 +17,9 @@ collection and freezes again. The floor is that high because a thaw's collection
 is (about 0.6 µs an object: 0.7 s at 18,500 sockets), and with a lower one the sockets' own objects set it
 off as they open, while nothing leaks: at 300,000, 600,000 and 1.2 million objects, the last one in the
 steady state at 18,500 sockets. So a thaw means cycles leak, and memory stays within what is alive plus
-THAW_FLOOR objects of leaked cycles (or twice what is alive, if that is more). Its size is estimated,
-not counted: a count walks the whole list with the loop stopped (`Valve.estimate`). Measured:
-docs/performance.md.
+THAW_FLOOR objects of leaked cycles (or twice what is alive, if that is more). Its size is estimated from
+the memory grown, not counted (`Valve.estimate`): a count walks the whole list with the loop stopped, so a
+leak of objects of one memory block each is seen at twice that. Measured: docs/performance.md.
 
 `diary-ws serve` also times every collection (`diary_ws_gc_pause_seconds`), freezing or not. Only
 `diary-ws serve` applies either, after start-up: the collector is the whole process's, so an app embedded
@@ -46,10 +46,13 @@ THAW_GROWTH = 2.0  # the frozen generation may grow to this many times its size 
 # moves, and the young generations grow until one collection walks them all: 167,000 objects and 143 ms at
 # 18,500 sockets (timer handles, their contexts, bound methods, one of each per socket). A collection of the
 # youngest generation every SWEEP_EVERY seconds, and of the middle one (whose survivors are frozen) every
-# SWEEP_MIDDLE_EVERY sweeps, keeps each walk to what a fraction of a second made.
+# SWEEP_MIDDLE_EVERY sweeps, keeps each walk to what a fraction of a second made. A middle one every second
+# took 10 to 17 ms of CPU at 18,500 sockets under the stall benchmark's load (its walk reaches into the
+# frozen objects the young ones point at, a cache miss each); every half second, at most about 9 ms.
 SWEEP_EVERY = 0.1
-SWEEP_MIDDLE_EVERY = 10
+SWEEP_MIDDLE_EVERY = 5
 THAW_FLOOR = 1_500_000  # ... and by at least this many objects (about 25,000 sockets' worth) before one
+BLOCKS_PER_OBJECT = 2  # memory blocks that come with an object the collector tracks, about (Valve.estimate)
 
 log = logging.getLogger("diary_ws.gc")
 
@@ -82,24 +85,20 @@ class Pauses:
         generation = info["generation"]
         self.record(generation, time.thread_time() - self._started)
         if freezing and generation >= MIDDLE:
-            # What this freeze moves: the survivors, a few thousand objects. `gc.get_freeze_count()` would walk
-            # the whole frozen list instead, and it runs only when the estimate passes the bound.
-            VALVE.frozen += sum(len(gc.get_objects(g)) for g in range(3))
+            # Nothing counts what this moves: `len(gc.get_objects(2))` took 5 ms for the 30,000 survivors of
+            # a connect storm's half second, and `gc.get_freeze_count()` walks the whole frozen list.
             gc.freeze()
-            if VALVE.estimate() > VALVE.limit() and VALVE.due():
-                VALVE.recount()
-                if VALVE.frozen > VALVE.limit():
-                    VALVE.schedule()  # not here: a collection cannot start from inside the collector's callback
+            if VALVE.check():
+                VALVE.schedule()  # not here: a collection cannot start from inside the collector's callback
 
 
 class Valve:
     """The frozen generation's bound: a thaw, one full collection and a freeze once it has doubled."""
 
-    __slots__ = ("baseline", "frozen", "counted", "blocks", "recounts", "thaws", "freed", "loop", "pending")
+    __slots__ = ("baseline", "counted", "blocks", "recounts", "thaws", "freed", "loop", "pending")
 
     def __init__(self) -> None:
         self.baseline = 0  # frozen objects right after the last freeze that followed a full collection
-        self.frozen = 0  # the last count plus all frozen since, some of which died: never below the real count
         self.counted = 0  # the frozen objects at the last count (a walk of the list)
         self.blocks = 0  # the interpreter's allocated memory blocks then
         self.recounts = 0  # counts outside a thaw: each walked the whole frozen list
@@ -111,29 +110,40 @@ class Valve:
     def limit(self) -> float:
         return max(self.baseline * THAW_GROWTH, self.baseline + THAW_FLOOR)
 
-    def estimate(self) -> int:
-        """The frozen objects now or a few more, never fewer, without a walk of the frozen list
-        (`gc.get_freeze_count()`: 130 to 170 ms at 1.1 million objects in a server at 18,500 sockets, its
-        objects spread over 280 MB).
+    def estimate(self, blocks: int | None = None) -> int:
+        """The frozen objects now, about, without a walk of the frozen list (`gc.get_freeze_count()`: 130 to
+        170 ms at 1.1 million objects in a server at 18,500 sockets, its objects spread over 280 MB): the last
+        count plus half the memory blocks the process grew by since (`sys.getallocatedblocks()`), since an
+        object the collector tracks comes with about two blocks (an idle socket holds 87 for its 51 objects;
+        a class instance is two, itself and its attributes).
 
-        `frozen` alone counts every object ever frozen since the last count, and most die soon after (a
-        reconnecting socket's, a timer re-armed every PING_INTERVAL): at 18,500 sockets under 100 reconnects
-        a second it passed the bound every 30 s or so with nothing grown. The frozen list cannot grow by more
-        than the process's memory blocks grew since (`sys.getallocatedblocks()`, one counter: each object the
-        collector tracks takes one block of its own, except the rare one over 512 bytes)."""
-        return min(self.frozen, self.counted + max(0, sys.getallocatedblocks() - self.blocks))
+        Counting each block as an object (a strict upper bound, but for other memory shrinking meanwhile) set
+        off a walk about 20 s after every connect storm to 18,500 sockets (1.6 million blocks grown, 0.89
+        million objects), the longest stall of the steady state. Counting every object as it is frozen costs
+        5 ms a collection to count (`len(gc.get_objects(2))` for the 30,000 survivors of a storm's half
+        second), and overstated it more: most die soon after (a reconnecting socket's, a timer re-armed every
+        PING_INTERVAL). The price: a leak of one-block objects is seen when it has filled twice the bound's
+        room, not once."""
+        if blocks is None:
+            blocks = sys.getallocatedblocks()  # it adds up every memory pool's count: 0.2 ms at 350 MB
+        return self.counted + max(0, blocks - self.blocks) // BLOCKS_PER_OBJECT
 
-    def due(self) -> bool:
-        """Whether memory grew enough since the last count for another: by half the frozen objects then, or
-        half THAW_FLOOR, at least. A socket takes two to three memory blocks for each object the collector
-        tracks, so the estimate runs ahead of the frozen list while sockets open: with a quarter, one walk
-        (150 ms) still came in the steady state at 18,500 sockets, well after the storm. None while a thaw
-        is on its way (it counts them)."""
-        return not self.pending and sys.getallocatedblocks() - self.blocks >= max(self.counted, THAW_FLOOR) / 2
+    def check(self) -> bool:
+        """After a freeze: whether the frozen list is over its bound, counted only when it may be: when the
+        estimate is over the bound and memory grew by half the objects the last count found (or half
+        THAW_FLOOR), so a list just under its bound is not walked at every collection. None while a thaw is
+        on its way (it counts them)."""
+        blocks = sys.getallocatedblocks()
+        if self.pending or self.estimate(blocks) <= self.limit():
+            return False
+        if blocks - self.blocks < max(self.counted, THAW_FLOOR) / 2:
+            return False
+        self.recount()
+        return self.counted > self.limit()
 
     def recount(self) -> None:
         """Walk the frozen list once: the exact count, and the memory it is measured against from now on."""
-        self.frozen = self.counted = gc.get_freeze_count()
+        self.counted = gc.get_freeze_count()
         self.blocks = sys.getallocatedblocks()
         self.recounts += 1
 
@@ -156,7 +166,7 @@ class Valve:
         found = gc.collect()
         gc.freeze()
         self.recount()
-        self.baseline = self.frozen
+        self.baseline = self.counted
         self.pending = False
         self.thaws += 1
         self.freed += found
@@ -207,7 +217,7 @@ def install(freeze: bool) -> None:
         gc.collect()
         gc.freeze()
         VALVE.recount()
-        VALVE.baseline = VALVE.frozen
+        VALVE.baseline = VALVE.counted
         VALVE.recounts = 0
         try:
             VALVE.loop = asyncio.get_running_loop()

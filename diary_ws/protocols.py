@@ -190,6 +190,13 @@ class Node(Protocol):
     def presence(self) -> Mapping[str, Sized]:
         """User id -> this process's sockets of that user (read only)."""
 
+    def sizes(self) -> tuple[int, int]:
+        """(distinct users, sockets) on this process, counted as they come and go: nothing is walked."""
+
+    def user_ids(self, limit: int | None = None) -> list[str]:
+        """The first `limit` user ids of `presence()` in sorted order (all with None), kept sorted as users
+        come and go: a monitor may poll the status every few milliseconds."""
+
     def close_local(self, user_id: str, code: int, reason: str) -> int:
         """Close this process's sockets of `user_id` with `code`; how many there were."""
 
@@ -244,8 +251,9 @@ class Backend(Protocol):
     def left(self, user_id: str) -> None:
         """A socket of `user_id` went away here; recorded in the background."""
 
-    async def status(self) -> tuple[list[str], int]:
-        """Every connected user id on every live node, sorted, and the number of sockets."""
+    async def status(self, limit: int | None = None) -> tuple[list[str], int, int]:
+        """The first `limit` connected user ids on every live node in sorted order (all with None), how many
+        distinct users are connected, and the number of sockets. A monitor may poll it every few milliseconds."""
 
     async def nodes(self) -> list[NodeInfo]:
         """Every live node with its users' socket counts; this process's node first."""

@@ -40,6 +40,12 @@ class RecordingNode:
     def presence(self) -> Mapping[str, Sized]:
         return self.users
 
+    def sizes(self) -> tuple[int, int]:
+        return len(self.users), sum(map(len, self.users.values()))
+
+    def user_ids(self, limit: int | None = None) -> list[str]:
+        return sorted(self.users)[:limit]
+
     def close_local(self, user_id: str, code: int, reason: str) -> int:
         self.closed.append((user_id, code, reason))
         return len(self.users.pop(user_id, []))
@@ -215,19 +221,28 @@ async def test_status_and_the_per_user_limit(broker_url: str) -> None:
         await join(backend, node, "bob")
         await join(backend, node, "alice")
         await join(backend, node, "alice")
-        assert await backend.status() == (["alice", "bob"], 3)
+        assert await backend.status() == (["alice", "bob"], 2, 3)
+        for name in ("carol", "dave", "erin", "frank"):
+            await join(backend, node, name)
+        # A limit picks the first ids in order while the counts stay everyone's.
+        assert await backend.status(3) == (["alice", "bob", "carol"], 6, 7)
+        assert await backend.status(0) == ([], 6, 7)
+        assert await backend.status(100) == (["alice", "bob", "carol", "dave", "erin", "frank"], 6, 7)
+        for name in ("carol", "dave", "erin", "frank"):
+            del node.users[name]
+            backend.left(name)
         del node.users["bob"]
         backend.left("bob")
 
         async def bob_gone() -> bool:
-            return await backend.status() == (["alice"], 2)
+            return await backend.status() == (["alice"], 1, 2)
 
         await async_wait_until(bob_gone, 5, "bob to leave the status")
         if not broker_url.startswith("memory"):
             # The memory backend leaves the per-user limit to the Hub; Redis checks it across the cluster.
             with pytest.raises(TooManyConnections):
                 await join(backend, node, "alice", limit=2)
-            assert await backend.status() == (["alice"], 2)
+            assert await backend.status() == (["alice"], 1, 2)
 
 
 @pytest.mark.anyio
@@ -242,7 +257,7 @@ async def test_two_redis_nodes_share_one_feed_presence_and_counts(redis: RedisSe
             await join(first, one, "alice")
             await join(second, two, "alice")
             await join(second, two, "bob")
-            assert await first.status() == (["alice", "bob"], 3)
+            assert await first.status() == (["alice", "bob"], 2, 3)
             with pytest.raises(TooManyConnections):
                 await join(first, one, "alice", limit=2)
             done = await second.publish(None, draft("everyone"))
@@ -258,7 +273,7 @@ async def test_two_redis_nodes_share_one_feed_presence_and_counts(redis: RedisSe
             replay = await first.replay("bob", MessageId(done.id.ms, done.id.seq))
             assert [m.id for m in replay.messages] == [only.id, third.id]
         # The second node left cleanly: its users are gone at once, not after the heartbeat TTL.
-        assert await first.status() == (["alice"], 1)
+        assert await first.status() == (["alice"], 1, 1)
 
 
 @pytest.mark.anyio

@@ -120,7 +120,7 @@ async def test_a_dead_node_leaves_the_users_index(redis: RedisServer) -> None:
         with pytest.raises(NobodyListening):
             await first.publish(frozenset({"bob"}), draft("to a dead node"))
         assert admin.hkeys(f"{PREFIX}where:bob") == []
-        assert await first.status() == ([], 0)
+        assert await first.status() == ([], 0, 0)
         assert admin.exists(f"{PREFIX}presence:{second.node_id}", f"{PREFIX}inbox:{second.node_id}") == 0
         assert second._cmd is not None
         assert second._blocking is not None

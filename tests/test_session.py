@@ -100,3 +100,35 @@ async def test_a_connection_never_moves_back() -> None:
         conn._move(State.LIVE)
     assert state(conn) is State.GONE
     await h.stop()
+
+
+@pytest.mark.anyio
+async def test_the_status_ids_stay_sorted_and_match_the_registry_through_churn() -> None:
+    """`Hub.user_ids` is kept sorted as users come and go (the status reads its first ids without a sort):
+    after random joins, second sockets, refusals and leaves it is exactly the registry's users, sorted."""
+    import random
+
+    rng = random.Random(7)
+    h = Hub(MemoryBackend(history_size=100, history_ttl=60), Limits(1000, 2, 100, 1 << 20))
+    await h.start()
+    open_: list[Connection] = []
+    for _ in range(600):
+        if open_ and rng.random() < 0.45:
+            open_.pop(rng.randrange(len(open_))).leave()
+        else:
+            conn = h.session(f"user-{rng.randrange(80)}", RecordingSink())
+            try:
+                await h._admit(conn)
+            except TooManyConnections:
+                continue
+            open_.append(conn)
+        users = sorted({conn.user_id for conn in open_})
+        assert h.user_ids() == users
+        assert h.user_ids(5) == users[:5]
+        assert h.sizes() == (len(users), len(open_))
+        status = await h.status(3)
+        assert (status["active_user_ids"], status["connected_users"], status["total_connections"]) == (
+            users[:3], len(users), len(open_),
+        )  # fmt: skip
+    await h.stop()
+    assert h.user_ids() == []

@@ -96,9 +96,10 @@ class MemoryBackend:
     def left(self, user_id: str) -> None:
         """Nothing to record."""
 
-    async def status(self) -> tuple[list[str], int]:
-        users = self._node.presence() if self._node is not None else {}
-        return sorted(users), sum(len(conns) for conns in users.values())
+    async def status(self, limit: int | None = None) -> tuple[list[str], int, int]:
+        if self._node is None:
+            return [], 0, 0
+        return self._node.user_ids(limit), *self._node.sizes()
 
     async def nodes(self) -> list[NodeInfo]:
         """One process, one node: this one."""

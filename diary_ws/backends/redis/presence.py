@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from diary_ws import deadline
+from diary_ws.backends import first_ids
 from diary_ws.backends.redis import scripts
 from diary_ws.backends.redis.client import (
     COMMAND_TIMEOUT,
@@ -63,14 +64,14 @@ class PresenceMixin(RedisCore):
         answer = await self._run(scripts.CONNECTED, [self._keys[0]], [self._prefix, *users])
         return bool(answer[0]), {user for user, there in zip(users, answer[1:], strict=True) if there}
 
-    async def status(self) -> tuple[list[str], int]:
+    async def status(self, limit: int | None = None) -> tuple[list[str], int, int]:
         answer = await self._run(scripts.STATUS, [self._keys[0]], [self._prefix])
         users: set[str] = set()
         total = 0
         for pairs in answer[1::2]:
             users.update(pairs[0::2])
             total += sum(int(n) for n in pairs[1::2])
-        return sorted(users), total
+        return first_ids(users, limit), len(users), total
 
     async def nodes(self) -> list[NodeInfo]:
         """The live nodes (STATUS drops those whose heartbeat expired) and when each last beat."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import secrets
 import zlib
 from collections.abc import Awaitable, Iterator, Mapping, Sized
@@ -36,6 +38,7 @@ from typing import Self, TypeVar
 
 from redis.crc import key_slot
 
+from diary_ws.backends import first_ids
 from diary_ws.backends.redis import RedisBackend, scripts
 from diary_ws.backends.redis.client import _hashed
 from diary_ws.backends.redis.feed import Record, _check_outcome
@@ -93,6 +96,13 @@ class ShardNode:
 
     def close_local(self, user_id: str, code: int, reason: str) -> int:
         return self.node.close_local(user_id, code, reason)
+
+    def sizes(self) -> tuple[int, int]:
+        mine = self.presence()
+        return len(mine), sum(map(len, mine.values()))
+
+    def user_ids(self, limit: int | None = None) -> list[str]:
+        return first_ids(self.presence(), limit)
 
 
 class ShardedRedisBackend:
@@ -157,9 +167,12 @@ class ShardedRedisBackend:
 
     # --- everyone: every shard ----------------------------------------------------------------------------
 
-    async def status(self) -> tuple[list[str], int]:
-        found = await _every(shard.status() for shard in self._shards)
-        return sorted(user for ids, _total in found for user in ids), sum(total for _ids, total in found)
+    async def status(self, limit: int | None = None) -> tuple[list[str], int, int]:
+        """Each user's presence lives in its own shard, so the shards' users are distinct and their first ids
+        hold the cluster's first ones."""
+        found = await _every(shard.status(limit) for shard in self._shards)
+        ids = list(itertools.islice(heapq.merge(*(ids for ids, _users, _total in found)), limit))
+        return ids, sum(users for _ids, users, _total in found), sum(total for _ids, _users, total in found)
 
     async def nodes(self) -> list[NodeInfo]:
         merged: dict[str, NodeInfo] = {}
