@@ -26,7 +26,9 @@ from diary_ws.validation import Notification, check_notification
 
 log = logging.getLogger("diary_ws.hub")
 
-FANOUT_CHUNK = 256  # sockets per turn of the event loop in a fan-out: about 2-3 ms of work
+# Sockets per turn of the event loop in a fan-out: about 2-4 ms of work at 18,500 sockets (a write each). With
+# 256, a broadcast's turns were the busiest of the steady state (docs/performance.md).
+FANOUT_CHUNK = 128
 
 
 @dataclass(frozen=True, slots=True)
