@@ -12,9 +12,11 @@ For each N (5,000, 10,000 and 18,500 by default) one diary-ws process, pinned to
 
 It reports the longest stall and p99.9 from inside (the `diary_ws_event_loop_stall_seconds` histogram on
 `/metrics`, bucket bounds) and from outside (the status poll's own latency), RSS before the storm, after it
-and at the end (growth over the run), RSS per idle socket, the server's CPU share, and the messages each
-side counted. Then the slope against N and what it projects for 100,000 sockets. It writes
-`bench/results/stalls.json`. It measures and asserts nothing.
+and at the end (growth over the run), RSS per idle socket, the server's CPU share (during the storm too),
+and the messages each side counted. At the end the holders drop every idle socket at once (a FIN each, no
+close frame): how long the server took to let them go, and its longest stall meanwhile. Then the slope
+against N and what it projects for 100,000 sockets. It writes `bench/results/stalls.json`. It measures and
+asserts nothing.
 
     make bench BENCH_ARGS="--stalls"                                  # 5k, 10k (60 s each), 18.5k (300 s)
     .venv-bench/bin/python -m bench.suite --stalls --stalls-sockets 18500 --stalls-seconds 30
@@ -162,6 +164,8 @@ class Run:
     broadcasts: int = 0
     broadcast_deliveries_expected: int = 0
     broadcast_deliveries_counted: int = 0
+    drop_seconds: float | None = None  # every idle socket dropped at once: until the server let them go
+    drop_longest_stall_bucket_s: float | None = None
     server_cpu_share: float | None = None
     server_runqueue_share: float | None = None  # time the server waited for a CPU: other processes' doing
     frozen_samples: list[tuple[float, float]] = field(default_factory=list)
@@ -222,6 +226,21 @@ def gc_figures(run: Run, before: str, after: str) -> None:
         run.gc_longest_pause_bucket_s.append(longest(counts))
         run.gc_collections.append(sum(counts))
     run.gc_frozen_objects_end = gauge(after, "diary_ws_gc_frozen_objects")
+
+
+async def mass_drop(run: Run, port: int, before: bytes) -> None:
+    """The holders have just dropped every idle socket at once (each sends a FIN, no close frame): a proxy
+    restarting, a network blip. How long until the server has let them all go, and its longest stall."""
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        _, text = await scrape(port)
+        if (gauge(text.decode(), "diary_ws_connections") or 0) <= run.sockets // 100:
+            run.drop_seconds = time.monotonic() - started
+            break
+        await asyncio.sleep(0.1)
+    _, after = await scrape(port)
+    counts = [a - b for a, b in zip(stall_counts(after.decode()), stall_counts(before.decode()), strict=True)]
+    run.drop_longest_stall_bucket_s = longest(counts)
 
 
 def longest(counts: list[int]) -> float | None:
@@ -334,12 +353,14 @@ async def measure(n: int, seconds: float, env: dict[str, str], holders_python: s
         if minute and seconds > 90:
             run.rss_growth_pct_after_first_minute = (rss2 / 1024 - minute[0]) / minute[0] * 100
         counted = 0
+        _, before_drop = await scrape(port)
         for holder in holders:
             assert holder.stdin is not None
             assert holder.stdout is not None
             holder.stdin.close()
             counted += orjson.loads(await asyncio.to_thread(holder.stdout.readline))["broadcasts"]
         run.broadcast_deliveries_counted = counted
+        await mass_drop(run, port, before_drop)
     finally:
         for holder in holders:
             with contextlib.suppress(Exception):
@@ -497,6 +518,8 @@ def table(runs: list[Run]) -> str:
          lambda r: f"{r.broadcast_deliveries_counted:,} / {r.broadcast_deliveries_expected:,}"),
         ("failed: handshakes, reconnects, POSTs not 200",
          lambda r: f"{r.storm_failed}, {r.reconnects_failed}, {r.posts_not_200}"),
+        ("every idle socket dropped at once: seconds to let go / longest stall",
+         lambda r: f"{f(r.drop_seconds)} s / {b(r.drop_longest_stall_bucket_s)}"),
     ]  # fmt: skip
     head = "| | " + " | ".join(f"{r.sockets:,} sockets" for r in runs) + " |"
     lines = [head, "|---" * (len(runs) + 1) + "|"]
