@@ -147,7 +147,7 @@ class GcCollector(Collector):
         frozen = GaugeMetricFamily(
             "diary_ws_gc_frozen_objects",
             "objects in the garbage collector's permanent generation, which no collection walks (GC_FREEZE); "
-            "estimated without walking it: the last count plus the memory blocks grown since",
+            "estimated without walking it: the last count plus half the memory blocks grown since",
             labels=self._names,
         )
         frozen.add_metric(self._values, gcpolicy.VALVE.estimate() if gcpolicy.freezing else gc.get_freeze_count())

@@ -168,7 +168,6 @@ async def test_memory_grown_short_of_twice_the_bounds_room_walks_nothing(
     leaked, when memory had grown by more blocks than the bound had room for objects. An object comes with
     about two blocks, so the estimate counts half of them: short of the bound by that, nothing is walked; a
     leak past it is counted, and thawed."""
-    monkeypatch.setattr(gcpolicy, "THAW_FLOOR", 10_000)
     gcpolicy.install(True)
     base = gcpolicy.VALVE.counted
     monkeypatch.setattr(gcpolicy, "THAW_FLOOR", base)  # a bound of 2 x base objects: room for base more

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
 from typing import cast
 
@@ -45,8 +46,10 @@ def test_every_socket_dropped_at_once_is_let_go_and_the_one_left_still_served(se
     answer = server.post({"message": "still here", "user_ids": ["stays"]}).json()
     assert answer["sent_count"] == 1
     stays.settimeout(5)
+    deadline = time.monotonic() + 10
     got = b""
     while b"still here" not in got:
+        assert time.monotonic() < deadline, f"no message in 10 s: {got!r}"
         chunk = stays.recv(4096)
         assert chunk, "the socket left open was closed"
         got += chunk
